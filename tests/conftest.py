@@ -1,0 +1,69 @@
+"""Fixtures shared by all tests: the tiny Llama, the embedded SmolLM2 GGUF and its HF form.
+
+No test touches the network: the Hub is switched off for the whole session.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+for _k, _v in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+               "AXOLOTL_DO_NOT_TRACK": "1", "TOKENIZERS_PARALLELISM": "false", "DO_NOT_TRACK": "1"}.items():
+    os.environ[_k] = _v
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="session")
+def repo() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    from tools.paths import shared_data as sd
+    return sd()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A tiny random-weight Llama + a BPE tokenizer trained in this session (ChatML template)."""
+    from tools.tinymodel import build_tiny_llama
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama") / "model")
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    from tools.paths import embedded_gguf
+    return embedded_gguf()
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(tmp_path_factory, smollm2_gguf) -> Path:
+    """SmolLM2-135M-Instruct in HF form, dequantized from the packaged GGUF (no Hub)."""
+    from tools.hfmodels import gguf_to_hf
+    art = gguf_to_hf(smollm2_gguf, tmp_path_factory.mktemp("smollm2") / "hf")
+    return art.path
+
+
+def run_tools(*args, check: bool = False, env: dict | None = None, cwd=None, timeout: int = 1800):
+    """Run the installed console script, as a user would."""
+    e = dict(os.environ)
+    e["PATH"] = f"{VENV_BIN}:{e.get('PATH', '')}"
+    if env:
+        e.update(env)
+    p = subprocess.run([str(VENV_BIN / "tools"), *map(str, args)], capture_output=True, text=True,
+                       env=e, cwd=cwd, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"tools {' '.join(map(str, args))} exited {p.returncode}\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+@pytest.fixture
+def tools_cli():
+    return run_tools

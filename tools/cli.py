@@ -1,0 +1,134 @@
+"""The `tools` command line: one Click group, verbs registered by each package's ``cli`` module.
+
+Exit codes: 0 done, 1 the work failed, 2 bad usage or bad input (one line, no traceback unless
+``--debug``).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import traceback
+
+import click
+
+from . import __version__
+from .errors import UserError, WorkError
+
+# Each module exposes ``register(group)``; listed here so the CLI map lives in one place.
+COMMAND_MODULES = ["corpora.cli", "recipes.cli", "release.cli", "evals.cli", "evals.analysis_cli",
+                   "evals.rag_cli", "tools.pipeline"]
+
+OFFLINE_ENV = {"AXOLOTL_DO_NOT_TRACK": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false",
+               "DO_NOT_TRACK": "1"}
+
+
+class MediloraGroup(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except UserError as e:
+            if ctx.obj and ctx.obj.get("debug"):
+                traceback.print_exc()
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(2)
+        except WorkError as e:
+            if ctx.obj and ctx.obj.get("debug"):
+                traceback.print_exc()
+            click.echo(f"failed: {e}", err=True)
+            ctx.exit(1)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            ctx.exit(130)
+        except Exception as e:  # noqa: BLE001 - the last line of defence: one line, exit 1
+            if ctx.obj and ctx.obj.get("debug"):
+                traceback.print_exc()
+            msg = " ".join(str(e).split()) or type(e).__name__
+            click.echo(f"failed: {type(e).__name__}: {msg} (re-run with --debug for the traceback)", err=True)
+            ctx.exit(1)
+
+
+@click.group(cls=MediloraGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, "--version", prog_name="medilora tools")
+@click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
+@click.pass_context
+def cli(ctx, debug):
+    """MediLoRA: raw clinical text in, a benchmarked, quantized GGUF out.
+
+    \b
+    Corpora   build-corpus mimic|textbooks|guidelines, build-dataset pubmedqa|medqa|qa, split, decontaminate
+    Recipes   stage completion|sft, train
+    Release   merge, convert, quantize, inspect, compare-quant, card, push
+    Evals     bench pubmedqa|medqa, eval mmlu-medical|perplexity|semantic, rag index|query
+    Pipeline  run, status
+
+    Every verb writes an artifact folder with a manifest.json; `VERB --help` has an example.
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+    for k, v in OFFLINE_ENV.items():
+        os.environ.setdefault(k, v)
+
+
+@cli.group("build-corpus")
+def build_corpus():
+    """Build completion corpora (JSONL {id, text, source})."""
+
+
+@cli.group("build-dataset")
+def build_dataset():
+    """Build ChatML SFT sets (JSONL {id, messages, meta})."""
+
+
+@cli.group("stage")
+def stage():
+    """Write an Axolotl training stage (axolotl.yaml, launch.sh, manifest)."""
+
+
+@cli.group("bench")
+def bench():
+    """Benchmark a GGUF under the MediLoRA protocol."""
+
+
+@cli.group("eval")
+def eval_():
+    """Other evaluations: MMLU-medical, perplexity, semantic metrics."""
+
+
+@cli.group("rag")
+def rag():
+    """Retrieval: build and query a FAISS index over a corpus."""
+
+
+@cli.group("analyze")
+def analyze():
+    """Analyses of results (error classes, lengths)."""
+
+
+def group(name: str) -> click.Group:
+    """The shared sub-group ``name`` (so several packages can add verbs to it)."""
+    return cli.commands[name]
+
+
+def _register_all():
+    for name in COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:  # that package has no CLI yet
+                continue
+            raise
+        mod.register(cli)
+
+
+_register_all()
+
+
+def main():
+    cli(prog_name="tools")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
