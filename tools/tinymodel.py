@@ -14,7 +14,6 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
 def _training_text() -> list[str]:
@@ -33,22 +32,36 @@ def _training_text() -> list[str]:
     return lines
 
 
-def build_tokenizer(vocab_size: int = 1024):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+def build_tokenizer(workdir: str | os.PathLike, vocab_size: int = 1024):
+    """Train a sentencepiece BPE tokenizer (``tokenizer.model``) with ChatML special tokens.
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(_training_text(), trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=None, eos_token="<|im_end|>",
-                                   pad_token="<|endoftext|>", unk_token=None,
-                                   additional_special_tokens=["<|im_start|>"])
-    fast.chat_template = CHATML_TEMPLATE
-    fast.model_max_length = 2048
-    return fast
+    Sentencepiece rather than a byte-level BPE: llama.cpp's converter reads ``tokenizer.model``
+    directly, while it refuses byte-level BPE tokenizers whose pre-tokenizer it does not know.
+    """
+    import sentencepiece as spm
+    from transformers import LlamaTokenizer
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    prefix = workdir / "tokenizer"
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_training_text()), model_prefix=str(prefix), vocab_size=vocab_size,
+        model_type="bpe", character_coverage=1.0, byte_fallback=True,
+        user_defined_symbols=["<|im_start|>", "<|im_end|>"], unk_id=0, bos_id=1, eos_id=2, pad_id=3,
+        unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>", pad_piece="<pad>",
+        remove_extra_whitespaces=False, split_digits=True, num_threads=1, minloglevel=2,
+        train_extremely_large_corpus=False)
+    from transformers.tokenization_utils_base import generate_merges
+
+    sp = spm.SentencePieceProcessor(model_file=str(prefix) + ".model")
+    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+    tok = LlamaTokenizer(vocab=vocab, merges=generate_merges(vocab), legacy=False, add_bos_token=False,
+                         add_eos_token=False, eos_token="<|im_end|>", pad_token="<pad>",
+                         bos_token="<s>", unk_token="<unk>", add_prefix_space=True)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = CHATML_TEMPLATE
+    tok.model_max_length = 2048
+    return tok, Path(str(prefix) + ".model")
 
 
 def build_tiny_llama(out: str | os.PathLike, *, seed: int = 0, hidden: int = 64, layers: int = 2,
@@ -59,16 +72,20 @@ def build_tiny_llama(out: str | os.PathLike, *, seed: int = 0, hidden: int = 64,
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer(vocab_size)
+    tok, spm_file = build_tokenizer(out / ".spm", vocab_size)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2,
                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=2048, bos_token_id=None,
+                      max_position_embeddings=2048, bos_token_id=tok.convert_tokens_to_ids("<s>"),
                       eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
-                      pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
+                      pad_token_id=tok.convert_tokens_to_ids("<pad>"),
                       tie_word_embeddings=False, torch_dtype="float32")
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg)
     model.generation_config.eos_token_id = cfg.eos_token_id
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
+    import shutil
+    if not (out / "tokenizer.model").exists():
+        shutil.copy(spm_file, out / "tokenizer.model")
+    shutil.rmtree(out / ".spm", ignore_errors=True)
     return out
