@@ -19,7 +19,7 @@ def gguf_to_hf(gguf: str | os.PathLike | None, out: str | os.PathLike, *, force:
 
         kw = dict(gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True))
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, torch_dtype=torch.float32, **kw)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
         model.save_pretrained(st.work, safe_serialization=True)
         tok.save_pretrained(st.work)
         st.lineage.licenses.add("Apache-2.0")

@@ -1,0 +1,106 @@
+"""Training memory footprint: trainable / frozen parameter MB and activation MB, measured.
+
+Activation memory is measured, not estimated: during one forward pass of a real batch we count
+the bytes of every tensor autograd saves for the backward pass
+(``torch.autograd.graph.saved_tensors_hooks``; storages counted once by data pointer). Parameter
+memory is the bytes of the parameters as they are stored (4-bit weights count as packed bytes).
+Compared regimes (LoRAG's Table 2): full fine-tuning, LoRA on a full-precision base, QLoRA on a
+4-bit (NF4, bitsandbytes) base.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+MB = 1024 * 1024
+
+
+@dataclass
+class Footprint:
+    regime: str
+    trainable_mb: float
+    frozen_mb: float
+    total_param_mb: float
+    activation_mb: float
+    trainable_params: int
+    total_params: int
+    batch: int
+    seq_len: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _param_bytes(p) -> int:
+    return p.numel() * p.element_size()
+
+
+def _logical_numel(p) -> int:
+    """Parameters a weight stands for (a packed 4-bit tensor holds two a byte)."""
+    qs = getattr(p, "quant_state", None)
+    if qs is not None and getattr(qs, "shape", None) is not None:
+        n = 1
+        for d in qs.shape:
+            n *= int(d)
+        return n
+    return p.numel()
+
+
+def _activation_bytes(model, batch: int, seq_len: int, vocab: int) -> int:
+    import torch
+
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        try:
+            ptr = t.untyped_storage().data_ptr()
+            size = t.untyped_storage().nbytes()
+        except Exception:  # noqa: BLE001 - tensor subclasses without a storage
+            ptr, size = id(t), t.numel() * t.element_size()
+        if not isinstance(t, torch.nn.Parameter) and not getattr(t, "_is_param", False):
+            seen.setdefault(ptr, size)
+        return t
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (batch, seq_len), generator=g)
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(input_ids=ids, labels=ids)
+    total = sum(sz for ptr, sz in seen.items() if ptr not in params)
+    out.loss.backward()
+    model.zero_grad(set_to_none=True)
+    return total
+
+
+def measure(model_dir: str | Path, regime: str, *, batch: int = 2, seq_len: int = 128, lora_r: int = 8,
+            lora_alpha: int = 16, targets: tuple[str, ...] = ("q_proj", "v_proj")) -> Footprint:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kw: dict = {"dtype": torch.float32}
+    if regime == "qlora":
+        from transformers import BitsAndBytesConfig
+        kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                       bnb_4bit_compute_dtype=torch.float32,
+                                                       bnb_4bit_use_double_quant=True)
+        kw["device_map"] = "cpu"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kw)
+    if regime in ("lora", "qlora"):
+        from peft import LoraConfig, get_peft_model
+        if regime == "qlora":
+            from peft import prepare_model_for_kbit_training
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0,
+                                                 target_modules=list(targets), task_type="CAUSAL_LM"))
+    elif regime != "full":
+        raise ValueError(regime)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    tb = sum(_param_bytes(p) for p in trainable)
+    fb = sum(_param_bytes(p) for p in frozen)
+    vocab = model.config.vocab_size
+    act = _activation_bytes(model, batch, seq_len, vocab)
+    n_train = sum(p.numel() for p in trainable)
+    n_total = n_train + sum(_logical_numel(p) for p in frozen)
+    return Footprint(regime, tb / MB, fb / MB, (tb + fb) / MB, act / MB, n_train, n_total, batch, seq_len)
