@@ -104,7 +104,7 @@ def plot_length_histogram(lengths: list[int], out_png: str | Path, title: str) -
     ax.set_ylabel("incorrect predictions")
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(out_png, metadata={"Software": None})
+    fig.savefig(out_png, format="png", metadata={"Software": None})
     plt.close(fig)
 
 
@@ -148,7 +148,7 @@ def plot_loss(history: list[dict], out_png: str | Path, title: str) -> dict:
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out_png, metadata={"Software": None})
+    fig.savefig(out_png, format="png", metadata={"Software": None})
     plt.close(fig)
     return {"train_points": len(train), "eval_points": len(evals),
             "final_train_loss": train[-1][1] if train else None,

@@ -1,0 +1,179 @@
+"""CLI: `tools eval perplexity`, `tools analyze errors`, `tools sweep`, `tools memory`, `tools plot`."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from tools.errors import UserError
+
+
+def _table(title: str, columns: list[str], rows: list[list]) -> None:
+    from rich.table import Table
+    from tools.progress import out
+
+    t = Table(title=title)
+    for c in columns:
+        t.add_column(c)
+    for r in rows:
+        t.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in r])
+    out.print(t)
+
+
+@click.command("perplexity")
+@click.option("--model", "models", multiple=True, required=True,
+              help="HF model folder or GGUF file; repeat to compare (e.g. base and fine-tuned).")
+@click.option("--data", required=True, type=click.Path(), help="SFT dataset artifact folder (or a ChatML JSONL).")
+@click.option("--split", default="test", show_default=True)
+@click.option("--limit", type=int, default=None, help="First N items only.")
+@click.option("--out", type=click.Path(), default=None, help="Artifact folder for the results.")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--force", is_flag=True)
+def perplexity_cmd(models, data, split, limit, out, as_json, force):
+    """Mean cross-entropy and perplexity over answer tokens only (prompt masked, as in training).
+
+    \b
+    Example:
+      tools eval perplexity --model runs/base --model runs/sft/merged --data runs/pubmedqa --split test
+    """
+    from evals.perplexity import load_items, perplexity
+    from tools.artifact import Stage
+
+    items = load_items(data, split, limit)
+    inputs = [m for m in models] + [data]
+    out = Path(out) if out else None
+    results = []
+    if out:
+        with Stage("eval.perplexity", out, {"split": split, "limit": limit, "models": [Path(m).name for m in models]},
+                   inputs=inputs, force=force) as st:
+            if st.skipped:
+                results = json.loads((out / "results.json").read_text())["models"]
+            else:
+                results = [perplexity(m, items).to_dict() for m in models]
+                (st.path("results.json")).write_text(json.dumps({"split": split, "models": results}, indent=2, sort_keys=True))
+                st.extra["perplexity"] = {r["model"]: r["perplexity"] for r in results}
+    else:
+        results = [perplexity(m, items).to_dict() for m in models]
+    if as_json:
+        click.echo(json.dumps(results, indent=2, sort_keys=True))
+    else:
+        _table(f"Loss / perplexity on {len(items)} {split} items (answer tokens only)",
+               ["model", "items", "answer tokens", "loss (mean CE)", "perplexity"],
+               [[r["model"], r["n_items"], r["n_tokens"], r["mean_ce"], r["perplexity"]] for r in results])
+
+
+@click.command("errors", help="Classify each prediction of a bench result as correct / underspecified / "
+               "incorrect and plot the lengths of the incorrect ones.\n\n\b\nRules:\n"
+               + "\n".join("  " + ln.strip() for ln in __import__("evals.analysis", fromlist=["RULES"]).RULES.splitlines()))
+@click.argument("results_dir", type=click.Path())
+@click.option("--out", type=click.Path(), default=None, help="Artifact folder (default RESULTS_DIR/../<name>-errors).")
+@click.option("--min-tokens", default=1, show_default=True, help="Outputs shorter than this are underspecified.")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--force", is_flag=True)
+def errors_cmd(results_dir, out, min_tokens, as_json, force):
+    from evals.analysis import RULES, analyze_errors, plot_length_histogram
+    from tools.artifact import Stage
+    from tools.io import write_json, write_jsonl
+
+    rd = Path(results_dir)
+    out = Path(out) if out else rd.parent / f"{rd.name}-errors"
+    with Stage("analyze.errors", out, {"min_tokens": min_tokens}, inputs=[rd], force=force) as st:
+        if not st.skipped:
+            res = analyze_errors(rd, min_tokens)
+            write_jsonl(st.path("classes.jsonl"), res.pop("items"))
+            write_json(st.path("errors.json"), res)
+            plot_length_histogram(res["incorrect_lengths"], st.path("incorrect_lengths.png"),
+                                  f"Lengths of incorrect predictions ({rd.name})")
+            lines = ["# Error analysis", "", f"Results: `{rd}` ({res['n']} items)", "",
+                     "| class | items | share |", "|---|---|---|"]
+            lines += [f"| {k} | {res['counts'][k]} | {res['shares'][k]:.1%} |" for k in res["counts"]]
+            lines += ["", "## Rules", "", RULES, "", "![lengths](incorrect_lengths.png)", ""]
+            st.path("report.md").write_text("\n".join(lines))
+            st.extra.update({"counts": res["counts"], "shares": res["shares"]})
+    res = json.loads((out / "errors.json").read_text())
+    if as_json:
+        click.echo(json.dumps({k: res[k] for k in ("n", "counts", "shares")}, indent=2, sort_keys=True))
+    else:
+        _table(f"Error classes ({res['n']} items)", ["class", "items", "share"],
+               [[k, res["counts"][k], f"{res['shares'][k]:.1%}"] for k in res["counts"]])
+        click.echo(f"report: {out / 'report.md'}  histogram: {out / 'incorrect_lengths.png'}")
+
+
+@click.command("memory")
+@click.argument("stage_dir", required=False, type=click.Path())
+@click.option("--model", type=click.Path(), default=None, help="HF model folder (instead of a stage).")
+@click.option("--batch", default=2, show_default=True)
+@click.option("--seq-len", default=256, show_default=True)
+@click.option("--regime", "regimes", multiple=True, type=click.Choice(["full", "lora", "qlora"]),
+              default=("full", "lora", "qlora"), show_default=True)
+@click.option("--lora-r", default=None, type=int, help="Default: the stage's lora_r, else 8.")
+@click.option("--json", "as_json", is_flag=True)
+def memory_cmd(stage_dir, model, batch, seq_len, regimes, lora_r, as_json):
+    """Trainable / frozen parameter MB and activation MB, measured for full, LoRA and QLoRA.
+
+    Activation MB is measured: the bytes of the tensors autograd saves for backward during one
+    forward pass of a batch (torch saved-tensor hooks), not an estimate.
+
+    \b
+    Example:  tools memory runs/sft-stage --batch 2 --seq-len 512
+    """
+    from evals.memory import measure
+
+    targets = ("q_proj", "v_proj")
+    r = lora_r
+    if stage_dir:
+        import yaml
+        cfg_file = Path(stage_dir) / "axolotl.yaml"
+        if not cfg_file.is_file():
+            raise UserError("stage folder has no axolotl.yaml", path=str(stage_dir))
+        cfg = yaml.safe_load(cfg_file.read_text())
+        model = model or cfg.get("base_model")
+        r = r or cfg.get("lora_r")
+        targets = tuple(cfg.get("lora_target_modules") or targets)
+    if not model:
+        raise UserError("give a STAGE_DIR or --model", field="--model")
+    if not (Path(model) / "config.json").is_file():
+        raise UserError("not a local HF model folder (no config.json)", path=str(model))
+    rows = [measure(model, reg, batch=batch, seq_len=seq_len, lora_r=r or 8, targets=targets).to_dict()
+            for reg in regimes]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        _table(f"Memory footprint, batch {batch} x {seq_len} tokens (activations measured)",
+               ["regime", "trainable MB", "frozen MB", "total param MB", "activation MB", "trainable params"],
+               [[x["regime"], x["trainable_mb"], x["frozen_mb"], x["total_param_mb"], x["activation_mb"],
+                 x["trainable_params"]] for x in rows])
+
+
+@click.command("plot")
+@click.argument("stage_dir", type=click.Path(exists=True))
+@click.option("--out", type=click.Path(), default=None, help="PNG path (default STAGE_DIR/loss.png).")
+def plot_cmd(stage_dir, out):
+    """Render train/eval loss curves from a trained stage's log history.
+
+    \b
+    Example:  tools plot runs/sft-stage
+    """
+    from evals.analysis import load_log_history, plot_loss
+    from tools.artifact import staged_file
+
+    hist = load_log_history(stage_dir)
+    out = Path(out) if out else Path(stage_dir) / "loss.png"
+    with staged_file(out) as tmp:
+        info = plot_loss(hist, tmp, f"Loss: {Path(stage_dir).name}")
+    click.echo(f"{out}  ({info['train_points']} train points, final loss {info['final_train_loss']}, "
+               f"{info['eval_points']} eval points)")
+
+
+def register(cli):
+    from tools.cli import group
+    group("eval").add_command(perplexity_cmd)
+    group("analyze").add_command(errors_cmd)
+    cli.add_command(memory_cmd)
+    cli.add_command(plot_cmd)
+    try:
+        from evals.sweep_cli import sweep_cmd
+        cli.add_command(sweep_cmd)
+    except ImportError:
+        pass

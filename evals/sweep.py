@@ -1,0 +1,161 @@
+"""Hyper-parameter sweeps: every trial is a real `tools train` run of a derived stage.
+
+A trial copies the stage's Axolotl config, applies the trial's overrides, writes it as its own
+stage folder (``OUT/trials/NN``, validated by Axolotl's schema like any stage) and trains it with
+the same code as `tools train`. Grid sweeps try every combination; ``--optuna N`` lets Optuna's
+TPE sampler (seeded) pick N trials from the same value lists. The objective is an arithmetic
+expression over the logged metrics of a trial (``eval_loss``, ``loss``, ...), e.g. LoRAG's
+``eval_loss - 0.25*entailment``; lower is better.
+"""
+from __future__ import annotations
+
+import ast
+import itertools
+import math
+import operator
+from pathlib import Path
+from typing import Any, Callable
+
+from tools.errors import UserError
+
+_BIN = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+        ast.Pow: operator.pow}
+_UN = {ast.USub: operator.neg, ast.UAdd: operator.pos}
+_FUNCS = {"log": math.log, "exp": math.exp, "sqrt": math.sqrt, "abs": abs, "min": min, "max": max}
+
+# Metrics a trial can report: what the HF trainer logs, and the semantic metrics of `tools eval semantic`.
+KNOWN_METRICS = {"loss", "eval_loss", "train_loss", "perplexity", "eval_perplexity", "grad_norm",
+                 "learning_rate", "epoch", "train_runtime", "train_samples_per_second",
+                 "entailment", "bertscore_f1", "semscore"}
+
+
+class Objective:
+    """A safe arithmetic expression over metric names (no attribute access, no calls but math)."""
+
+    def __init__(self, expr: str, known: set[str] = KNOWN_METRICS):
+        self.expr = expr
+        try:
+            self.tree = ast.parse(expr, mode="eval")
+        except SyntaxError as e:
+            raise UserError(f"objective is not an arithmetic expression ({e.msg})", field="--objective") from None
+        self.names = set()
+        for node in ast.walk(self.tree):
+            if isinstance(node, ast.Name) and node.id not in _FUNCS:
+                self.names.add(node.id)
+            elif isinstance(node, ast.Call):
+                if not (isinstance(node.func, ast.Name) and node.func.id in _FUNCS):
+                    raise UserError(f"objective may call only {', '.join(sorted(_FUNCS))}", field="--objective")
+            elif not isinstance(node, (ast.Expression, ast.BinOp, ast.UnaryOp, ast.Constant, ast.Name, ast.Load,
+                                       ast.Call, *_BIN, *_UN)):
+                raise UserError(f"objective holds a {type(node).__name__}, not allowed", field="--objective")
+        unknown = sorted(self.names - known)
+        if unknown:
+            raise UserError(f"unknown metric {unknown[0]!r} in objective (known: {', '.join(sorted(known))})",
+                            field="--objective")
+
+    def __call__(self, metrics: dict[str, float]) -> float:
+        missing = sorted(self.names - set(metrics))
+        if missing:
+            raise UserError(f"trial logged no {missing[0]!r} (it logged: {', '.join(sorted(metrics))})",
+                            field="--objective")
+
+        def ev(n):
+            if isinstance(n, ast.Expression):
+                return ev(n.body)
+            if isinstance(n, ast.Constant):
+                return float(n.value)
+            if isinstance(n, ast.Name):
+                return float(metrics[n.id])
+            if isinstance(n, ast.BinOp):
+                return _BIN[type(n.op)](ev(n.left), ev(n.right))
+            if isinstance(n, ast.UnaryOp):
+                return _UN[type(n.op)](ev(n.operand))
+            if isinstance(n, ast.Call):
+                return _FUNCS[n.func.id](*[ev(a) for a in n.args])
+            raise UserError(f"unsupported {type(n).__name__}", field="--objective")
+        return float(ev(self.tree))
+
+
+def parse_grid(specs: tuple[str, ...]) -> dict[str, list[Any]]:
+    import yaml
+
+    grid: dict[str, list[Any]] = {}
+    for spec in specs:
+        if "=" not in spec:
+            raise UserError(f"grid entry {spec!r} is not KEY=V1,V2,...", field="--grid")
+        key, vals = spec.split("=", 1)
+        values = [yaml.safe_load(v) for v in vals.split(",") if v.strip()]
+        if not key.strip() or not values:
+            raise UserError(f"grid entry {spec!r} is not KEY=V1,V2,...", field="--grid")
+        grid[key.strip()] = values
+    return grid
+
+
+def final_metrics(history: list[dict]) -> dict[str, float]:
+    """Last logged value of each metric in a trainer's log history."""
+    out: dict[str, float] = {}
+    for h in history:
+        for k, v in h.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                out[k] = float(v)
+    if "eval_loss" in out:
+        out["eval_perplexity"] = math.exp(min(out["eval_loss"], 50))
+    if "loss" in out:
+        out["perplexity"] = math.exp(min(out["loss"], 50))
+    return out
+
+
+def run_sweep(combos: list[dict], run_trial: Callable[[int, dict], dict], objective: Objective,
+              optuna_trials: int | None = None, seed: int = 0) -> list[dict]:
+    """Run trials (grid order, or chosen by Optuna) and return their rows with the objective."""
+    rows: list[dict] = []
+    if optuna_trials:
+        import optuna
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        keys = sorted({k for c in combos for k in c})
+        space = {k: sorted({repr(c[k]) for c in combos}) for k in keys}
+        study = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=seed))
+
+        def fn(trial):
+            import ast as _ast
+            params = {k: _ast.literal_eval(trial.suggest_categorical(k, space[k])) for k in keys}
+            m = run_trial(len(rows), params)
+            val = objective(m)
+            rows.append({"trial": len(rows), "params": params, "metrics": m, "objective": val})
+            return val
+        study.optimize(fn, n_trials=optuna_trials)
+    else:
+        for i, params in enumerate(combos):
+            m = run_trial(i, params)
+            rows.append({"trial": i, "params": params, "metrics": m, "objective": objective(m)})
+    return rows
+
+
+def grid_combos(grid: dict[str, list]) -> list[dict]:
+    keys = list(grid)
+    return [dict(zip(keys, vals)) for vals in itertools.product(*(grid[k] for k in keys))]
+
+
+def plot_sweep(rows: list[dict], out_png: str | Path, x: str = "learning_rate", series: str = "micro_batch_size",
+               metric: str = "loss") -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    groups: dict[Any, list] = {}
+    for r in rows:
+        if x in r["params"] and metric in r["metrics"]:
+            groups.setdefault(r["params"].get(series, "-"), []).append((float(r["params"][x]), r["metrics"][metric]))
+    for g, pts in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{series}={g}")
+    ax.set_xscale("log")
+    ax.set_xlabel(x)
+    ax.set_ylabel(f"final {metric}")
+    ax.set_title(f"final {metric} vs {x}")
+    if groups:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png, format="png", metadata={"Software": None})
+    plt.close(fig)
