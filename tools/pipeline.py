@@ -1,0 +1,264 @@
+"""`tools run PIPELINE.yaml` and `tools status RUN_DIR`: a whole pipeline, resumable step by step.
+
+A pipeline file lists steps; each is one `tools` verb with its arguments. Placeholders:
+``{run_dir}``, ``{repo}``, ``{shared_data}``, ``{vars.NAME}``, ``{env.NAME}`` and
+``{steps.NAME.out}`` (the output folder of an earlier step). Each step writes to
+``RUN_DIR/NAME`` (``--out`` is appended) unless it sets ``out:`` itself (e.g. `train` writes
+``STAGE/output``) or ``out_flag: false``.
+
+A step is *done* when its output folder has a manifest and the step's command and the digests of
+the steps it reads are what they were when it ran; done steps are skipped without starting a
+process. A step killed or failed half-way left no manifest (the artifact contract), so the next
+`tools run` re-runs exactly that step and what follows.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+import yaml
+
+from .artifact import is_artifact, read_artifact
+from .errors import UserError, WorkError
+from .io import write_json
+from .paths import REPO
+
+STATE = "run.json"
+_PH = re.compile(r"\{(run_dir|repo|shared_data|vars\.[A-Za-z0-9_]+|env\.[A-Za-z0-9_]+|steps\.[A-Za-z0-9_-]+\.out)\}")
+KEY_FIGURES = ("accuracy", "valid_rate", "final_loss", "perplexity", "bits_per_weight", "size_mb", "n_docs", "n_items",
+               "rows", "file_type")
+
+
+def load_pipeline(path: str | os.PathLike) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError("pipeline file not found", path=str(p))
+    try:
+        doc = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        line = getattr(getattr(e, "problem_mark", None), "line", None)
+        raise UserError(f"malformed YAML ({getattr(e, 'problem', e)})", path=str(p),
+                        line=None if line is None else line + 1) from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("steps"), list) or not doc["steps"]:
+        raise UserError("a pipeline needs a non-empty `steps:` list", path=str(p), field="steps")
+    names = set()
+    for i, s in enumerate(doc["steps"]):
+        if not isinstance(s, dict) or "name" not in s or "run" not in s:
+            raise UserError(f"step {i + 1} needs `name` and `run`", path=str(p), field=f"steps[{i}]")
+        if s["name"] in names:
+            raise UserError(f"duplicate step name {s['name']!r}", path=str(p), field=f"steps[{i}].name")
+        names.add(s["name"])
+    doc.setdefault("vars", {})
+    doc["_path"] = str(p)
+    return doc
+
+
+class Plan:
+    def __init__(self, doc: dict, run_dir: Path):
+        self.doc = doc
+        self.run_dir = run_dir
+        self.outs: dict[str, Path] = {}
+        self.reads: dict[str, list[str]] = {}
+        self.argv: dict[str, list[str]] = {}
+        for s in doc["steps"]:
+            self._resolve(s)
+
+    def _sub(self, text: str, step: str) -> str:
+        def rep(m):
+            key = m.group(1)
+            if key == "run_dir":
+                return str(self.run_dir)
+            if key == "repo":
+                return str(REPO)
+            if key == "shared_data":
+                from .paths import shared_data
+                return str(shared_data())
+            if key.startswith("vars."):
+                name = key[5:]
+                if name not in self.doc["vars"]:
+                    raise UserError(f"step {step!r} uses undefined {{{key}}}", path=self.doc["_path"], field=step)
+                return self._sub(str(self.doc["vars"][name]), step)
+            if key.startswith("env."):
+                name = key[4:]
+                if name not in os.environ:
+                    raise UserError(f"step {step!r} needs environment variable {name}", path=self.doc["_path"], field=step)
+                return os.environ[name]
+            dep = key.split(".")[1]
+            if dep not in self.outs:
+                raise UserError(f"step {step!r} reads {{{key}}} but no earlier step is named {dep!r}",
+                                path=self.doc["_path"], field=step)
+            self.reads[step].append(dep)
+            return str(self.outs[dep])
+        return _PH.sub(rep, text)
+
+    def _resolve(self, s: dict) -> None:
+        name = s["name"]
+        self.reads[name] = []
+        argv = shlex.split(self._sub(str(s["run"]), name))
+        if "out" in s:
+            out = Path(self._sub(str(s["out"]), name))
+        else:
+            out = self.run_dir / name
+            if s.get("out_flag", True):
+                argv += ["--out", str(out)]
+        self.outs[name] = out
+        self.argv[name] = argv
+
+    def names(self) -> list[str]:
+        return [s["name"] for s in self.doc["steps"]]
+
+
+def _state(run_dir: Path) -> dict:
+    import json
+    f = run_dir / STATE
+    if f.is_file():
+        try:
+            return json.loads(f.read_text())
+        except ValueError:
+            return {"steps": {}}
+    return {"steps": {}}
+
+
+def _digest(out: Path) -> str | None:
+    if not is_artifact(out):
+        return None
+    return read_artifact(out).digest
+
+
+def step_status(plan: Plan, state: dict, name: str) -> str:
+    out = plan.outs[name]
+    if not is_artifact(out):
+        return "to do"
+    rec = state["steps"].get(name)
+    if not rec or rec.get("argv") != plan.argv[name]:
+        return "stale"
+    for dep in plan.reads[name]:
+        if rec.get("reads", {}).get(dep) != _digest(plan.outs[dep]):
+            return "stale"
+    if rec.get("digest") != _digest(out):
+        return "stale"
+    return "done"
+
+
+def _tools_argv() -> list[str]:
+    exe = Path(sys.executable).parent / "tools"
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "tools"]
+
+
+def run_pipeline(pipeline: str, run_dir: str, *, until: str | None = None, start: str | None = None,
+                 dry_run: bool = False, echo=click.echo) -> dict:
+    doc = load_pipeline(pipeline)
+    rd = Path(run_dir or Path("runs") / Path(pipeline).stem).resolve()
+    plan = Plan(doc, rd)
+    names = plan.names()
+    for flag, v in (("--until", until), ("--from", start)):
+        if v is not None and v not in names:
+            raise UserError(f"no step named {v!r} (steps: {', '.join(names)})", field=flag)
+    first = names.index(start) if start else 0
+    last = names.index(until) if until else len(names) - 1
+    state = _state(rd)
+    if dry_run:
+        for i, n in enumerate(names):
+            mark = "" if first <= i <= last else "  (not selected)"
+            echo(f"[{step_status(plan, state, n)}] {n}: tools {shlex.join(plan.argv[n])}{mark}")
+        return state
+    rd.mkdir(parents=True, exist_ok=True)
+    state["pipeline"] = str(Path(pipeline).resolve())
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    for i, n in enumerate(names):
+        if not first <= i <= last:
+            continue
+        st = step_status(plan, state, n)
+        if st == "done":
+            echo(f"[done] {n} (skipped: same command and inputs)", err=True)
+            continue
+        echo(f"[run ] {n}: tools {shlex.join(plan.argv[n])}", err=True)
+        t0 = time.time()
+        r = subprocess.run(_tools_argv() + plan.argv[n], env=env)
+        secs = time.time() - t0
+        if r.returncode != 0:
+            raise (UserError if r.returncode == 2 else WorkError)(
+                f"step {n!r} failed (exit {r.returncode}); fix it and re-run `tools run` to resume from it")
+        if not is_artifact(plan.outs[n]):
+            raise WorkError(f"step {n!r} finished but left no artifact at {plan.outs[n]}")
+        state["steps"][n] = {"argv": plan.argv[n], "seconds": round(secs, 1), "digest": _digest(plan.outs[n]),
+                             "reads": {d: _digest(plan.outs[d]) for d in plan.reads[n]},
+                             "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        write_json(rd / STATE, state)
+    return state
+
+
+def _figures(out: Path) -> str:
+    if not is_artifact(out):
+        return ""
+    ex = read_artifact(out).extra
+    flat = {}
+    for k, v in ex.items():
+        if isinstance(v, dict):
+            for k2, v2 in v.items():
+                flat.setdefault(k2, v2)
+        flat.setdefault(k, v)
+    parts = []
+    for k in KEY_FIGURES:
+        v = flat.get(k)
+        if isinstance(v, (int, float, str)) and not isinstance(v, bool):
+            parts.append(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
+    return ", ".join(parts)
+
+
+@click.command("run")
+@click.argument("pipeline", type=click.Path())
+@click.option("--run-dir", type=click.Path(), default=None, help="Where step folders go (default runs/<pipeline name>).")
+@click.option("--until", default=None, help="Stop after this step.")
+@click.option("--from", "start", default=None, help="Start at this step (earlier ones must be done).")
+@click.option("--dry-run", is_flag=True, help="Print each step's command and status; run nothing.")
+def run_cmd(pipeline, run_dir, until, start, dry_run):
+    """Run a pipeline of `tools` verbs; done steps are skipped, a failed or killed step re-runs.
+
+    \b
+    Example:
+      tools run recipes/pipelines/demo.yaml --run-dir runs/demo
+      tools run recipes/pipelines/medilora.yaml --dry-run
+    """
+    run_pipeline(pipeline, run_dir, until=until, start=start, dry_run=dry_run)
+    if not dry_run:
+        click.echo(f"done: {Path(run_dir).resolve() if run_dir else ''}")
+
+
+@click.command("status")
+@click.argument("run_dir", type=click.Path(exists=True))
+@click.option("--pipeline", type=click.Path(), default=None, help="Pipeline file (default: the one recorded).")
+def status_cmd(run_dir, pipeline):
+    """Print the step table of a run: done / stale / to do, time, key figures.
+
+    \b
+    Example:  tools status runs/demo
+    """
+    from rich.table import Table
+    from .progress import out
+
+    rd = Path(run_dir).resolve()
+    state = _state(rd)
+    pipeline = pipeline or state.get("pipeline")
+    if not pipeline:
+        raise UserError("no pipeline recorded for this run; pass --pipeline", path=str(rd))
+    plan = Plan(load_pipeline(pipeline), rd)
+    t = Table(title=f"{Path(pipeline).name} in {rd}")
+    for c in ("step", "status", "seconds", "key figures"):
+        t.add_column(c)
+    for n in plan.names():
+        rec = state["steps"].get(n, {})
+        t.add_row(n, step_status(plan, state, n), str(rec.get("seconds", "")), _figures(plan.outs[n]))
+    out.print(t)
+
+
+def register(cli):
+    cli.add_command(run_cmd)
+    cli.add_command(status_cmd)
