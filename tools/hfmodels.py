@@ -15,9 +15,14 @@ def gguf_to_hf(gguf: str | os.PathLike | None, out: str | os.PathLike, *, force:
         if st.skipped:
             return st.result
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        kw = dict(gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True))
+        kw = dict(gguf_file=gguf.name)
+        try:  # older transformers needed it spelled out; 5.x always dequantizes and has no GgufConfig
+            from transformers import GgufConfig
+            kw["quantization_config"] = GgufConfig(dequantize=True)
+        except ImportError:
+            pass
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
         model.save_pretrained(st.work, safe_serialization=True)
