@@ -1,0 +1,81 @@
+"""Generic question/answer CSV or JSONL -> ChatML SFT rows or completion rows."""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from tools.errors import UserError
+
+
+def parse_filters(filters) -> list[tuple[str, str]]:
+    out = []
+    for f in filters or ():
+        if "=" not in f:
+            raise UserError(f"--filter wants COLUMN=VALUE, got {f!r}", field="--filter")
+        k, v = f.split("=", 1)
+        if not k.strip():
+            raise UserError(f"--filter wants COLUMN=VALUE, got {f!r}", field="--filter")
+        out.append((k.strip(), v.strip()))
+    return out
+
+
+def _rows(src: Path, needed: tuple[str, ...]):
+    """(line-or-row number, dict) from a CSV (header row) or JSONL file; missing columns name the file."""
+    from tools.io import read_csv, read_jsonl
+
+    name = src.name.lower()
+    if name.endswith((".csv", ".csv.gz")):
+        for i, row in enumerate(read_csv(src, required=needed), 2):
+            yield i, row
+    elif name.endswith((".jsonl", ".jsonl.gz", ".json")):
+        for i, row in enumerate(read_jsonl(src, required=needed), 1):
+            yield i, row
+    else:
+        raise UserError("expected a .csv or .jsonl file", path=str(src))
+
+
+def build_qa(src, out, *, question_col: str, answer_col: str, filters=(), fmt: str = "chatml",
+             system: str | None = None, id_col: str | None = None,
+             license: str = "unknown (user-supplied Q&A)", force: bool = False, log=None):
+    from tools.artifact import Stage
+    from tools.io import require_file, write_jsonl
+
+    src = require_file(src, "Q&A file")
+    if fmt not in ("chatml", "completion"):
+        raise UserError(f"--format must be chatml or completion, got {fmt!r}", field="--format")
+    flt = parse_filters(filters)
+    needed = tuple(dict.fromkeys([question_col, answer_col, *(k for k, _ in flt), *([id_col] if id_col else [])]))
+    params = {"question_col": question_col, "answer_col": answer_col, "filters": [f"{k}={v}" for k, v in flt],
+              "format": fmt, "system": system, "id_col": id_col, "license": license}
+    with Stage("dataset.qa", out, params, inputs=[src], force=force, log=log) as st:
+        if st.skipped:
+            return st.result
+        rows, stats, ids = [], Counter(), set()
+        for n, r in _rows(src, needed):
+            stats["read"] += 1
+            if any(str(r.get(k, "")).strip() != v for k, v in flt):
+                stats["filtered_out"] += 1
+                continue
+            q, a = str(r[question_col] or "").strip(), str(r[answer_col] or "").strip()
+            if not q or not a:
+                stats["dropped_empty"] += 1
+                continue
+            rid = f"qa-{str(r[id_col]).strip()}" if id_col else f"qa-{n}"
+            if rid in ids:
+                raise UserError(f"duplicate id {rid!r}", path=str(src), line=n, field=id_col or "id")
+            ids.add(rid)
+            meta = {k: v for k, v in r.items() if k not in (question_col, answer_col)}
+            if fmt == "chatml":
+                msgs = ([{"role": "system", "content": system}] if system else []) + [
+                    {"role": "user", "content": q}, {"role": "assistant", "content": a}]
+                rows.append({"id": rid, "messages": msgs, "meta": meta})
+            else:
+                rows.append({"id": rid, "text": f"Question: {q}\nAnswer: {a}", "source": f"qa/{src.name}",
+                             "meta": meta})
+        if not rows:
+            raise UserError(f"no row left after the filters ({stats['read']} read)", path=str(src))
+        write_jsonl(st.path("train.jsonl"), rows)
+        st.lineage.sources.add(f"qa: {src.name}")
+        st.lineage.licenses.add(license)
+        st.extra.update({"items": len(rows), "stats": dict(sorted(stats.items()))})
+    return st.result
