@@ -143,7 +143,25 @@ def step_status(plan: Plan, state: dict, name: str) -> str:
             return "stale"
     if rec.get("digest") != _digest(out):
         return "stale"
+    if rec.get("files", {}) != _file_stats(out):
+        return "stale"  # an input file outside the run changed (size or mtime): let the verb decide
     return "done"
+
+
+def _file_stats(out: Path) -> dict:
+    """Size and mtime of the plain-file inputs recorded in a step's manifest."""
+    stats = {}
+    if not is_artifact(out):
+        return stats
+    for i in read_artifact(out).manifest.get("inputs", []):
+        if i.get("kind") == "file":
+            p = Path(i["path"])
+            try:
+                st = p.stat()
+                stats[i["path"]] = [st.st_size, st.st_mtime_ns]
+            except OSError:
+                stats[i["path"]] = None
+    return stats
 
 
 def _tools_argv() -> list[str]:
@@ -190,6 +208,7 @@ def run_pipeline(pipeline: str, run_dir: str, *, until: str | None = None, start
             raise WorkError(f"step {n!r} finished but left no artifact at {plan.outs[n]}")
         state["steps"][n] = {"argv": plan.argv[n], "seconds": round(secs, 1), "digest": _digest(plan.outs[n]),
                              "reads": {d: _digest(plan.outs[d]) for d in plan.reads[n]},
+                             "files": _file_stats(plan.outs[n]),
                              "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
         write_json(rd / STATE, state)
     return state
