@@ -61,7 +61,8 @@ def build_corpus(src, out, *, sources: tuple[str, ...] = (), min_chars: int = 20
                     raise UserError("clean_text must be a string", path=str(src), line=n, field="clean_text")
                 title = str(item.get("title") or "").strip()
                 body = normalize_whitespace(item["clean_text"])
-                text = f"{title}\n\n{body}" if title and not body.startswith(title) else body
+                # the title as a heading, unless the text already opens with it
+                text = f"{title}\n\n{body}" if title and body.split("\n", 1)[0].strip() != title else body
                 if len(text) < min_chars:
                     stats["dropped_short"] += 1
                     continue

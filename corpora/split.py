@@ -49,16 +49,35 @@ def allocate(n: int, ratios) -> list[int]:
     return counts
 
 
+def group_counts(sizes: dict[str, int], ratios) -> dict[str, list[int]]:
+    """Per-stratum counts per split: each within 1 of its exact share, and the totals per split
+    equal to the unstratified allocation (remainders go where the split still lacks items)."""
+    totals = allocate(sum(sizes.values()), ratios)
+    counts = {g: [int(n * r) for r in ratios] for g, n in sizes.items()}
+    room = [totals[s] - sum(c[s] for c in counts.values()) for s in range(len(ratios))]
+    for g in sorted(sizes):
+        n, c = sizes[g], counts[g]
+        frac = [n * r - c[s] for s, r in enumerate(ratios)]
+        for _ in range(n - sum(c)):
+            cands = [s for s in range(len(ratios)) if frac[s] > 0]
+            s = min(cands or range(len(ratios)), key=lambda s: (room[s] <= 0, -frac[s], s))
+            c[s] += 1
+            room[s] -= 1
+            frac[s] = 0.0
+    return counts
+
+
 def split_rows(rows: list[dict], ratios, key: str | None, seed: int) -> dict[str, list[dict]]:
     groups: dict[str, list[int]] = defaultdict(list)
     for i, r in enumerate(rows):
         groups[stratum(r, key)].append(i)
+    counts = group_counts({g: len(v) for g, v in groups.items()}, ratios)
     assign = {}
     for g in sorted(groups):
         idx = list(groups[g])
         rng = random.Random(int.from_bytes(hashlib.sha256(f"{seed}\0{g}".encode()).digest()[:8], "big"))
         rng.shuffle(idx)
-        c = allocate(len(idx), ratios)
+        c = counts[g]
         bounds = [0, c[0], c[0] + c[1], len(idx)]
         for s, name in enumerate(SPLITS):
             for i in idx[bounds[s]:bounds[s + 1]]:

@@ -95,7 +95,7 @@ def write_notes_csv(path: Path, shared_csv: Path) -> Path:
 
 
 def corpus(art) -> list[dict]:
-    return [json.loads(line) for line in (art.path / "corpus.jsonl").read_text(encoding="utf-8").splitlines()]
+    return [json.loads(line) for line in (art.path / "corpus.jsonl").read_text(encoding="utf-8").split("\n") if line]
 
 
 @pytest.fixture(scope="module")
