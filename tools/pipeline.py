@@ -4,7 +4,8 @@ A pipeline file lists steps; each is one `tools` verb with its arguments. Placeh
 ``{run_dir}``, ``{repo}``, ``{shared_data}``, ``{vars.NAME}``, ``{env.NAME}`` and
 ``{steps.NAME.out}`` (the output folder of an earlier step). Each step writes to
 ``RUN_DIR/NAME`` (``--out`` is appended) unless it sets ``out:`` itself (e.g. `train` writes
-``STAGE/output``) or ``out_flag: false``.
+``STAGE/output``) or ``out_flag: false``; ``artifact: false`` marks a step that leaves no
+artifact (``push --dry-run``).
 
 A step is *done* when its output folder has a manifest and the step's command and the digests of
 the steps it reads are what they were when it ran; done steps are skipped without starting a
@@ -66,6 +67,7 @@ class Plan:
         self.outs: dict[str, Path] = {}
         self.reads: dict[str, list[str]] = {}
         self.argv: dict[str, list[str]] = {}
+        self.makes_artifact: dict[str, bool] = {}
         for s in doc["steps"]:
             self._resolve(s)
 
@@ -109,6 +111,7 @@ class Plan:
                 argv += ["--out", str(out)]
         self.outs[name] = out
         self.argv[name] = argv
+        self.makes_artifact[name] = bool(s.get("artifact", True))
 
     def names(self) -> list[str]:
         return [s["name"] for s in self.doc["steps"]]
@@ -133,9 +136,15 @@ def _digest(out: Path) -> str | None:
 
 def step_status(plan: Plan, state: dict, name: str) -> str:
     out = plan.outs[name]
+    rec = state["steps"].get(name)
+    if not plan.makes_artifact[name]:  # e.g. `push --dry-run`: done when run with the same command and inputs
+        if not rec:
+            return "to do"
+        same = rec.get("argv") == plan.argv[name] and all(
+            rec.get("reads", {}).get(d) == _digest(plan.outs[d]) for d in plan.reads[name])
+        return "done" if same else "stale"
     if not is_artifact(out):
         return "to do"
-    rec = state["steps"].get(name)
     if not rec or rec.get("argv") != plan.argv[name]:
         return "stale"
     for dep in plan.reads[name]:
@@ -204,7 +213,7 @@ def run_pipeline(pipeline: str, run_dir: str, *, until: str | None = None, start
         if r.returncode != 0:
             raise (UserError if r.returncode == 2 else WorkError)(
                 f"step {n!r} failed (exit {r.returncode}); fix it and re-run `tools run` to resume from it")
-        if not is_artifact(plan.outs[n]):
+        if plan.makes_artifact[n] and not is_artifact(plan.outs[n]):
             raise WorkError(f"step {n!r} finished but left no artifact at {plan.outs[n]}")
         state["steps"][n] = {"argv": plan.argv[n], "seconds": round(secs, 1), "digest": _digest(plan.outs[n]),
                              "reads": {d: _digest(plan.outs[d]) for d in plan.reads[n]},
