@@ -102,3 +102,92 @@ def convert_hf_to_gguf(model_dir: str | os.PathLike, outfile: str | os.PathLike,
         raise WorkError(f"llama.cpp's convert_hf_to_gguf.py failed on {model_dir}: {tail[0]}")
     os.replace(tmp, outfile)
     return outfile
+
+
+# -- the `tools convert` stage -----------------------------------------------------------------
+
+TOKENIZER_FILES = ("tokenizer_config.json", "chat_template.jinja", "chat_template.json")
+
+
+def hf_chat_template(model_dir: str | os.PathLike) -> str | None:
+    """The chat template an HF tokenizer folder carries (chat_template.jinja or tokenizer_config.json)."""
+    import json
+
+    d = Path(model_dir)
+    jinja = d / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    cj = d / "chat_template.json"
+    if cj.is_file():
+        try:
+            t = json.loads(cj.read_text(encoding="utf-8")).get("chat_template")
+        except (json.JSONDecodeError, AttributeError):
+            raise UserError("unreadable chat_template.json", path=str(cj)) from None
+        if isinstance(t, str):
+            return t
+    tc = d / "tokenizer_config.json"
+    if tc.is_file():
+        try:
+            t = json.loads(tc.read_text(encoding="utf-8")).get("chat_template")
+        except json.JSONDecodeError as e:
+            raise UserError(f"unreadable tokenizer_config.json ({e})", path=str(tc)) from None
+        if isinstance(t, str):
+            return t
+        if isinstance(t, list):  # named templates: the default one
+            for item in t:
+                if isinstance(item, dict) and item.get("name") == "default":
+                    return item.get("template")
+    return None
+
+
+def _model_inputs(model_dir: Path) -> list[Path]:
+    """What a convert depends on: the artifact folder itself, or the files of a plain HF folder."""
+    from tools.artifact import is_artifact
+
+    if is_artifact(model_dir):
+        return [model_dir]
+    return sorted(p for p in model_dir.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+def convert_stage(model_dir: str | os.PathLike, out: str | os.PathLike, outtype: str = "f16", *,
+                  force: bool = False):
+    """HF folder -> artifact ``out`` (stage ``gguf``) holding ``<BaseName>-<Size>-<FineTune>-<TYPE>.gguf``.
+
+    The GGUF must carry the HF tokenizer's chat template, byte for byte.
+    """
+    from tools.artifact import Stage
+    from .ggufinfo import read_gguf, gguf_filename
+
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise UserError("model folder not found", path=str(model_dir))
+    if outtype not in OUTTYPES or outtype == "auto":
+        raise UserError(f"unknown outtype {outtype!r} (one of f16, bf16, f32, q8_0)", field="--outtype")
+    if not (model_dir / "config.json").is_file():
+        raise UserError("not an HF model folder (no config.json)", path=str(model_dir))
+    template = hf_chat_template(model_dir)
+    if not template:
+        raise UserError("the model's tokenizer has no chat template (every MediLoRA GGUF carries one); "
+                        "add it to tokenizer_config.json or chat_template.jinja", path=str(model_dir))
+    params = {"outtype": outtype, "converter": f"llama.cpp convert_hf_to_gguf.py (llama-cpp-python {llama_cpp_version()})"}
+    with Stage("gguf", out, params, inputs=_model_inputs(model_dir), force=force, log=log) as st:
+        if st.skipped:
+            return st.result
+        log(f"converting {model_dir} to GGUF ({outtype}) with llama.cpp's converter")
+        tmp = convert_hf_to_gguf(model_dir, st.path("model.gguf"), outtype)
+        info = read_gguf(tmp)
+        name = gguf_filename(info["metadata"], outtype)
+        os.replace(tmp, st.path(name))
+        if info["chat_template"] != template:
+            raise WorkError("the GGUF's chat template differs from the tokenizer's "
+                            f"({len(info['chat_template'] or '')} vs {len(template)} characters)")
+        st.extra.update({"file": name, "architecture": info["architecture"], "file_type": info["file_type"],
+                         "parameters": info["parameters"], "bits_per_weight": info["bits_per_weight"],
+                         "tensor_types": info["tensor_types"], "chat_template_sha256": _sha(template),
+                         "source": "convert"})
+    return st.result
+
+
+def _sha(text: str) -> str:
+    import hashlib
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()

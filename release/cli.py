@@ -1,0 +1,241 @@
+"""Release verbs: merge, convert, quantize, inspect, compare-quant, card, push."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from tools.errors import UserError
+
+
+def _echo_json(obj) -> None:
+    click.echo(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False, default=str))
+
+
+def _gguf_of(art) -> Path:
+    return art.path / art.extra["file"]
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+@click.command("merge")
+@click.argument("stage_dir", required=False, type=click.Path(path_type=Path))
+@click.option("--base", type=click.Path(path_type=Path), help="Full-precision base model folder (peft merge).")
+@click.option("--adapter", type=click.Path(path_type=Path), help="LoRA adapter folder (peft merge).")
+@click.option("--out", type=click.Path(path_type=Path), help="Merged model folder [STAGE_DIR/merged].")
+@click.option("--force", is_flag=True, help="Re-run even if up to date.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def merge_cmd(stage_dir, base, adapter, out, force, as_json):
+    """Merge a LoRA adapter into its base, saved in the base's dtype with tokenizer and chat template.
+
+    \b
+    tools merge runs/sft                       # axolotl merge-lora runs/sft/axolotl.yaml (4-bit bases too)
+    tools merge --base BASE --adapter runs/sft/output --out runs/merged   # peft merge_and_unload
+    """
+    from release.merge import merge_peft, merge_stage_dir
+
+    if stage_dir is not None and (base or adapter):
+        raise UserError("give either STAGE_DIR or --base/--adapter, not both", field="STAGE_DIR")
+    if stage_dir is not None:
+        art = merge_stage_dir(stage_dir, out or stage_dir / "merged", force=force)
+    else:
+        if not base or not adapter or not out:
+            raise UserError("without STAGE_DIR, --base, --adapter and --out are all needed", field="--base")
+        art = merge_peft(base, adapter, out, force=force)
+    if as_json:
+        _echo_json({"out": str(art.path), **art.extra})
+    else:
+        click.echo(f"merged ({art.extra.get('method')}, {art.extra.get('dtype')}) -> {art.path}")
+
+
+@click.command("convert")
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--outtype", type=click.Choice(["f16", "bf16", "f32", "q8_0"]), default="f16", show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), help="GGUF artifact folder [MODEL_DIR-OUTTYPE].")
+@click.option("--force", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
+def convert_cmd(model_dir, outtype, out, force, as_json):
+    """HF model folder -> GGUF with llama.cpp's own convert_hf_to_gguf.py (chat template included).
+
+    \b
+    tools convert runs/merged --outtype f16 --out runs/gguf-f16
+    """
+    from release.convert import convert_stage
+
+    out = out or model_dir.parent / f"{model_dir.name}-{outtype}"
+    art = convert_stage(model_dir, out, outtype, force=force)
+    if as_json:
+        _echo_json({"out": str(art.path), "gguf": str(_gguf_of(art)), **art.extra})
+    else:
+        f = _gguf_of(art)
+        click.echo(f"{f}  {art.extra['file_type']}  {_mib(f.stat().st_size)}  "
+                   f"{art.extra['bits_per_weight']:.2f} bits/weight")
+
+
+@click.command("quantize")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--q", "qtype", default="Q3_K_L", show_default=True, help="Any llama.cpp type name (Q4_K_M, IQ4_XS, ...).")
+@click.option("--imatrix", type=click.Path(path_type=Path), help="Importance matrix (GGUF or legacy .dat).")
+@click.option("--out", type=click.Path(path_type=Path), help="GGUF artifact folder [beside MODEL, named by type].")
+@click.option("--name", help="Output file name (default: <BaseName>-<SizeLabel>-<FineTune>-<Type>.gguf).")
+@click.option("--allow-requantize", is_flag=True, help="Quantize an already-quantized file (loses quality).")
+@click.option("--threads", type=int, help="Threads for llama.cpp [OMP_NUM_THREADS or all cores].")
+@click.option("--force", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
+def quantize_cmd(model, qtype, imatrix, out, name, allow_requantize, threads, force, as_json):
+    """Quantize a GGUF in-process with llama.cpp; report the real tensor-type mix and bits per weight.
+
+    \b
+    tools quantize runs/gguf-f16 --q Q3_K_L --out runs/gguf-q3kl
+    tools quantize model-F16.gguf --q Q4_K_M --imatrix imatrix.gguf
+    """
+    from release.ggufinfo import resolve_ftype
+    from release.quantize import describe_mix, quantize_stage, warning_for
+
+    qname, _ = resolve_ftype(qtype)
+    if out is None:
+        parent = model if model.is_dir() else model.parent
+        out = parent.parent / f"{parent.name}-{qname}" if model.is_dir() else parent / f"{model.stem}-{qname}"
+    art = quantize_stage(model, qname, out, imatrix=imatrix, allow_requantize=allow_requantize, name=name,
+                         threads=threads, force=force)
+    e = art.extra
+    warn = warning_for(e)
+    if warn:
+        click.echo(warn, err=True)
+    if as_json:
+        _echo_json({"out": str(art.path), "gguf": str(_gguf_of(art)), "warning": warn, **e})
+    else:
+        click.echo(f"{_gguf_of(art)}  {e['file_type']}  {_mib(e['size_bytes'])} (from {_mib(e['source_size_bytes'])})  "
+                   f"{e['bits_per_weight']:.2f} bits/weight")
+        click.echo(f"tensor types: {describe_mix(e['tensor_types'])}")
+
+
+@click.command("inspect")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--tensors", is_flag=True, help="List every tensor.")
+@click.option("--json", "as_json", is_flag=True)
+def inspect_cmd(model, tensors, as_json):
+    """Architecture, file type, tensor-type histogram, chat template and metadata of a GGUF.
+
+    \b
+    tools inspect runs/gguf-q3kl/MediLoRA-135M-Q3_K_L.gguf
+    """
+    from release.ggufinfo import find_gguf, read_gguf
+
+    info = read_gguf(find_gguf(model))
+    if not tensors:
+        info.pop("tensors", None)
+    if as_json:
+        _echo_json(info)
+        return
+    click.echo(f"file          {info['file']}  ({_mib(info['size_bytes'])})")
+    click.echo(f"architecture  {info['architecture']}")
+    click.echo(f"name          {info['name']}")
+    click.echo(f"file type     {info['file_type']}")
+    click.echo(f"parameters    {info['parameters']:,}")
+    click.echo(f"bits/weight   {info['bits_per_weight']} (weight matrices {info['matrix_bits_per_weight']})")
+    click.echo("tensor types:")
+    for t, h in sorted(info["tensor_types"].items(), key=lambda kv: -kv[1]["elements"]):
+        share = h["elements"] / info["parameters"] if info["parameters"] else 0
+        click.echo(f"  {t:<8} {h['tensors']:>5} tensors  {h['elements']:>14,} weights  {100 * share:5.1f}%")
+    click.echo("chat template:")
+    click.echo("  " + (info["chat_template"] or "(none)").replace("\n", "\n  "))
+    click.echo("metadata:")
+    for k, v in sorted(info["metadata"].items()):
+        if k == "tokenizer.chat_template":
+            continue
+        click.echo(f"  {k} = {v}")
+    for t in info.get("tensors", []):
+        click.echo(f"  {t['name']:<40} {t['type']:<8} {t['shape']}")
+
+
+@click.command("compare-quant")
+@click.option("--ref", required=True, type=click.Path(path_type=Path), help="Reference GGUF (f16/bf16/f32).")
+@click.option("--quant", required=True, type=click.Path(path_type=Path), help="Quantized GGUF.")
+@click.option("--text", "text_file", required=True, type=click.Path(path_type=Path), help="UTF-8 text to score.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Result artifact folder.")
+@click.option("--ctx", default=512, show_default=True, help="Window size in tokens.")
+@click.option("--max-tokens", type=int, help="Score only the first N tokens.")
+@click.option("--threads", type=int)
+@click.option("--force", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
+def compare_quant_cmd(ref, quant, text_file, out, ctx, max_tokens, threads, force, as_json):
+    """Quantization gap: perplexity of both GGUFs and mean KL(ref || quant) on the same tokens.
+
+    \b
+    tools compare-quant --ref runs/gguf-f16 --quant runs/gguf-q3kl --text notes.txt --out runs/qgap
+    """
+    from release.compare import compare_quant
+    from release.ggufinfo import find_gguf
+
+    art = compare_quant(find_gguf(ref), find_gguf(quant), text_file, out, ctx=ctx, max_tokens=max_tokens,
+                        threads=threads, force=force)
+    res = json.loads((art.path / "results.json").read_text())
+    if as_json:
+        _echo_json({"out": str(art.path), **res})
+    else:
+        click.echo(f"perplexity {res['ref']['file_type']} {res['ref']['perplexity']:.4f} -> {res['quant']['file_type']} "
+                   f"{res['quant']['perplexity']:.4f} ({res['perplexity_delta_pct']:+.2f}%)")
+        click.echo(f"mean KL {res['mean_kl']:.6f} nats, top-1 agreement {100 * res['top1_agreement']:.1f}%, "
+                   f"{res['tokens_scored']} tokens; plot {art.path / 'kl.png'}")
+
+
+@click.command("card")
+@click.argument("artifacts", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Card artifact folder (README.md).")
+@click.option("--repo-id", help="ORG/NAME the card is for.")
+@click.option("--license", "license_", help="License id [from the lineage when it names one].")
+@click.option("--base-model", help="Hub id of the base model [from the manifests].")
+@click.option("--dataset", "datasets", multiple=True, help="Hub dataset id trained on (repeatable).")
+@click.option("--acknowledge-credentialed-training", "ack", is_flag=True,
+              help="State that the model was trained on credentialed data and may be shared.")
+@click.option("--force", is_flag=True)
+def card_cmd(artifacts, out, repo_id, license_, base_model, datasets, ack, force):
+    """Write the model card from manifests and eval results (model-index, quantization gap, lineage).
+
+    \b
+    tools card runs/sft/output runs/gguf-q3kl runs/bench-pubmedqa runs/qgap --repo-id org/medilora --out runs/card
+    """
+    from release.card import build_card
+
+    art = build_card(artifacts, out, repo_id=repo_id, license=license_, base_model=base_model,
+                     datasets=tuple(datasets), acknowledge_credentialed=ack, force=force)
+    click.echo(f"card -> {art.path / 'README.md'} ({art.extra['eval_results']} eval results)")
+
+
+@click.command("push")
+@click.argument("artifacts", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--repo-id", required=True, help="ORG/NAME on the Hub.")
+@click.option("--private", is_flag=True)
+@click.option("--revision", default="main", show_default=True)
+@click.option("--dry-run", is_flag=True, help="Print what would be uploaded; touch nothing.")
+@click.option("--acknowledge-credentialed-training", "ack", is_flag=True,
+              help="Allow a model trained on credentialed data (the card must state it too).")
+@click.option("--json", "as_json", is_flag=True)
+def push_cmd(artifacts, repo_id, private, revision, dry_run, ack, as_json):
+    """Upload adapter, GGUF files and card (create_repo + upload_folder); token from HF_TOKEN or HF login.
+
+    \b
+    tools push runs/sft/output runs/gguf-q3kl runs/card --repo-id org/medilora --dry-run
+    """
+    from release.push import push
+
+    res = push(artifacts, repo_id, private=private, dry_run=dry_run, revision=revision,
+               acknowledge_credentialed=ack)
+    if as_json:
+        _echo_json(res)
+        return
+    head = "would upload" if dry_run else "uploaded"
+    click.echo(f"{head} to {repo_id} ({'private' if private else 'public'}, {revision}):")
+    for f in res["files"]:
+        click.echo(f"  {f['path']}  {_mib(f['size'])}")
+    if not dry_run:
+        click.echo(f"commit: {res['commit_url']}")
+
+
+def register(cli: click.Group) -> None:
+    for cmd in (merge_cmd, convert_cmd, quantize_cmd, inspect_cmd, compare_quant_cmd, card_cmd, push_cmd):
+        cli.add_command(cmd)

@@ -1,0 +1,233 @@
+"""Read GGUF files (metadata, tensor-type mix, effective bits per weight) and name them.
+
+Reading goes through llama.cpp's own ``gguf-py`` vendored with the installed llama-cpp-python
+(see ``release.convert``): PyPI's ``gguf`` lags behind and does not know every tensor type the
+bundled llama.cpp writes. It is loaded in isolation, so a PyPI ``gguf`` that transformers imported
+in the same process is left as it was. Without the cached converter we fall back to PyPI's.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+from tools.errors import UserError, WorkError
+
+GGUF_MAGIC = b"GGUF"
+
+
+@lru_cache(maxsize=1)
+def gguf_module():
+    """llama.cpp's vendored ``gguf`` package, imported without disturbing ``sys.modules['gguf']``."""
+    from .convert import llama_cpp_dir
+
+    try:
+        d = llama_cpp_dir() / "gguf-py"
+    except (UserError, WorkError):
+        d = None
+    if d is None or not (d / "gguf" / "__init__.py").is_file():
+        import gguf  # PyPI's: fine for reading all but the newest tensor types
+        return gguf
+    saved = {k: v for k, v in sys.modules.items() if k == "gguf" or k.startswith("gguf.")}
+    for k in saved:
+        del sys.modules[k]
+    sys.path.insert(0, str(d))
+    try:
+        mod = importlib.import_module("gguf")
+    finally:
+        sys.path.remove(str(d))
+        for k in [k for k in sys.modules if k == "gguf" or k.startswith("gguf.")]:
+            del sys.modules[k]
+        sys.modules.update(saved)
+    return mod
+
+
+def ftype_names() -> dict[str, int]:
+    """Every llama.cpp file type the installed llama-cpp-python knows: name -> LLAMA_FTYPE value."""
+    import llama_cpp
+
+    names = {}
+    for attr in dir(llama_cpp):
+        if attr.startswith("LLAMA_FTYPE_MOSTLY_"):
+            names[attr[len("LLAMA_FTYPE_MOSTLY_"):]] = int(getattr(llama_cpp, attr))
+    names["F32"] = int(llama_cpp.LLAMA_FTYPE_ALL_F32)
+    return names
+
+
+# llama-quantize's aliases (tools/quantize/quantize.cpp)
+FTYPE_ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
+
+
+def ftype_name(value: int | None) -> str:
+    if value is None:
+        return "unknown"
+    for name, v in ftype_names().items():
+        if v == value:
+            return name
+    return f"unknown ({value})"
+
+
+def resolve_ftype(name: str) -> tuple[str, int]:
+    """A llama.cpp type name (case-insensitive, llama-quantize's aliases too) -> (NAME, ftype)."""
+    names = ftype_names()
+    key = name.strip().upper()
+    key = FTYPE_ALIASES.get(key, key)
+    if key not in names:
+        raise UserError(f"unknown quantization type {name!r}; llama.cpp knows: {', '.join(sorted(names))}",
+                        field="--q")
+    return key, names[key]
+
+
+def primary_tensor_type(ftype: str) -> str:
+    """The ggml tensor type a file type is mostly made of (Q3_K_L -> Q3_K, IQ3_M -> IQ3_S)."""
+    special = {"IQ3_XS": "IQ3_S", "IQ3_M": "IQ3_S", "IQ2_M": "IQ2_S", "MXFP4_MOE": "MXFP4"}
+    if ftype in special:
+        return special[ftype]
+    types = {t.name for t in gguf_module().GGMLQuantizationType}
+    if ftype in types:
+        return ftype
+    base = ftype.rsplit("_", 1)[0]
+    return base if base in types else ftype
+
+
+def _field_value(field, gguf):
+    """A metadata field as a Python value (arrays of strings/numbers as lists)."""
+    T = gguf.GGUFValueType
+    if not field.types:
+        return None
+    if field.types[0] == T.ARRAY:
+        n = len(field.data)
+        if n > 64:  # token lists, merges: summarised (reading them all is slow and unreadable)
+            kind = field.types[-1].name.lower() if len(field.types) > 1 else "value"
+            return f"<array of {n} {kind}>"
+    return field.contents()
+
+
+def _check_magic(path: Path) -> None:
+    if not path.exists():
+        raise UserError("GGUF file not found", path=str(path))
+    if path.is_dir():
+        raise UserError("expected a .gguf file, got a directory", path=str(path))
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != GGUF_MAGIC:
+        raise UserError(f"not a GGUF file (starts with {head!r}, expected {GGUF_MAGIC!r})", path=str(path))
+
+
+def read_gguf(path: str | os.PathLike, *, tensors: bool = True) -> dict:
+    """Everything ``inspect`` shows, as plain data. Bad or truncated files -> UserError."""
+    path = Path(path)
+    _check_magic(path)
+    gguf = gguf_module()
+    try:
+        reader = gguf.GGUFReader(str(path), "r")
+    except Exception as e:  # noqa: BLE001 - the reader raises ValueError/IndexError/... on bad bytes
+        raise UserError(f"truncated or corrupt GGUF ({type(e).__name__}: {' '.join(str(e).split())[:200]})",
+                        path=str(path)) from None
+    size = path.stat().st_size
+    meta: dict = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        try:
+            meta[key] = _field_value(field, gguf)
+        except Exception:  # noqa: BLE001 - one odd field should not hide the rest
+            meta[key] = "<unreadable>"
+    hist: dict[str, dict] = {}
+    total_elems = total_bytes = 0
+    mat_elems = mat_bytes = 0
+    end = 0
+    tlist = []
+    for t in reader.tensors:
+        tname = t.tensor_type.name
+        n_el, n_b = int(t.n_elements), int(t.n_bytes)
+        end = max(end, int(t.data_offset) + n_b)
+        h = hist.setdefault(tname, {"tensors": 0, "elements": 0, "bytes": 0})
+        h["tensors"] += 1
+        h["elements"] += n_el
+        h["bytes"] += n_b
+        total_elems += n_el
+        total_bytes += n_b
+        if len([d for d in t.shape if int(d) > 1]) >= 2:
+            mat_elems += n_el
+            mat_bytes += n_b
+        if tensors:
+            tlist.append({"name": t.name, "type": tname, "shape": [int(d) for d in t.shape]})
+    if end > size:
+        raise UserError(f"truncated GGUF: tensor data needs {end} bytes, file has {size}", path=str(path))
+    ft = meta.get("general.file_type")
+    info = {
+        "file": path.name,
+        "size_bytes": size,
+        "architecture": meta.get("general.architecture"),
+        "name": meta.get("general.name"),
+        "file_type": ftype_name(int(ft)) if isinstance(ft, (int, float)) else "unknown",
+        "tensor_count": len(reader.tensors),
+        "parameters": total_elems,
+        "tensor_types": dict(sorted(hist.items())),
+        "bits_per_weight": round(8 * total_bytes / total_elems, 4) if total_elems else None,
+        "matrix_bits_per_weight": round(8 * mat_bytes / mat_elems, 4) if mat_elems else None,
+        "chat_template": meta.get("tokenizer.chat_template"),
+        "metadata": meta,
+    }
+    if tensors:
+        info["tensors"] = tlist
+    return info
+
+
+def type_share(info: dict, tensor_type: str) -> float:
+    """Share of the weight-matrix elements stored as ``tensor_type`` (by element count)."""
+    # 1-D tensors (norms) are never quantized; count only tensors llama.cpp may quantize.
+    elems = 0
+    hit = 0
+    for t in info.get("tensors", []):
+        if len([d for d in t["shape"] if d > 1]) < 2:
+            continue
+        n = 1
+        for d in t["shape"]:
+            n *= d
+        elems += n
+        if t["type"] == tensor_type:
+            hit += n
+    return hit / elems if elems else 0.0
+
+
+def is_quantized(info: dict) -> bool:
+    """True when a weight matrix is stored in anything but F32/F16/BF16."""
+    for t in info.get("tensors", []):
+        if len([d for d in t["shape"] if d > 1]) >= 2 and t["type"] not in ("F32", "F16", "BF16"):
+            return True
+    return False
+
+
+def _clean(part) -> str:
+    s = "".join(c if (c.isalnum() or c in ".") else "-" for c in str(part).strip())
+    return "-".join(p for p in s.split("-") if p)
+
+
+def gguf_filename(meta: dict, encoding: str) -> str:
+    """The GGUF naming convention: ``<BaseName>-<SizeLabel>-<FineTune>-<Version>-<Encoding>.gguf``."""
+    parts = []
+    base = meta.get("general.basename") or meta.get("general.name") or "model"
+    parts.append(_clean(base) or "model")
+    for key in ("general.size_label", "general.finetune", "general.version"):
+        v = meta.get(key)
+        if v:
+            c = _clean(v)
+            if c and c.lower() not in parts[0].lower().split("-"):
+                parts.append(c)
+    parts.append(encoding.upper())
+    return "-".join(parts) + ".gguf"
+
+
+def find_gguf(target: str | os.PathLike) -> Path:
+    """A .gguf path from a file or a `gguf` artifact folder holding exactly one."""
+    p = Path(target)
+    if p.is_dir():
+        found = sorted(p.glob("*.gguf"))
+        if len(found) != 1:
+            raise UserError(f"expected one .gguf in the folder, found {len(found)}", path=str(p))
+        return found[0]
+    return p

@@ -1,0 +1,203 @@
+"""GGUF -> quantized GGUF, in-process through ``llama_cpp.llama_model_quantize``.
+
+Any llama.cpp type name is accepted. llama.cpp silently falls back to other tensor types where a
+row is not a multiple of the type's block (256 for k-quants): the report gives the real tensor-type
+mix and the effective bits per weight, and warns when the requested type was mostly not applied.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+from tools.artifact import Stage, is_artifact
+from tools.errors import UserError, WorkError
+from tools.progress import log, progress
+
+from .ggufinfo import (find_gguf, gguf_filename, gguf_module, is_quantized, primary_tensor_type, read_gguf,
+                       resolve_ftype, type_share)
+
+MOSTLY_APPLIED = 0.5  # warn when less than half the weight-matrix elements got the requested type
+
+
+def load_imatrix(path: str | os.PathLike) -> dict[str, list[float]]:
+    """An importance matrix as llama-quantize reads it: GGUF (``<t>.in_sum2`` / ``<t>.counts``) or legacy .dat."""
+    import numpy as np
+
+    p = Path(path)
+    if not p.is_file() or p.stat().st_size == 0:
+        raise UserError("imatrix file not found or empty", path=str(p), field="--imatrix")
+    with open(p, "rb") as f:
+        magic = f.read(4)
+    data: dict[str, np.ndarray] = {}
+    if magic == b"GGUF":
+        try:
+            r = gguf_module().GGUFReader(str(p), "r")
+        except Exception as e:  # noqa: BLE001
+            raise UserError(f"unreadable GGUF imatrix ({type(e).__name__})", path=str(p)) from None
+        tensors = {t.name: t for t in r.tensors}
+        for name, t in tensors.items():
+            if not name.endswith(".in_sum2"):
+                continue
+            base = name[: -len(".in_sum2")]
+            c = tensors.get(base + ".counts")
+            if c is None:
+                raise UserError(f"imatrix has {name} without {base}.counts", path=str(p))
+            sums = np.asarray(t.data, dtype=np.float32).reshape(-1)
+            counts = np.asarray(c.data, dtype=np.float32).reshape(-1)
+            ne0 = sums.size // max(counts.size, 1)
+            e = np.ones_like(sums)
+            for j, cnt in enumerate(counts):
+                if cnt > 0:
+                    e[j * ne0:(j + 1) * ne0] = sums[j * ne0:(j + 1) * ne0] / cnt
+            data[base] = e
+    else:
+        raw = p.read_bytes()
+        try:
+            off = 0
+            (n,) = np.frombuffer(raw, np.int32, 1, off); off += 4
+            for _ in range(int(n)):
+                (ln,) = np.frombuffer(raw, np.int32, 1, off); off += 4
+                name = raw[off:off + int(ln)].decode("utf-8"); off += int(ln)
+                ncall, nval = np.frombuffer(raw, np.int32, 2, off); off += 8
+                vals = np.frombuffer(raw, np.float32, int(nval), off).copy(); off += 4 * int(nval)
+                if ncall > 0:
+                    vals /= float(ncall)
+                data[name] = vals
+        except (ValueError, UnicodeDecodeError) as e:
+            raise UserError(f"not an imatrix file (GGUF or legacy .dat): {e}", path=str(p)) from None
+    if not data:
+        raise UserError("imatrix holds no entries", path=str(p))
+    for name, v in data.items():
+        if not np.all(np.isfinite(v)):
+            raise UserError(f"imatrix entry {name} holds NaN or inf", path=str(p))
+    return data
+
+
+def _quantize_call(src: Path, dst: Path, ftype: int, *, allow_requantize: bool, threads: int,
+                   imatrix: dict | None) -> int:
+    import llama_cpp
+    import numpy as np
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = threads
+    params.allow_requantize = allow_requantize
+    keep = []
+    if imatrix:
+        n = len(imatrix)
+        arr = (llama_cpp.llama_model_imatrix_data * (n + 1))()
+        for i, (name, vals) in enumerate(sorted(imatrix.items())):
+            buf = np.ascontiguousarray(vals, dtype=np.float32)
+            cname = ctypes.c_char_p(name.encode("utf-8"))
+            keep += [buf, cname]
+            arr[i].name = cname.value
+            arr[i].data = buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            arr[i].size = buf.size
+        arr[n].name = None  # terminator
+        keep.append(arr)
+        params.imatrix = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+    from llama_cpp import _logger
+
+    level = _logger.logger.level
+    _logger.logger.setLevel(logging.ERROR)  # not one line per tensor: the summary says what happened
+    try:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    finally:
+        _logger.logger.setLevel(level)
+    del keep
+    return int(rc)
+
+
+def _expected_bytes(info: dict, qtype: str) -> int:
+    """A rough size of the output (for the progress bar): weight matrices at the requested type."""
+    g = gguf_module()
+    try:
+        block, tbytes = g.GGML_QUANT_SIZES[g.GGMLQuantizationType[primary_tensor_type(qtype)]]
+    except KeyError:
+        block, tbytes = 1, 2
+    mat = sum(h["elements"] for k, h in info["tensor_types"].items())
+    return max(1, int(mat * tbytes / block))
+
+
+def quantize_stage(src: str | os.PathLike, qtype: str, out: str | os.PathLike, *,
+                   imatrix: str | os.PathLike | None = None, allow_requantize: bool = False,
+                   name: str | None = None, threads: int | None = None, force: bool = False):
+    """Quantize ``src`` (.gguf or a ``gguf`` artifact) into artifact ``out`` (stage ``gguf``)."""
+    qname, ftype = resolve_ftype(qtype)
+    target = Path(src)
+    gpath = find_gguf(target)
+    info = read_gguf(gpath)  # bad/truncated input -> UserError before anything is written
+    if is_quantized(info) and not allow_requantize:
+        raise UserError(f"already quantized ({info['file_type']}): requantizing loses quality; "
+                        "start from the f16/bf16/f32 GGUF or pass --allow-requantize", path=str(gpath))
+    if name is not None and (not name.endswith(".gguf") or "/" in name):
+        raise UserError("--name must be a file name ending in .gguf", field="--name")
+    imat = load_imatrix(imatrix) if imatrix else None
+    threads = threads or max(1, min(os.cpu_count() or 1, int(os.environ.get("OMP_NUM_THREADS", "0")) or 64))
+    inputs = [target if is_artifact(target) else gpath] + ([Path(imatrix)] if imatrix else [])
+    params = {"q": qname, "imatrix": bool(imatrix), "allow_requantize": allow_requantize, "name": name}
+    with Stage("gguf", out, params, inputs=inputs, force=force, log=log) as st:
+        if st.skipped:
+            return st.result
+        fname = name or gguf_filename(info["metadata"], qname)
+        dst = st.path(fname)
+        result: dict = {}
+
+        def work():
+            try:
+                result["rc"] = _quantize_call(gpath, dst, ftype, allow_requantize=allow_requantize,
+                                              threads=threads, imatrix=imat)
+            except Exception as e:  # noqa: BLE001 - reported below
+                result["error"] = e
+
+        t0 = time.monotonic()
+        th = threading.Thread(target=work, daemon=True)
+        total = _expected_bytes(info, qname)
+        with progress(f"quantize {qname}", total=total, unit="bytes") as advance:
+            th.start()
+            done = 0
+            while th.is_alive():
+                th.join(0.25)
+                now = min(dst.stat().st_size if dst.exists() else 0, total)
+                if now > done:
+                    advance(now - done)
+                    done = now
+            advance(max(0, total - done))
+        if "error" in result or result.get("rc") != 0 or not dst.is_file():
+            raise WorkError(f"llama_model_quantize failed on {gpath} ({result.get('error') or 'rc=' + str(result.get('rc'))})")
+        qinfo = read_gguf(dst)
+        main = primary_tensor_type(qname)
+        share = type_share(qinfo, main)
+        st.extra.update({
+            "file": fname, "source": "quantize", "requested_type": qname, "file_type": qinfo["file_type"],
+            "architecture": qinfo["architecture"], "parameters": qinfo["parameters"],
+            "tensor_types": qinfo["tensor_types"], "bits_per_weight": qinfo["bits_per_weight"],
+            "matrix_bits_per_weight": qinfo["matrix_bits_per_weight"], "primary_type": main,
+            "primary_type_share": round(share, 4), "size_bytes": qinfo["size_bytes"],
+            "source_file": gpath.name, "source_size_bytes": info["size_bytes"],
+            "imatrix": bool(imatrix), "mostly_applied": share >= MOSTLY_APPLIED,
+            "chat_template_present": bool(qinfo["chat_template"]),
+        })
+        if qinfo["chat_template"] != info["chat_template"]:
+            raise WorkError("quantization changed or dropped the chat template")
+        st.extra["seconds"] = round(time.monotonic() - t0, 2)
+    return st.result
+
+
+def describe_mix(tensor_types: dict) -> str:
+    """'Q4_0 x120, Q5_1 x60, ...' sorted by element count."""
+    items = sorted(tensor_types.items(), key=lambda kv: (-kv[1]["elements"], kv[0]))
+    return ", ".join(f"{k} x{v['tensors']}" for k, v in items)
+
+
+def warning_for(extra: dict) -> str | None:
+    if extra.get("mostly_applied", True):
+        return None
+    return (f"warning: requested {extra['requested_type']} but only {100 * extra['primary_type_share']:.0f}% of the "
+            f"weight-matrix elements are {extra['primary_type']} (rows not a multiple of the block size fall back "
+            f"to other types); real mix: {describe_mix(extra['tensor_types'])}; effective "
+            f"{extra['bits_per_weight']:.2f} bits per weight, while the header says {extra['file_type']}")
