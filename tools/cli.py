@@ -17,7 +17,7 @@ from .errors import UserError, WorkError
 
 # Each module exposes ``register(group)``; listed here so the CLI map lives in one place.
 COMMAND_MODULES = ["corpora.cli", "recipes.cli", "release.cli", "evals.cli", "evals.analysis_cli",
-                   "evals.rag_cli", "tools.pipeline"]
+                   "evals.rag_cli", "tools.pipeline", "tools.models_cli"]
 
 OFFLINE_ENV = {"AXOLOTL_DO_NOT_TRACK": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false",
                "DO_NOT_TRACK": "1"}

@@ -179,8 +179,12 @@ def _tools_argv() -> list[str]:
 
 
 def run_pipeline(pipeline: str, run_dir: str, *, until: str | None = None, start: str | None = None,
-                 dry_run: bool = False, echo=click.echo) -> dict:
+                 dry_run: bool = False, echo=click.echo, variables: dict | None = None) -> dict:
     doc = load_pipeline(pipeline)
+    for k, v in (variables or {}).items():
+        if k not in doc["vars"]:
+            raise UserError(f"pipeline has no variable {k!r} (has: {', '.join(doc['vars']) or 'none'})", field="--var")
+        doc["vars"][k] = v
     rd = Path(run_dir or Path("runs") / Path(pipeline).stem).resolve()
     plan = Plan(doc, rd)
     names = plan.names()
@@ -247,7 +251,8 @@ def _figures(out: Path) -> str:
 @click.option("--until", default=None, help="Stop after this step.")
 @click.option("--from", "start", default=None, help="Start at this step (earlier ones must be done).")
 @click.option("--dry-run", is_flag=True, help="Print each step's command and status; run nothing.")
-def run_cmd(pipeline, run_dir, until, start, dry_run):
+@click.option("--var", "variables", multiple=True, help="Override a pipeline variable: NAME=VALUE (repeatable).")
+def run_cmd(pipeline, run_dir, until, start, dry_run, variables):
     """Run a pipeline of `tools` verbs; done steps are skipped, a failed or killed step re-runs.
 
     \b
@@ -255,7 +260,13 @@ def run_cmd(pipeline, run_dir, until, start, dry_run):
       tools run recipes/pipelines/demo.yaml --run-dir runs/demo
       tools run recipes/pipelines/medilora.yaml --dry-run
     """
-    run_pipeline(pipeline, run_dir, until=until, start=start, dry_run=dry_run)
+    vs = {}
+    for v in variables:
+        if "=" not in v:
+            raise UserError(f"--var {v!r} is not NAME=VALUE", field="--var")
+        k, val = v.split("=", 1)
+        vs[k] = val
+    run_pipeline(pipeline, run_dir, until=until, start=start, dry_run=dry_run, variables=vs)
     if not dry_run:
         click.echo(f"done: {Path(run_dir).resolve() if run_dir else ''}")
 
