@@ -68,6 +68,10 @@ def cli(ctx, debug):
     """
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
+    import logging
+    # Import-time noise of libraries Axolotl pulls in (CUDA-only torchao kernels, a torch deprecation).
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     for k, v in OFFLINE_ENV.items():
         os.environ.setdefault(k, v)
 
