@@ -76,9 +76,13 @@ def _finish(work: Path, base: Path, adapter: Path, want_dtype: str) -> dict:
     """Tokenizer (the adapter's when it saved one), dtype check, chat template check."""
     from .convert import hf_chat_template
 
+    # the base's tokenizer files first (e.g. the sentencepiece tokenizer.model that transformers 5 no
+    # longer writes back), then what the adapter was trained with on top (added tokens, chat template)
     tok_src = adapter if _has_tokenizer(adapter) else base
-    if not _has_tokenizer(work) or tok_src is adapter:
-        _copy_tokenizer(tok_src, work)
+    if base != work:
+        _copy_tokenizer(base, work)
+    if tok_src is adapter:
+        _copy_tokenizer(adapter, work)
     got = base_dtype(work)
     if got != want_dtype:
         _resave(work, want_dtype)
