@@ -2,7 +2,8 @@
 
 A pipeline file lists steps; each is one `tools` verb with its arguments. Placeholders:
 ``{run_dir}``, ``{repo}``, ``{shared_data}``, ``{vars.NAME}``, ``{env.NAME}`` and
-``{steps.NAME.out}`` (the output folder of an earlier step). Each step writes to
+``{steps.NAME.out}`` (the output folder of an earlier step); ``after: [NAME]`` declares a step
+read indirectly (``merge STAGE`` reads the stage's trained ``output/``). Each step writes to
 ``RUN_DIR/NAME`` (``--out`` is appended) unless it sets ``out:`` itself (e.g. `train` writes
 ``STAGE/output``) or ``out_flag: false``; ``artifact: false`` marks a step that leaves no
 artifact (``push --dry-run``).
@@ -103,6 +104,11 @@ class Plan:
         name = s["name"]
         self.reads[name] = []
         argv = shlex.split(self._sub(str(s["run"]), name))
+        for dep in s.get("after", []) or []:  # steps read indirectly (e.g. a stage's trained output/)
+            if dep not in self.outs:
+                raise UserError(f"step {name!r} comes after {dep!r}, which is not an earlier step",
+                                path=self.doc["_path"], field=f"{name}.after")
+            self.reads[name].append(dep)
         if "out" in s:
             out = Path(self._sub(str(s["out"]), name))
         else:
