@@ -90,3 +90,22 @@ def test_dry_run_and_bad_pipeline(tmp_path, tools_cli):
     p.write_text("steps: [\n")
     r = tools_cli("run", p)
     assert r.returncode == 2 and "malformed YAML" in r.stderr and str(p) in r.stderr
+
+
+def test_shipped_pipelines_pass_dry_run(repo, tools_cli, tmp_path):
+    for name in ("medilora", "demo"):
+        r = tools_cli("run", repo / "recipes" / "pipelines" / f"{name}.yaml", "--dry-run", "--run-dir", tmp_path / name)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.count("[to do]") >= 15
+    r = tools_cli("run", repo / "recipes" / "pipelines" / "medilora.yaml", "--dry-run", "--run-dir", tmp_path / "m")
+    assert "--gpus 4 --shard zero2" in r.stdout and "quantize" in r.stdout and "--q Q3_K_L" in r.stdout
+
+
+def test_dry_run_catches_unknown_verbs_and_options(tmp_path, tools_cli):
+    p = tmp_path / "p.yaml"
+    p.write_text("steps:\n  - name: a\n    run: build-corpus textbook --src x\n")
+    r = tools_cli("run", p, "--dry-run")
+    assert r.returncode == 2 and "no verb 'textbook'" in r.stderr
+    p.write_text("steps:\n  - name: a\n    run: build-corpus textbooks --src x --colour red\n")
+    r = tools_cli("run", p, "--dry-run")
+    assert r.returncode == 2 and "no option --colour" in r.stderr

@@ -184,6 +184,26 @@ def _tools_argv() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "tools"]
 
 
+def check_commands(plan: Plan) -> None:
+    """Every step names an existing verb and only options that verb has (before running anything)."""
+    from .cli import cli
+
+    for n in plan.names():
+        argv = plan.argv[n]
+        cmd, i = cli, 0
+        while isinstance(cmd, click.Group):
+            if i >= len(argv) or argv[i] not in cmd.commands:
+                got = argv[i] if i < len(argv) else "nothing"
+                raise UserError(f"step {n!r}: `tools {' '.join(argv[:i])}` has no verb {got!r}",
+                                path=plan.doc["_path"], field=n)
+            cmd, i = cmd.commands[argv[i]], i + 1
+        known = {o for p in cmd.params for o in (*p.opts, *p.secondary_opts)}
+        for tok in argv[i:]:
+            if tok.startswith("--") and tok.split("=", 1)[0] not in known:
+                raise UserError(f"step {n!r}: `tools {' '.join(argv[:i])}` has no option {tok.split('=', 1)[0]}",
+                                path=plan.doc["_path"], field=n)
+
+
 def run_pipeline(pipeline: str, run_dir: str, *, until: str | None = None, start: str | None = None,
                  dry_run: bool = False, echo=click.echo, variables: dict | None = None) -> dict:
     doc = load_pipeline(pipeline)
@@ -200,6 +220,7 @@ def run_pipeline(pipeline: str, run_dir: str, *, until: str | None = None, start
     first = names.index(start) if start else 0
     last = names.index(until) if until else len(names) - 1
     state = _state(rd)
+    check_commands(plan)
     if dry_run:
         for i, n in enumerate(names):
             mark = "" if first <= i <= last else "  (not selected)"
