@@ -23,11 +23,17 @@ def remove_placeholders(text: str, replacement: str = "") -> tuple[str, int]:
 
 
 def normalize_whitespace(text: str) -> str:
-    """One space between words, no trailing spaces, at most one blank line, stripped."""
-    text = _HSPACE.sub(" ", text)
-    text = _EDGE.sub("\n", text)
-    text = _BLANKS.sub("\n\n", text)
-    return text.strip()
+    """One space between words, no trailing spaces, at most one blank line, stripped.
+
+    Line by line with ``str.split`` (C speed): a regex over every space is 5x slower."""
+    out: list[str] = []
+    for raw in text.split("\n"):
+        line = " ".join(raw.split())
+        if line or (out and out[-1]):
+            out.append(line)
+    while out and not out[-1]:
+        out.pop()
+    return "\n".join(out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -85,10 +91,8 @@ class SectionFilter:
         self._spelling_to_name: dict[str, str] = {}
         for name, spellings in self.headers.items():
             for s in [name, *spellings]:
-                self._spelling_to_name.setdefault(s.lower(), name)
-        alts = sorted(self._spelling_to_name, key=lambda s: (-len(s), s))
-        self._rx = re.compile(r"^[ \t]*(" + "|".join(re.escape(a) for a in alts) + r")[ \t]*(?::|$)",
-                              re.IGNORECASE | re.MULTILINE)
+                self._spelling_to_name.setdefault(" ".join(s.lower().split()), name)
+        self._scan = max(map(len, self._spelling_to_name)) + 16  # room for stray spaces
         self._keep = {self._spelling_to_name.get(k.lower(), k.lower()) for k in self.keep}
 
     def __getstate__(self):
@@ -98,19 +102,60 @@ class SectionFilter:
         self.keep, self.headers = state["keep"], state["headers"]
         self.__post_init__()
 
+    def header(self, line: str) -> str | None:
+        """The section name if ``line`` is a known header: the header alone on its line, or
+        followed by a colon (content may follow the colon). Whitespace inside is normalised."""
+        i = line.find(":", 0, self._scan)
+        if i >= 0:
+            key = line[:i]
+        elif len(line) > self._scan:
+            return None
+        else:
+            key = line
+        return self._spelling_to_name.get(" ".join(key.split()).lower())
+
     def extract(self, text: str) -> tuple[str, list[str]]:
-        """The kept sections (header line included) joined by blank lines, and their names."""
-        starts = [(m.start(), m.end(), self._spelling_to_name[m.group(1).lower()])
-                  for m in self._rx.finditer(text)]
-        parts, names = [], []
-        for i, (pos, hend, name) in enumerate(starts):
-            if name not in self._keep:
+        """The kept sections (header line included), whitespace-normalised, separated by one blank
+        line; and the names of the sections kept. One pass over the lines."""
+        out: list[str] = []
+        names: list[str] = []
+        keeping = False
+        start = 0            # where the current kept section starts in ``out``
+        has_body = False
+        for raw in text.split("\n"):
+            name = self.header(raw)
+            if name is not None:
+                if keeping and not has_body:        # a header with nothing under it is no section
+                    del out[start:]
+                    names.pop()
+                keeping = name in self._keep
+                if keeping:
+                    while out and not out[-1]:
+                        out.pop()
+                    if out:
+                        out.append("")
+                    start = len(out)
+                    line = " ".join(raw.split())
+                    has_body = bool(line.split(":", 1)[1].strip()) if ":" in line else False
+                    out.append(line)
+                    names.append(name)
                 continue
-            end = starts[i + 1][0] if i + 1 < len(starts) else len(text)
-            if text[hend:end].strip():  # a header with nothing under it is no section
-                parts.append(text[pos:end].strip())
-                names.append(name)
-        return "\n\n".join(parts), names
+            if not keeping:
+                continue
+            line = " ".join(raw.split())
+            if line:
+                has_body = True
+                out.append(line)
+            elif out and out[-1]:
+                out.append("")
+        if keeping and not has_body:
+            del out[start:]
+            names.pop()
+        while out and not out[-1]:
+            out.pop()
+        while out and not out[0]:
+            out.pop(0)
+        return "\n".join(out), names
 
 
 def load_section_filter(path: str | Path | None) -> SectionFilter:

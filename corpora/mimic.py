@@ -14,6 +14,7 @@ import csv
 import hashlib
 import io
 import json
+import json.encoder
 import os
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -50,6 +51,9 @@ class NoteOptions:
                 "placeholder": self.placeholder, "min_chars": self.min_chars}
 
 
+_enc = json.encoder.encode_basestring  # C: a JSON string literal, non-ASCII kept
+
+
 def text_hash(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
 
@@ -68,20 +72,23 @@ def clean_note(row_id, category, iserror, text, opts: NoteOptions, stats: Counte
     if opts.drop_errors and (iserror or "").strip() == "1":
         stats["dropped_iserror"] += 1
         return None
-    text = (text or "").replace("\r\n", "\n")
+    # placeholders first (so "Mr. [**Known lastname 1**] is" becomes "Mr. is"), then one pass over
+    # the lines: sections and whitespace ("\r" is whitespace to str.split)
+    text, n = remove_placeholders(text or "", opts.placeholder)
+    stats["placeholders_removed"] += n
     if opts.sections is not None:
         text, names = opts.sections.extract(text)
         if not names:
             stats["dropped_no_sections"] += 1
             return None
-    text, n = remove_placeholders(text, opts.placeholder)
-    stats["placeholders_removed"] += n
-    text = normalize_whitespace(text)
+    else:
+        text = normalize_whitespace(text)
     if len(text) < opts.min_chars:
         stats["dropped_short"] += 1
         return None
-    line = json.dumps({"id": f"mimic-{str(row_id).strip()}", "source": category_source(cat), "text": text},
-                      ensure_ascii=False, sort_keys=True)
+    # the same bytes as json.dumps({...}, sort_keys=True, ensure_ascii=False), without the dict
+    line = (f'{{"id": {_enc(f"mimic-{str(row_id).strip()}")}, "source": {_enc(category_source(cat))}, '
+            f'"text": {_enc(text)}}}')
     return text_hash(text), line, len(text)
 
 
@@ -94,8 +101,14 @@ def _init_worker(opts: NoteOptions) -> None:
     _OPTS = opts
 
 
+def _pack(out: list, stats: Counter, newlines: int = 0):
+    """("ok", hashes, lengths, one UTF-8 blob of the lines, stats, newlines in the input block)."""
+    blob = "".join(line + "\n" for _, line, _ in out).encode("utf-8")
+    return ("ok", [h for h, _, _ in out], [n for _, _, n in out], blob, stats, newlines)
+
+
 def _work(task):
-    """Process one task; returns ("ok", [(hash, line)], stats) or ("error", message, line)."""
+    """Process one task; returns _pack(...) or ("error", message, line within the block)."""
     opts = _OPTS
     stats: Counter = Counter()
     out = []
@@ -104,17 +117,60 @@ def _work(task):
             r = clean_note(*row, opts, stats)
             if r is not None:
                 out.append(r)
-        return ("ok", out, stats)
-    _, data, start_line, cols = task
+        return _pack(out, stats)
+    _, data, cols = task
+    stats["bytes"] += len(data)
+    rows = _arrow_rows(data, cols)
+    if rows is None:  # Arrow refused the block: the strict Python reader names the bad line
+        rows = _python_rows(data, cols)
+        if rows[0] == "error":
+            return rows
+    for row in rows:
+        r = clean_note(*row, opts, stats)
+        if r is not None:
+            out.append(r)
+    return _pack(out, stats, data.count(b"\n"))
+
+
+def _arrow_rows(data: bytes, cols: dict):
+    """(ROW_ID, CATEGORY, ISERROR, TEXT) tuples parsed by Arrow's C++ CSV reader (5x faster than
+    the csv module), or None when Arrow refuses the block or a ROW_ID is empty."""
+    try:
+        import pyarrow as pa
+        import pyarrow.csv as pacsv
+    except ImportError:  # pragma: no cover - pyarrow comes with datasets
+        return None
+    want = ["ROW_ID", "CATEGORY", "ISERROR", "TEXT"]
+    header = cols["_header"]
+    try:
+        tbl = pacsv.read_csv(
+            pa.py_buffer(data),
+            read_options=pacsv.ReadOptions(column_names=header, use_threads=False, block_size=len(data) + 1),
+            parse_options=pacsv.ParseOptions(newlines_in_values=True),
+            convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in header},
+                                                 include_columns=want, strings_can_be_null=False,
+                                                 quoted_strings_can_be_null=False))
+    except (pa.ArrowInvalid, pa.ArrowException):
+        return None
+    ids = tbl.column("ROW_ID").to_pylist()
+    if any(not i.strip() for i in ids):
+        return None
+    return list(zip(ids, tbl.column("CATEGORY").to_pylist(), tbl.column("ISERROR").to_pylist(),
+                    tbl.column("TEXT").to_pylist()))
+
+
+def _python_rows(data: bytes, cols: dict):
+    """The same tuples from the strict csv module, or ("error", message, line within the block)."""
+    start_line = 1
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         return ("error", f"not UTF-8 (byte 0x{data[e.start]:02x})", start_line + data.count(b"\n", 0, e.start))
-    stats["bytes"] += len(data)
     ncols = len(cols["_header"])
     i_id, i_cat, i_err, i_text = cols["ROW_ID"], cols["CATEGORY"], cols["ISERROR"], cols["TEXT"]
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     prev = 0
+    rows = []
     try:
         for row in reader:
             line = start_line + prev
@@ -125,12 +181,10 @@ def _work(task):
                 return ("error", f"row has {len(row)} fields, header has {ncols}", line)
             if not row[i_id].strip():
                 return ("error", "empty ROW_ID", line)
-            r = clean_note(row[i_id], row[i_cat], row[i_err], row[i_text], opts, stats)
-            if r is not None:
-                out.append(r)
+            rows.append((row[i_id], row[i_cat], row[i_err], row[i_text]))
     except csv.Error as e:
         return ("error", f"malformed CSV row ({e})", start_line + prev)
-    return ("ok", out, stats)
+    return rows
 
 
 # -- sources ------------------------------------------------------------------------------------
@@ -166,29 +220,36 @@ def _parse_header(path: Path, first: bytes) -> dict:
     return cols
 
 
-def _record_end(buf: bytes) -> int:
-    """Index just after the last newline of ``buf`` that ends a CSV record (even quote count before
-    it), or -1 when there is none."""
-    total = buf.count(b'"')
-    pos = len(buf)
-    suffix = 0
-    while True:
-        nl = buf.rfind(b"\n", 0, pos)
-        if nl < 0:
-            return -1
-        suffix += buf.count(b'"', nl, pos)
-        if (total - suffix) % 2 == 0:
-            return nl + 1
-        pos = nl
+def _quotes(b: bytes) -> int:
+    """How many '"' bytes: replace() runs on memchr, 3x faster than bytes.count for one byte."""
+    return len(b) - len(b.replace(b'"', b""))
+
+
+def _line_at(path: Path, offset: int) -> int:
+    """The line number at byte ``offset`` of the (uncompressed) file: only for error messages."""
+    f, _ = _open_binary(path)
+    n = 0
+    with f:
+        while offset > 0:
+            b = f.read(min(offset, BLOCK))
+            if not b:
+                break
+            n += b.count(b"\n")
+            offset -= len(b)
+    return n + 1
 
 
 def csv_tasks(path: Path, advance=None, block: int = BLOCK) -> Iterator[tuple]:
-    """Yield ("csv", bytes, first_line, columns) blocks, each a run of whole records."""
+    """Yield ("csv", bytes, columns) blocks, each a run of whole records.
+
+    A newline ends a record when the number of quotes before it is even (quotes inside fields are
+    doubled). The main process only counts quotes; line numbers are counted by the workers."""
     f, raw = _open_binary(path)
     with f:
-        cols = _parse_header(path, f.readline())
-        line = 2
-        carry = b""
+        first = f.readline()
+        cols = _parse_header(path, first)
+        consumed = len(first)          # uncompressed bytes handed out so far (the carry starts here)
+        carry, carry_q = b"", 0
         last_pos = 0
         while True:
             data = f.read(block)
@@ -198,21 +259,33 @@ def csv_tasks(path: Path, advance=None, block: int = BLOCK) -> Iterator[tuple]:
                 last_pos = pos
             if not data:
                 break
-            buf = carry + data if carry else data
-            cut = _record_end(buf)
+            q = _quotes(data)
+            pos, suffix, cut = len(data), 0, -1
+            while True:
+                nl = data.rfind(b"\n", 0, pos)
+                if nl < 0:
+                    break
+                suffix += data.count(b'"', nl, pos)
+                if (carry_q + q - suffix) % 2 == 0:
+                    cut = nl + 1
+                    break
+                pos = nl
             if cut < 0:
-                if len(buf) > MAX_RECORD:
+                carry += data
+                carry_q += q
+                if len(carry) > MAX_RECORD:
                     raise UserError(f"unterminated quoted field (no record end within {MAX_RECORD >> 20} MB)",
-                                    path=str(path), line=line)
-                carry = buf
+                                    path=str(path), line=_line_at(path, consumed))
                 continue
-            chunk, carry = buf[:cut], buf[cut:]
-            yield ("csv", chunk, line, cols)
-            line += chunk.count(b"\n")
+            chunk = b"".join((carry, memoryview(data)[:cut])) if carry else data[:cut]
+            carry, carry_q = data[cut:], suffix
+            consumed += len(chunk)
+            yield ("csv", chunk, cols)
         if carry.strip():
-            if carry.count(b'"') % 2:
-                raise UserError("unterminated quoted field at end of file", path=str(path), line=line)
-            yield ("csv", carry, line, cols)
+            if carry_q % 2:
+                raise UserError("unterminated quoted field at end of file", path=str(path),
+                                line=_line_at(path, consumed))
+            yield ("csv", carry, cols)
 
 
 def redact_dsn(dsn: str) -> str:
@@ -298,29 +371,50 @@ def build(tasks: Iterator[tuple], out_file: Path, opts: NoteOptions, workers: in
     seen: set[int] = set()
     lengths: Counter = Counter()
 
+    base = [2]  # line number where the next CSV block starts (line 1 is the header)
+
     def handle(res, f):
         if res[0] == "error":
-            raise UserError(res[1], path=where, line=res[2])
-        _, kept, st = res
+            raise UserError(res[1], path=where, line=base[0] + res[2] - 1)
+        _, hashes, lens, blob, st, newlines = res
+        base[0] += newlines
         stats.update(st)
-        for h, line, n in kept:
+        keep = []
+        for h in hashes:
             if dedup:
                 if h in seen:
-                    stats["dropped_duplicate"] += 1
+                    keep.append(False)
                     continue
                 seen.add(h)
-            f.write(line)
-            f.write("\n")
-            stats["kept"] += 1
-            lengths[max(0, n.bit_length() - 1)] += 1
+            keep.append(True)
+        if all(keep):
+            f.write(blob)
+        else:
+            parts, pos = [], 0
+            for k in keep:
+                end = blob.index(b"\n", pos) + 1   # JSON lines hold no raw newline
+                if k:
+                    parts.append(blob[pos:end])
+                pos = end
+            f.write(b"".join(parts))
+        for k, n in zip(keep, lens):
+            if k:
+                stats["kept"] += 1
+                lengths[max(0, n.bit_length() - 1)] += 1
+            else:
+                stats["dropped_duplicate"] += 1
 
-    with open(out_file, "w", encoding="utf-8", newline="\n") as f:
+    with open(out_file, "wb") as f:
         if workers <= 1:
             _init_worker(opts)
             for t in tasks:
                 handle(_work(t), f)
         else:
             import multiprocessing as mp
+            try:  # import once here: forked workers inherit it instead of importing it each
+                import pyarrow.csv  # noqa: F401
+            except ImportError:  # pragma: no cover
+                pass
             ctx = mp.get_context("fork")
             pool = ctx.Pool(workers, initializer=_init_worker, initargs=(opts,))
             try:

@@ -140,6 +140,8 @@ def test_postgres_corpus_cleans_filters_and_dedups(pg, tmp_path):
     assert LICENSE in m["lineage"]["licenses"] and LICENSE == "PhysioNet Credentialed Health Data License 1.5.0"
     assert "password" not in json.dumps(m["params"])
     docs = corpus(art)
+    for line in (art.path / "corpus.jsonl").read_text(encoding="utf-8").split("\n")[:-1]:
+        assert line == json.dumps(json.loads(line), sort_keys=True, ensure_ascii=False)
     ids = [d["id"] for d in docs]
     assert ids == sorted(ids, key=lambda s: int(s.split("-")[1])), "ROW_ID order"
     assert all(set(d) == {"id", "text", "source"} for d in docs)
@@ -256,3 +258,29 @@ def test_csv_gz_and_sections_yaml(notes_csv, tmp_path):
     bad = _write(tmp_path / "bad.yaml", "keep: []\n")
     with pytest.raises(UserError, match=r"bad\.yaml \[keep\]: 'keep' must be a non-empty list"):
         load_section_filter(bad)
+
+
+def test_section_extraction_edge_cases():
+    from corpora.clean import SectionFilter, normalize_whitespace
+
+    sf = SectionFilter()
+    text = ("HPI:   chest pain since  morning\nPast Medical History:\n\nDischarge Diagnosis:\t\n"
+            "Allergies: none\n  hospital   course :\nstable,\tdischarged home\n\n\n\nFamily History:\nmother CAD")
+    out, names = sf.extract(text)
+    # same-line content kept; a header with nothing under it dropped; spaces inside headers allowed
+    assert out == "HPI: chest pain since morning\n\nhospital course :\nstable, discharged home"
+    assert names == ["history of present illness", "hospital course"]
+    assert sf.extract("no headers at all\njust text")[1] == []
+    assert normalize_whitespace("  a \t b\r\n\n\n\nc  \n") == "a b\n\nc"
+
+
+def test_arrow_and_csv_module_read_the_same_rows(notes_csv):
+    """The fast reader (Arrow) and the strict fallback (csv module) agree on every field."""
+    from corpora.mimic import _arrow_rows, _python_rows, csv_tasks
+
+    tasks = list(csv_tasks(notes_csv, block=64 << 10))  # small blocks: many record-boundary cuts
+    assert len(tasks) > 5
+    fast = [r for t in tasks for r in _arrow_rows(t[1], t[2])]
+    slow = [r for t in tasks for r in _python_rows(t[1], t[2])]
+    assert fast == slow and len(fast) == 207 + len(_our_rows())
+    assert [r[0] for r in fast] == [str(i) for i in range(1, 208)] + [r[0] for r in _our_rows()]
