@@ -1,0 +1,252 @@
+"""`tools stage completion|sft`: write an Axolotl stage folder (axolotl.yaml, launch.sh, manifest).
+
+The stage folder ``OUT`` holds ``axolotl.yaml`` (validated by Axolotl's own config model),
+``launch.sh``, our DeepSpeed JSON when the preset shards with ZeRO, ``slurm.sbatch`` for several
+nodes, and the manifest (stage ``stage.completion`` / ``stage.sft``, extra ``arch: causal``).
+Axolotl writes into ``OUT/output`` (``tools train`` makes it an artifact) and caches the tokenized
+data in ``OUT/prepared``.
+
+Stage two (SFT ``--from STAGE_DIR``) reads stage one's manifests:
+
+* stage one trained a full model -> SFT starts from ``STAGE_DIR/output`` (a full checkpoint);
+* stage one trained an adapter and ``--merged DIR`` names the ``merge`` artifact made from it ->
+  SFT trains a new adapter on the merged weights (``base_model: DIR``); release merges the SFT
+  adapter into DIR. This is the cleaner choice when the SFT adapter should differ (rank, targets,
+  new tokens);
+* stage one trained an adapter and no merge is given -> SFT continues training that same adapter
+  on stage one's base (``base_model`` = stage one's base, ``lora_model_dir`` = stage one's output:
+  Axolotl loads it with ``PeftModel.from_pretrained(..., is_trainable=True)``). The saved
+  ``adapter_config.json`` then governs rank, alpha and targets, so they are copied from it (a
+  conflicting ``--lora-r`` is refused); release merges the final adapter into stage one's base.
+  Adapter mode and hardware preset are inherited from stage one unless given.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from tools.artifact import Artifact, Stage, is_artifact, read_artifact
+from tools.errors import UserError
+from tools.progress import log
+
+from . import presets as P
+from . import recipe as R
+
+STAGE_NAMES = {"completion": "stage.completion", "sft": "stage.sft"}
+
+
+def _data_files(kind: str, dirs: list[str]) -> tuple[list[Path], list[Path]]:
+    """(training files, validation files) of the corpus / dataset artifacts."""
+    if not dirs:
+        raise UserError(f"at least one {'--corpus' if kind == 'completion' else '--dataset'} is needed",
+                        field="--corpus" if kind == "completion" else "--dataset")
+    train, val = [], []
+    for d in dirs:
+        if kind == "completion":
+            art = read_artifact(d, stage="corpus")
+            train.append(art.file("corpus.jsonl").resolve())
+        else:
+            art = read_artifact(d, stage="dataset")
+            train.append(art.file("train.jsonl").resolve())
+            v = art.path / "validation.jsonl"
+            if v.is_file() and "validation.jsonl" in art.outputs():
+                val.append(v.resolve())
+    return train, val
+
+
+def _mode_keys(mode: str) -> dict:
+    if mode == "qlora":
+        return {"adapter": "qlora", "load_in_4bit": True, "load_in_8bit": False}
+    if mode == "lora":
+        return {"adapter": "lora", "load_in_4bit": False, "load_in_8bit": False}
+    if mode == "full":
+        return {"adapter": None, "load_in_4bit": False, "load_in_8bit": False, "lora_r": None, "lora_alpha": None,
+                "lora_dropout": None, "lora_target_modules": None}
+    raise UserError(f"unknown adapter mode {mode!r} ({', '.join(R.ADAPTER_MODES)})", field="--mode")
+
+
+def resolve_from(from_stage: str, merged: str | None) -> dict:
+    """What stage two starts from, read from stage one's manifests (see the module docstring)."""
+    s1 = read_artifact(from_stage, stage=("stage.",))
+    out = Path(from_stage) / "output"
+    if not is_artifact(out):
+        raise UserError("stage one has not finished training (no manifest in output/): run `tools train` on it "
+                        "first", path=str(out), field="--from")
+    trained = read_artifact(out, stage="train")
+    s1_base = trained.extra.get("base_model") or s1.params.get("base_model")
+    is_adapter = bool(trained.extra.get("adapter"))
+    res: dict[str, Any] = {"stage_one": str(Path(from_stage).resolve()), "stage_one_output": str(out.resolve()),
+                           "stage_one_adapter": is_adapter, "inputs": [out],
+                           "inherit": {"preset": s1.params.get("preset"), "mode": s1.params.get("mode")}}
+    if merged:
+        m = read_artifact(merged, stage="merge")
+        trains = [i for i in m.manifest.get("inputs", []) if str(i.get("stage", "")).startswith("train")]
+        if trains and not any(i.get("sha256") == trained.digest for i in trains):
+            raise UserError("this merge was not made from stage one's output (its training input differs)",
+                            path=str(merged), field="--merged")
+        res.update(base_model=str(m.path.resolve()), start="merged", lora_model_dir=None)
+        res["inputs"].append(m.path)
+    elif is_adapter:
+        if not s1_base:
+            raise UserError("stage one's manifest names no base model", path=str(out), field="extra.base_model")
+        acfg = trained.path / "adapter_config.json"
+        try:
+            ad = json.loads(acfg.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            raise UserError("stage one's adapter has no readable adapter_config.json", path=str(acfg)) from None
+        res.update(base_model=str(s1_base), start="adapter", lora_model_dir=str(trained.path.resolve()),
+                   adapter_config={"lora_r": ad.get("r"), "lora_alpha": ad.get("lora_alpha"),
+                                   "lora_dropout": ad.get("lora_dropout"),
+                                   "lora_target_modules": sorted(ad.get("target_modules") or [])})
+    else:
+        if not (trained.path / "config.json").is_file():
+            raise UserError("stage one trained a full model but its output has no config.json", path=str(out))
+        res.update(base_model=str(trained.path.resolve()), start="full", lora_model_dir=None)
+    return res
+
+
+def build(kind: str, out: Path, base_model: str, train_files: list[Path], val_files: list[Path],
+          preset: P.Preset, mode: str, options: dict, overrides: dict, start: dict | None = None) -> tuple[dict, dict]:
+    """The Axolotl config dict and what was decided from the data (for the manifest)."""
+    texts = R.scan_rows(train_files + val_files, kind)
+    decided = R.choose_length(base_model, texts, kind)
+    cfg: dict[str, Any] = dict(R.MEDILORA_DEFAULTS)
+    cfg["base_model"] = base_model
+    cfg["output_dir"] = str(out / "output")
+    cfg["dataset_prepared_path"] = str(out / "prepared")
+    cfg["sequence_len"] = decided["sequence_len"]
+    cfg["sample_packing"] = decided["sample_packing"]
+
+    def ds(path: Path) -> dict:
+        if kind == "completion":
+            return {"path": str(path), "type": "completion", "ds_type": "json", "field": "text"}
+        return {"path": str(path), "type": "chat_template", "ds_type": "json", "split": "train",
+                "field_messages": "messages",
+                "message_property_mappings": {"role": "role", "content": "content"},
+                "roles_to_train": ["assistant"], "train_on_eos": "turn"}
+
+    cfg["datasets"] = [ds(f) for f in train_files]
+    if val_files:
+        cfg["test_datasets"] = [ds(f) for f in val_files]
+        cfg["evals_per_epoch"] = 1
+    R.apply_overrides(cfg, _mode_keys(mode))
+    continuing = bool(start and start.get("lora_model_dir"))
+    if continuing:
+        cfg["lora_model_dir"] = start["lora_model_dir"]
+        R.apply_overrides(cfg, {k: v for k, v in start["adapter_config"].items() if v is not None})
+    if kind == "sft":
+        cfg.update(R.chatml_keys(base_model, adapter=mode != "full", continuing_adapter=continuing))
+    keys = P.preset_keys(preset, base_model, cfg)
+    if preset.device == "gpu" and cfg.get("sample_packing"):
+        keys["attn_implementation"] = "flash_attention_2"  # packing without cross-sample attention
+    elif preset.device == "gpu":
+        keys["attn_implementation"] = "sdpa"
+    if keys.get("fsdp_version") and cfg.get("optimizer") == "adamw_bnb_8bit" and "optimizer" not in overrides:
+        # bitsandbytes' 8-bit states are not DTensors: FSDP2 cannot shard them
+        keys["optimizer"] = "adamw_torch_fused"
+    R.apply_overrides(cfg, keys)
+    named = {R.OPTION_KEYS[k]: v for k, v in options.items() if v is not None}
+    if continuing:
+        for k in ("lora_r", "lora_alpha", "lora_target_modules"):
+            if k in named and named[k] != cfg.get(k):
+                raise UserError(f"SFT continues stage one's adapter, whose {k}={cfg.get(k)} governs; pass --merged "
+                                "DIR (stage one merged) to train a new adapter", field=k)
+    R.apply_overrides(cfg, named)
+    R.apply_overrides(cfg, overrides)
+    if cfg.get("sample_packing") and preset.device == "cpu":
+        cfg.setdefault("attn_implementation", "sdpa")
+    if preset.deepspeed_file:
+        cfg["deepspeed"] = str(out / preset.deepspeed_file)
+    return cfg, decided
+
+
+def write_stage(kind: str, out: str | os.PathLike, *, base_model: str | None = None, data: list[str],
+                from_stage: str | None = None, merged: str | None = None, device: str | None = None,
+                gpus: int | None = None, nodes: int | None = None, shard: str | None = None,
+                mode: str | None = None, options: dict | None = None, set_items: list[str] | tuple = (),
+                force: bool = False) -> Artifact:
+    """Write a completion or SFT stage folder; return its artifact."""
+    if kind not in STAGE_NAMES:
+        raise UserError(f"unknown stage kind {kind!r}", field="kind")
+    out = Path(out).expanduser().resolve()
+    options = {k: v for k, v in (options or {}).items() if v is not None}
+    for k in options:
+        if k not in R.OPTION_KEYS:
+            raise UserError(f"unknown option {k!r}", field=k)
+    overrides = R.parse_set(list(set_items))
+    if overrides:
+        R.check_keys(overrides)
+    inputs: list[Path] = []
+    start = None
+    if from_stage:
+        if kind != "sft":
+            raise UserError("--from is for SFT stages", field="--from")
+        if base_model:
+            raise UserError("give either --from STAGE_DIR or --base-model, not both", field="--base-model")
+        start = resolve_from(from_stage, merged)
+        base_model = start["base_model"]
+        inputs += start["inputs"]
+        inh = start["inherit"]
+        ip = inh.get("preset") or {}
+        if device is None and gpus is None and nodes is None and shard is None and ip:
+            device, gpus, nodes, shard = ip.get("device"), ip.get("gpus"), ip.get("nodes"), ip.get("shard")
+        if mode is None:
+            mode = inh.get("mode") if start["start"] == "adapter" else None
+        if start["start"] == "adapter" and mode == "full":
+            raise UserError("SFT continues stage one's adapter: --full needs stage one merged (--merged DIR)",
+                            field="--full")
+    elif merged:
+        raise UserError("--merged goes with --from STAGE_DIR", field="--merged")
+    if not base_model:
+        raise UserError("--base-model (a HF folder or Hub id) or --from STAGE_DIR is required", field="--base-model")
+    base_model = R.check_base_model(base_model)
+    if is_artifact(base_model) and Path(base_model) not in [Path(i).resolve() for i in inputs]:
+        inputs.append(Path(base_model))
+    preset = P.make_preset(device or "gpu", gpus, nodes or 1, shard)
+    mode = mode or "qlora"
+    if mode not in R.ADAPTER_MODES:
+        raise UserError(f"unknown adapter mode {mode!r}", field="--mode")
+    train_files, val_files = _data_files(kind, data)
+    inputs = [Path(d) for d in data] + inputs
+
+    cfg, decided = build(kind, out, base_model, train_files, val_files, preset, mode, options, overrides, start)
+    P.refuse_broken(preset, cfg)
+
+    name = STAGE_NAMES[kind]
+    params = {"kind": kind, "arch": "causal", "base_model": base_model, "data": [str(Path(d).resolve()) for d in data],
+              "from": start["stage_one"] if start else None, "merged": str(Path(merged).resolve()) if merged else None,
+              "preset": preset.to_dict(), "mode": mode, "options": options, "set": overrides}
+    with Stage(name, out, params, inputs=inputs, force=force, log=log) as st:
+        if st.skipped:
+            return st.result
+        if preset.deepspeed_file:
+            st.path(preset.deepspeed_file).write_text(P.deepspeed_json(preset.shard), encoding="utf-8")
+            check_cfg = dict(cfg, deepspeed=str(st.path(preset.deepspeed_file)))
+        else:
+            check_cfg = cfg
+        warnings = R.validate(check_cfg, preset.device, preset.world_size, where=str(out / "axolotl.yaml"))
+        for w in warnings:
+            log(f"axolotl: {w}")
+        where = ("cpu, one process" if preset.device == "cpu" else
+                 f"{preset.gpus} GPU(s) x {preset.nodes} node(s), shard {preset.shard}")
+        header = (f"MediLoRA {name} for {base_model}\n"
+                  f"preset: {where}; launcher {preset.launcher}\n"
+                  "Written by `tools stage` and validated with Axolotl's config schema; run with `tools train`.")
+        st.path("axolotl.yaml").write_text(R.dump_yaml(cfg, header), encoding="utf-8")
+        launch = st.path("launch.sh")
+        launch.write_text(P.launch_script(preset, str(out), name), encoding="utf-8")
+        launch.chmod(0o755)
+        if preset.nodes > 1:
+            st.path("slurm.sbatch").write_text(P.sbatch_script(preset, str(out), f"medilora-{kind}"), encoding="utf-8")
+        st.extra.update({
+            "arch": "causal", "kind": kind, "base_model": base_model, "adapter": mode != "full", "mode": mode,
+            "preset": preset.to_dict(), "launcher": preset.launcher, "sequence_len": cfg.get("sequence_len"),
+            "sample_packing": bool(cfg.get("sample_packing")), "token_stats": decided["token_stats"],
+            "axolotl_warnings": warnings, "start": ({k: v for k, v in start.items() if k not in ("inputs", "inherit")}
+                                                    if start else None),
+        })
+    log(f"{name}: wrote {out}/axolotl.yaml ({mode}, sequence_len {cfg.get('sequence_len')}, "
+        f"packing {cfg.get('sample_packing')}, launcher {preset.launcher}); train with `tools train {out}`")
+    return st.result
