@@ -87,17 +87,22 @@ def generate(path: Path, size_mb: int, seed: int = 0) -> Path:
     return path
 
 
-def _tree_rss(pid: int) -> tuple[int, int, int]:
-    """(sum of RSS of the process and its descendants, main RSS, largest child RSS) in bytes."""
+def _tree_rss(pid: int, cpu: dict) -> tuple[int, int, int]:
+    """(sum of RSS of the process and its descendants, main RSS, largest child RSS) in bytes;
+    records each process's latest CPU seconds in ``cpu``."""
     import psutil
 
     try:
         p = psutil.Process(pid)
         main = p.memory_info().rss
+        t = p.cpu_times()
+        cpu["main"] = t.user + t.system
         kids = []
         for c in p.children(recursive=True):
             try:
                 kids.append(c.memory_info().rss)
+                t = c.cpu_times()
+                cpu[c.pid] = t.user + t.system
             except psutil.Error:
                 pass
         return main + sum(kids), main, max(kids, default=0)
@@ -114,11 +119,13 @@ def run_once(csv_path: Path, out: Path, workers: int) -> dict:
     errf = open(out.parent / f"{out.name}.stderr", "w+")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errf, env=env, text=True)
     samples = []
+    cpu: dict = {}
     stop = threading.Event()
+    load0 = os.getloadavg()[0]
 
     def sample():
         while not stop.is_set():
-            total, main, child = _tree_rss(proc.pid)
+            total, main, child = _tree_rss(proc.pid, cpu)
             if total:
                 samples.append((time.perf_counter() - t0, total, main, child))
             time.sleep(0.05)
@@ -136,11 +143,19 @@ def run_once(csv_path: Path, out: Path, workers: int) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"tools exited {proc.returncode}: {err_tail}")
     res = json.loads(stdout)
+    cpu_seen = cpu
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     size = csv_path.stat().st_size
     steady = [s for s in samples if 0.2 * wall <= s[0] <= 0.9 * wall]
+    workers_cpu = sorted((round(v, 2) for k, v in cpu_seen.items() if k != "main"), reverse=True)
+    ncores = len(os.sched_getaffinity(0))
     return {"input_bytes": size, "wall_s": round(wall, 2), "mb_per_s": round(size / 1e6 / wall, 1),
             "cpu_s": round(cpu, 2), "cores_used": round(cpu / wall, 2), "workers": workers,
+            "main_cpu_s": round(cpu_seen.get("main", 0), 2), "worker_cpu_s": workers_cpu,
+            "mb_per_cpu_s": round(size / 1e6 / cpu, 1),
+            # what the same CPU work gives when the cores are not shared with other jobs
+            f"projected_mb_per_s_on_{ncores}_idle_cores": round(size / 1e6 / max(cpu / ncores, max(workers_cpu, default=0)), 1),
+            "load_avg_1min_before_after": [round(load0, 2), round(os.getloadavg()[0], 2)],
             "peak_rss_mb": round(max(s[1] for s in samples) / 2**20, 1) if samples else None,
             "peak_main_rss_mb": round(max(s[2] for s in samples) / 2**20, 1) if samples else None,
             "peak_worker_rss_mb": round(max(s[3] for s in samples) / 2**20, 1) if samples else None,

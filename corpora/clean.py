@@ -122,8 +122,15 @@ class SectionFilter:
         keeping = False
         start = 0            # where the current kept section starts in ``out``
         has_body = False
+        get, scan = self._spelling_to_name.get, self._scan   # self.header(), inlined: hot loop
         for raw in text.split("\n"):
-            name = self.header(raw)
+            i = raw.find(":", 0, scan)
+            if i >= 0:
+                name = get(" ".join(raw[:i].split()).lower())
+            elif len(raw) <= scan:
+                name = get(" ".join(raw.split()).lower())
+            else:
+                name = None
             if name is not None:
                 if keeping and not has_body:        # a header with nothing under it is no section
                     del out[start:]

@@ -18,6 +18,7 @@ import json.encoder
 import os
 from collections import Counter, deque
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Iterator
 
@@ -58,6 +59,7 @@ def text_hash(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
 
 
+@lru_cache(maxsize=1024)
 def category_source(category: str) -> str:
     return "mimic-iii/noteevents/" + (category.strip().lower().replace(" ", "_").replace("/", "_") or "none")
 
