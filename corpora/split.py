@@ -140,8 +140,11 @@ def split_dataset(src, out, *, ratios=(0.8, 0.1, 0.1), stratify_by: str | None =
         parts = split_rows(rows, ratios, stratify_by, seed)
         table = {}
         for name in SPLITS:
-            write_jsonl(st.path(f"{name}.jsonl"), parts[name])
             table[name] = Counter(stratum(r, stratify_by) for r in parts[name])
+            if parts[name]:  # no empty files: readers refuse them, Axolotl chokes on them
+                write_jsonl(st.path(f"{name}.jsonl"), parts[name])
+            elif log:
+                log(f"split: {name} gets no item (ratio {ratios[SPLITS.index(name)]}): no {name}.jsonl written")
         if plot:
             plot_split(table, st.path("split.png"), stratify_by)
         st.extra["split"] = {n: {"items": len(parts[n]), "strata": dict(sorted(table[n].items()))} for n in SPLITS}
