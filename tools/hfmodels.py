@@ -27,6 +27,59 @@ def gguf_to_hf(gguf: str | os.PathLike | None, out: str | os.PathLike, *, force:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
         model.save_pretrained(st.work, safe_serialization=True)
         tok.save_pretrained(st.work)
+        _repair_byte_level_bpe(st.work, gguf)
         st.lineage.licenses.add("Apache-2.0")
         st.lineage.sources.add(f"SmolLM2 GGUF {gguf.name}")
     return st.result
+
+
+# Digits-then-ByteLevel pre-tokenizers, as llama.cpp names them (tokenizer.ggml.pre)
+_DIGIT_SPLIT_PRE = ("smollm", "starcoder", "refact", "codeshell")
+
+
+def _repair_byte_level_bpe(work: Path, gguf: Path) -> None:
+    """transformers 5 loads a GGUF byte-level BPE vocab (``tokenizer.ggml.model == "gpt2"``, SmolLM2's)
+    as a byte-fallback BPE with a sentencepiece-style decoder and eos = <|im_start|>. llama.cpp's
+    converter then takes it for a sentencepiece vocab and writes a GGUF whose tokenizer aborts. Rebuild
+    ``tokenizer.json`` with the tokenizers library from the GGUF's own tokens and merges."""
+    import json
+
+    from gguf import GGUFReader
+
+    r = GGUFReader(str(gguf))
+
+    def val(key):
+        f = r.get_field(key)
+        return f.contents() if f is not None else None
+
+    tj_path = work / "tokenizer.json"
+    if val("tokenizer.ggml.model") != "gpt2" or not tj_path.is_file():
+        return
+    if not json.loads(tj_path.read_text(encoding="utf-8")).get("model", {}).get("byte_fallback"):
+        return  # transformers got it right
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    tokens, merges, types = val("tokenizer.ggml.tokens"), val("tokenizer.ggml.merges"), val("tokenizer.ggml.token_type")
+    bpe = models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=[tuple(m.split(" ", 1)) for m in merges],
+                     byte_fallback=False, fuse_unk=False)
+    tk = Tokenizer(bpe)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if val("tokenizer.ggml.pre") in _DIGIT_SPLIT_PRE:
+        tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    else:
+        tk.pre_tokenizer = byte_level
+    tk.decoder = decoders.ByteLevel()
+    tk.post_processor = processors.ByteLevel(trim_offsets=False)
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                           for t, ty in zip(tokens, types) if int(ty) == 3])  # CONTROL tokens
+    tk.save(str(tj_path))
+    cfg_path = work / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    for name in ("bos", "eos", "unknown", "padding"):
+        i = val(f"tokenizer.ggml.{name}_token_id")
+        key = {"unknown": "unk", "padding": "pad"}.get(name, name)
+        if i is not None:
+            cfg[f"{key}_token"] = tokens[int(i)]
+            cfg.pop(f"{key}_token_id", None)
+    cfg["add_bos_token"] = bool(val("tokenizer.ggml.add_bos_token"))
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
