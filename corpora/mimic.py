@@ -16,6 +16,8 @@ import io
 import json
 import json.encoder
 import os
+import shutil
+import tempfile
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -96,16 +98,24 @@ def clean_note(row_id, category, iserror, text, opts: NoteOptions, stats: Counte
 
 # -- worker side --------------------------------------------------------------------------------
 _OPTS: NoteOptions | None = None
+_SPOOL: str | None = None       # pool workers leave their output here instead of in the pipe
+_SEQ = [0]
 
 
-def _init_worker(opts: NoteOptions) -> None:
-    global _OPTS
-    _OPTS = opts
+def _init_worker(opts: NoteOptions, spool: str | None = None) -> None:
+    global _OPTS, _SPOOL
+    _OPTS, _SPOOL = opts, spool
 
 
 def _pack(out: list, stats: Counter, newlines: int = 0):
     """("ok", hashes, lengths, one UTF-8 blob of the lines, stats, newlines in the input block)."""
     blob = "".join(line + "\n" for _, line, _ in out).encode("utf-8")
+    if _SPOOL is not None and blob:  # a file: the main process copies it in-kernel
+        _SEQ[0] += 1
+        name = os.path.join(_SPOOL, f"{os.getpid()}-{_SEQ[0]}.part")
+        with open(name, "wb") as fh:
+            fh.write(blob)
+        blob = name
     return ("ok", [h for h, _, _ in out], [n for _, _, n in out], blob, stats, newlines)
 
 
@@ -120,7 +130,11 @@ def _work(task):
             if r is not None:
                 out.append(r)
         return _pack(out, stats)
-    _, data, cols = task
+    if task[0] == "range":
+        _, path, offset, length, cols = task
+        data = _read_range(path, offset, length)
+    else:
+        _, data, cols = task
     stats["bytes"] += len(data)
     rows = _arrow_rows(data, cols)
     if rows is None:  # Arrow refused the block: the strict Python reader names the bad line
@@ -132,6 +146,23 @@ def _work(task):
         if r is not None:
             out.append(r)
     return _pack(out, stats, data.count(b"\n"))
+
+
+_FDS: dict[str, int] = {}
+
+
+def _read_range(path: str, offset: int, length: int) -> bytes:
+    fd = _FDS.get(path)
+    if fd is None:
+        fd = _FDS[path] = os.open(path, os.O_RDONLY)
+    parts, got = [], 0
+    while got < length:
+        b = os.pread(fd, length - got, offset + got)
+        if not b:
+            raise OSError(f"{path} shrank while being read")
+        parts.append(b)
+        got += len(b)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def _arrow_rows(data: bytes, cols: dict):
@@ -241,11 +272,15 @@ def _line_at(path: Path, offset: int) -> int:
     return n + 1
 
 
-def csv_tasks(path: Path, advance=None, block: int = BLOCK) -> Iterator[tuple]:
-    """Yield ("csv", bytes, columns) blocks, each a run of whole records.
+def csv_tasks(path: Path, advance=None, block: int = BLOCK, by_range: bool | None = None) -> Iterator[tuple]:
+    """Yield blocks of whole records: ("range", path, offset, length, columns) for a plain file
+    (the worker reads the bytes itself: nothing big goes through the pipe), ("csv", bytes, columns)
+    for a gzipped one.
 
     A newline ends a record when the number of quotes before it is even (quotes inside fields are
     doubled). The main process only counts quotes; line numbers are counted by the workers."""
+    if by_range is None:
+        by_range = not path.name.endswith(".gz")
     f, raw = _open_binary(path)
     with f:
         first = f.readline()
@@ -279,15 +314,20 @@ def csv_tasks(path: Path, advance=None, block: int = BLOCK) -> Iterator[tuple]:
                     raise UserError(f"unterminated quoted field (no record end within {MAX_RECORD >> 20} MB)",
                                     path=str(path), line=_line_at(path, consumed))
                 continue
-            chunk = b"".join((carry, memoryview(data)[:cut])) if carry else data[:cut]
+            if by_range:
+                n = len(carry) + cut
+                yield ("range", str(path), consumed, n, cols)
+            else:
+                chunk = b"".join((carry, memoryview(data)[:cut])) if carry else data[:cut]
+                n = len(chunk)
+                yield ("csv", chunk, cols)
+            consumed += n
             carry, carry_q = data[cut:], suffix
-            consumed += len(chunk)
-            yield ("csv", chunk, cols)
         if carry.strip():
             if carry_q % 2:
                 raise UserError("unterminated quoted field at end of file", path=str(path),
                                 line=_line_at(path, consumed))
-            yield ("csv", carry, cols)
+            yield ("range", str(path), consumed, len(carry), cols) if by_range else ("csv", carry, cols)
 
 
 def redact_dsn(dsn: str) -> str:
@@ -389,7 +429,19 @@ def build(tasks: Iterator[tuple], out_file: Path, opts: NoteOptions, workers: in
                     continue
                 seen.add(h)
             keep.append(True)
-        if all(keep):
+        if isinstance(blob, str):  # spooled by a worker
+            name = blob
+            if all(keep):
+                _append_file(name, f)
+                os.unlink(name)
+                blob = None
+            else:
+                with open(name, "rb") as fh:
+                    blob = fh.read()
+                os.unlink(name)
+        if blob is None:
+            pass
+        elif all(keep):
             f.write(blob)
         else:
             parts, pos = [], 0
@@ -406,11 +458,15 @@ def build(tasks: Iterator[tuple], out_file: Path, opts: NoteOptions, workers: in
             else:
                 stats["dropped_duplicate"] += 1
 
-    with open(out_file, "wb") as f:
+    with open(out_file, "wb", buffering=0) as f:
         if workers <= 1:
             _init_worker(opts)
-            for t in tasks:
-                handle(_work(t), f)
+            try:
+                for t in tasks:
+                    handle(_work(t), f)
+            finally:
+                while _FDS:
+                    os.close(_FDS.popitem()[1])
         else:
             import multiprocessing as mp
             try:  # import once here: forked workers inherit it instead of importing it each
@@ -418,7 +474,8 @@ def build(tasks: Iterator[tuple], out_file: Path, opts: NoteOptions, workers: in
             except ImportError:  # pragma: no cover
                 pass
             ctx = mp.get_context("fork")
-            pool = ctx.Pool(workers, initializer=_init_worker, initargs=(opts,))
+            spool = tempfile.mkdtemp(prefix=".spool-", dir=out_file.parent)
+            pool = ctx.Pool(workers, initializer=_init_worker, initargs=(opts, spool))
             try:
                 pending: deque = deque()
                 for t in tasks:
@@ -433,9 +490,27 @@ def build(tasks: Iterator[tuple], out_file: Path, opts: NoteOptions, workers: in
                 raise
             finally:
                 pool.join()
+                shutil.rmtree(spool, ignore_errors=True)
     stats = {k: int(v) for k, v in sorted(stats.items())}
     stats["length_log2_histogram"] = {str(1 << k): int(v) for k, v in sorted(lengths.items())}
     return stats
+
+
+def _append_file(name: str, f) -> None:
+    """Append file ``name`` to the open unbuffered file ``f`` (copy_file_range: no user-space copy)."""
+    with open(name, "rb") as src:
+        n = os.fstat(src.fileno()).st_size
+        try:
+            while n > 0:
+                done = os.copy_file_range(src.fileno(), f.fileno(), n)
+                if done <= 0:
+                    break
+                n -= done
+        except OSError:
+            pass
+        if n > 0:  # no copy_file_range here (or it stopped short): copy what is left
+            src.seek(os.fstat(src.fileno()).st_size - n)
+            shutil.copyfileobj(src, f)
 
 
 def default_workers() -> int:
