@@ -68,6 +68,10 @@ def register(cli: click.Group) -> None:
         from .clean import load_section_filter
         from .mimic import NoteOptions, build_corpus
 
+        ctx = click.get_current_context()
+        if csv_path and dsn and ctx.get_parameter_source("dsn") == click.core.ParameterSource.ENVIRONMENT:
+            dsn = None  # $MEDILORA_MIMIC_DSN is a default, --csv an explicit choice
+
         if sections_file and all_sections:
             raise UserError("--sections-file and --all-sections exclude each other", field="--all-sections")
         opts = NoteOptions(categories=tuple(sorted({c.strip().casefold() for c in _multi(categories)})),
