@@ -49,6 +49,16 @@ def test_textbooks_clean_join_and_cut(tmp_path):
     assert docs[1]["text"].startswith("Figure 1.2 The right atrium")
     assert docs[2]["source"] == "textbook/Pathology.txt"
     assert art.extra["stats"]["documents"] == 3
+    # a corpus checked against a benchmark given as a JSONL path (8-grams)
+    from corpora.decontam import decontaminate
+    bench = tmp_path / "mybench.jsonl"
+    bench.write_text(json.dumps({"id": "q1", "question": "Which chamber receives deoxygenated blood from the "
+                                 "superior and inferior venae cavae?", "options": {"A": "right atrium"}}) + "\n"
+                     + json.dumps({"id": "q2", "question": "What is the capital of France and its river name?"}) + "\n")
+    rep = decontaminate(art.path, tmp_path / "dec", against=(str(bench),), ngram=8, min_coverage=0.3)
+    d = rep.extra["decontamination"]
+    assert [i["id"] for i in d["items"]] == ["textbook-Anatomy_Gray-00001"]
+    assert d["items"][0]["matches"][0]["item"] == "mybench:q1" and d["benchmarks"]["mybench"]["items"] == 2
     # a bad byte names the file and line; nothing is written
     (src / "Zbad.txt").write_bytes(b"good line of text here with enough words\ncaf\xe9 line two\n")
     with pytest.raises(UserError, match=r"Zbad\.txt:2: not UTF-8"):
