@@ -27,8 +27,9 @@ def _mib(n: int) -> str:
 @click.option("--adapter", type=click.Path(path_type=Path), help="LoRA adapter folder (peft merge).")
 @click.option("--out", type=click.Path(path_type=Path), help="Merged model folder [STAGE_DIR/merged].")
 @click.option("--force", is_flag=True, help="Re-run even if up to date.")
+@click.option("--dry-run", is_flag=True, help="Check the inputs and print what would run.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def merge_cmd(stage_dir, base, adapter, out, force, as_json):
+def merge_cmd(stage_dir, base, adapter, out, force, dry_run, as_json):
     """Merge a LoRA adapter into its base, saved in the base's dtype with tokenizer and chat template.
 
     \b
@@ -40,11 +41,18 @@ def merge_cmd(stage_dir, base, adapter, out, force, as_json):
     if stage_dir is not None and (base or adapter):
         raise UserError("give either STAGE_DIR or --base/--adapter, not both", field="STAGE_DIR")
     if stage_dir is not None:
-        art = merge_stage_dir(stage_dir, out or stage_dir / "merged", force=force)
+        art = merge_stage_dir(stage_dir, out or stage_dir / "merged", force=force, dry_run=dry_run)
     else:
         if not base or not adapter or not out:
             raise UserError("without STAGE_DIR, --base, --adapter and --out are all needed", field="--base")
-        art = merge_peft(base, adapter, out, force=force)
+        art = merge_peft(base, adapter, out, force=force, dry_run=dry_run)
+    if dry_run:
+        if as_json:
+            _echo_json(art)
+        else:
+            click.echo(f"would merge ({art['method']}, {art['dtype']}) into {art['out']}"
+                       + (f": {' '.join(art['command'])}" if "command" in art else ""))
+        return
     if as_json:
         _echo_json({"out": str(art.path), **art.extra})
     else:

@@ -106,13 +106,15 @@ def _resave(work: Path, dtype: str) -> None:
 
 
 def merge_peft(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.PathLike, *,
-               force: bool = False):
+               force: bool = False, dry_run: bool = False):
     """peft ``merge_and_unload`` for a full-precision base -> artifact ``out`` (stage ``merge``)."""
     base, adapter = Path(base), check_adapter(adapter)
     if not base.is_dir() or not (base / "config.json").is_file():
         raise UserError("base model folder not found or has no config.json", path=str(base), field="--base")
     dtype = base_dtype(base)
     params = {"method": "peft.merge_and_unload", "dtype": dtype}
+    if dry_run:
+        return {"method": "peft", "base": str(base), "adapter": str(adapter), "dtype": dtype, "out": str(out)}
     with Stage("merge", out, params, inputs=_inputs(base) + _inputs(adapter), force=force, log=log) as st:
         if st.skipped:
             return st.result
@@ -137,7 +139,8 @@ def merge_peft(base: str | os.PathLike, adapter: str | os.PathLike, out: str | o
     return st.result
 
 
-def merge_stage_dir(stage_dir: str | os.PathLike, out: str | os.PathLike, *, force: bool = False):
+def merge_stage_dir(stage_dir: str | os.PathLike, out: str | os.PathLike, *, force: bool = False,
+                    dry_run: bool = False):
     """``axolotl merge-lora STAGE_DIR/axolotl.yaml --lora-model-dir STAGE_DIR/output`` -> artifact ``out``."""
     import yaml
 
@@ -168,6 +171,10 @@ def merge_stage_dir(stage_dir: str | os.PathLike, out: str | os.PathLike, *, for
             raise UserError("base_model is neither a local folder nor in the local HF cache", path=str(cfg_file),
                             field="base_model") from None
     params = {"method": "axolotl merge-lora", "dtype": dtype, "base_model": base_name}
+    if dry_run:
+        cmd = [str(Path(sys.executable).parent / "axolotl"), "merge-lora", str(cfg_file), "--lora-model-dir",
+               str(adapter), "--output-dir", "<temporary folder>"]
+        return {"method": "axolotl", "command": cmd, "base_model": base_name, "dtype": dtype, "out": str(out)}
     with Stage("merge", out, params, inputs=[output, cfg_file], force=force, log=log) as st:
         if st.skipped:
             return st.result

@@ -7,7 +7,6 @@ mix and the effective bits per weight, and warns when the requested type was mos
 from __future__ import annotations
 
 import ctypes
-import logging
 import os
 import threading
 import time
@@ -20,7 +19,8 @@ from tools.progress import log, progress
 from .ggufinfo import (find_gguf, gguf_filename, gguf_module, is_quantized, primary_tensor_type, read_gguf,
                        resolve_ftype, type_share)
 
-MOSTLY_APPLIED = 0.5  # warn when less than half the weight-matrix elements got the requested type
+MOSTLY_APPLIED = 0.5
+LOG_LINES: list[str] = []  # warn when less than half the weight-matrix elements got the requested type
 
 
 def load_imatrix(path: str | os.PathLike) -> dict[str, list[float]]:
@@ -102,12 +102,18 @@ def _quantize_call(src: Path, dst: Path, ftype: int, *, allow_requantize: bool, 
         params.imatrix = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
     from llama_cpp import _logger
 
-    level = _logger.logger.level
-    _logger.logger.setLevel(logging.ERROR)  # not one line per tensor: the summary says what happened
+    # llama.cpp writes one line per tensor (and one per fallback): collect them instead of flooding
+    # the terminal; the summary says what happened, the last lines explain a failure.
+    @llama_cpp.llama_log_callback
+    def collect(level, text, user_data):
+        LOG_LINES.append(text.decode("utf-8", "replace"))
+
+    LOG_LINES.clear()
+    llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
     try:
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     finally:
-        _logger.logger.setLevel(level)
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
     del keep
     return int(rc)
 
@@ -168,7 +174,10 @@ def quantize_stage(src: str | os.PathLike, qtype: str, out: str | os.PathLike, *
                     done = now
             advance(max(0, total - done))
         if "error" in result or result.get("rc") != 0 or not dst.is_file():
-            raise WorkError(f"llama_model_quantize failed on {gpath} ({result.get('error') or 'rc=' + str(result.get('rc'))})")
+            said = [ln.strip() for ln in "".join(LOG_LINES).splitlines() if ln.strip()][-1:]
+            raise WorkError(f"llama_model_quantize failed on {gpath} "
+                            f"({result.get('error') or 'rc=' + str(result.get('rc'))}{': ' + said[0] if said else ''})")
+        fallbacks = sum(1 for ln in "".join(LOG_LINES).splitlines() if "falling back" in ln)
         qinfo = read_gguf(dst)
         main = primary_tensor_type(qname)
         share = type_share(qinfo, main)
@@ -179,7 +188,7 @@ def quantize_stage(src: str | os.PathLike, qtype: str, out: str | os.PathLike, *
             "matrix_bits_per_weight": qinfo["matrix_bits_per_weight"], "primary_type": main,
             "primary_type_share": round(share, 4), "size_bytes": qinfo["size_bytes"],
             "source_file": gpath.name, "source_size_bytes": info["size_bytes"],
-            "imatrix": bool(imatrix), "mostly_applied": share >= MOSTLY_APPLIED,
+            "imatrix": bool(imatrix), "fallback_tensors": fallbacks, "mostly_applied": share >= MOSTLY_APPLIED,
             "chat_template_present": bool(qinfo["chat_template"]),
         })
         if qinfo["chat_template"] != info["chat_template"]:

@@ -239,6 +239,8 @@ def test_axolotl_merge_of_a_stage_folder_matches_peft(tiny_llama, tmp_path, tool
             shutil.copy2(f, st.path(f.name))
         st.extra.update({"base_model": str(tiny_llama), "adapter": "lora"})
 
+    dry = tools_cli("merge", stage, "--dry-run", check=True)
+    assert "axolotl merge-lora" in dry.stdout and not (stage / "merged").exists()
     p = tools_cli("merge", stage, "--json")
     assert p.returncode == 0, p.stderr[-3000:]
     out = json.loads(p.stdout)
@@ -278,6 +280,19 @@ def test_smollm2_f16_to_q3_k_l(smol_ggufs, smollm2_hf, tools_cli):
     assert 5.0 < info["bits_per_weight"] < 6.5
     assert q3.extra["mostly_applied"] is False
     assert gguf.stat().st_size < 0.5 * (f16.path / f16.extra["file"]).stat().st_size
+    # the tokenizer survived HF -> GGUF: same tokens as the GGUF SmolLM2 ships as
+    import llama_cpp
+
+    from tools.paths import embedded_gguf
+
+    sample = "What is the capital of France? 1234 patients <|im_end|> naïve".encode()
+    toks = []
+    for f in (gguf, embedded_gguf()):
+        llm = llama_cpp.Llama(model_path=str(f), n_ctx=64, vocab_only=True, verbose=False)
+        toks.append(llm.tokenize(sample, add_bos=False, special=True))
+        llm.close()
+    assert toks[0] == toks[1]
+    assert info["metadata"]["tokenizer.ggml.pre"] == "smollm" and info["metadata"]["tokenizer.ggml.eos_token_id"] == 2
     answer = generate(gguf, "What is the capital of France? Answer in one word.", n=16, chat=True)
     assert "paris" in answer.lower(), answer
 
@@ -304,3 +319,36 @@ def test_compare_quant_gap(smol_ggufs, tools_cli, tmp_path):
     s = json.loads(p.stdout)
     assert s["mean_kl"] < 1e-6 and s["top1_agreement"] == 1.0
     assert s["ref"]["perplexity"] == s["quant"]["perplexity"]
+
+
+def test_imatrix_is_used(tiny_f16, tmp_path):
+    """A GGUF importance matrix (llama-imatrix's format) reaches llama.cpp and changes the result."""
+    import numpy as np
+
+    from release.ggufinfo import gguf_module, read_gguf
+    from release.quantize import load_imatrix, quantize_stage
+
+    f16 = tiny_f16.path / tiny_f16.extra["file"]
+    g = gguf_module()
+    w = g.GGUFWriter(str(tmp_path / "imatrix.gguf"), arch="imatrix")
+    w.add_type("imatrix")
+    rng = np.random.default_rng(0)
+    for t in read_gguf(f16)["tensors"]:
+        if len(t["shape"]) == 2 and t["name"] != "token_embd.weight":
+            w.add_tensor(t["name"] + ".in_sum2", (rng.random((1, t["shape"][0])) * 10).astype(np.float32))
+            w.add_tensor(t["name"] + ".counts", np.array([[5.0]], dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    im = load_imatrix(tmp_path / "imatrix.gguf")
+    assert len(im) == 15 and all(v.shape == (64,) or v.shape == (128,) for v in im.values())
+    a = quantize_stage(f16, "Q4_K_M", tmp_path / "with", imatrix=tmp_path / "imatrix.gguf")
+    b = quantize_stage(f16, "Q4_K_M", tmp_path / "without")
+    assert a.manifest["params"]["imatrix"] is True and a.extra["imatrix"] is True
+    assert (a.path / a.extra["file"]).read_bytes() != (b.path / b.extra["file"]).read_bytes()
+    bad = tmp_path / "imatrix.txt"
+    bad.write_text("not an imatrix")
+    with pytest.raises(UserError, match="imatrix"):
+        quantize_stage(f16, "Q4_K_M", tmp_path / "bad", imatrix=bad)
+    assert not (tmp_path / "bad").exists()
