@@ -267,10 +267,12 @@ def _train(st: Stage, work: Path, stage_dir: Path, cfg: dict, art: Artifact, pre
         log(f"train ({preset.launcher}): {shlex.join(train)}")
         total = int(cfg.get("max_steps") or 0) or None
         with progress("training", total=total, unit="steps") as advance:
-            seen = {"n": 0}
+            seen = {"n": 0, "total": total}
 
-            def advance_to(n, _total):
-                if n > seen["n"]:
+            def advance_to(n, bar_total):
+                if seen["total"] is None:
+                    seen["total"] = bar_total
+                if bar_total == seen["total"] and n > seen["n"]:  # not the eval bars
                     advance(n - seen["n"])
                     seen["n"] = n
             rc = _run(train, env, logf, tail, advance_to, stage_dir)
