@@ -80,6 +80,9 @@ def load_sentence_model(model_dir: Path, *, what: str = "embedder"):
 
     logging.getLogger("sentence_transformers").setLevel(logging.ERROR)
     from sentence_transformers import SentenceTransformer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     try:
         return SentenceTransformer(str(model_dir), device="cpu")
     except Exception as e:  # noqa: BLE001 - turn a bad folder into one line
@@ -338,6 +341,19 @@ def fit_context(system: str, question_block: str, chunks: list[dict], count_toke
     return sep.join(parts), kept
 
 
+def retrieval_recall(retriever: "Retriever", queries: list[tuple[str, str]], k: int) -> dict:
+    """Recall@1 and recall@k of (question, gold doc id) pairs, and the mean query time (for benchmarks)."""
+    import time
+
+    t = time.perf_counter()
+    hits = retriever.search_many([q for q, _ in queries], k)
+    dt = time.perf_counter() - t
+    r1 = sum(bool(h) and h[0]["doc_id"] == gold for h, (_, gold) in zip(hits, queries))
+    rk = sum(any(x["doc_id"] == gold for x in h) for h, (_, gold) in zip(hits, queries))
+    n = max(1, len(queries))
+    return {"n": len(queries), "k": k, "recall@1": r1 / n, f"recall@{k}": rk / n, "s_per_query": dt / n}
+
+
 def read_index_params(index_dir: str | os.PathLike) -> dict:
     """The embedder record and chunking of an index (for reports)."""
     art = read_artifact(index_dir, stage=STAGE)
@@ -346,4 +362,4 @@ def read_index_params(index_dir: str | os.PathLike) -> dict:
 
 
 __all__ = ["Retriever", "build_index", "fit_context", "chunk_text", "model_fingerprint", "resolve_model_dir",
-           "embed", "load_sentence_model", "read_index_params", "LORAG_EMBEDDER", "DEFAULT_EMBEDDER"]
+           "embed", "load_sentence_model", "read_index_params", "retrieval_recall", "LORAG_EMBEDDER", "DEFAULT_EMBEDDER"]

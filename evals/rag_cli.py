@@ -61,6 +61,10 @@ def query_cmd(index_dir, text, k, embedder, as_json):
     from evals.rag import Retriever
     from tools.progress import out as console
 
+    if k < 1:
+        raise UserError(f"must be a positive integer, got {k}", field="--k")
+    if not text.strip():
+        raise UserError("the query is empty", field="TEXT")
     hits = Retriever(index_dir, embedder=embedder).search(text, k)
     if as_json:
         click.echo(json.dumps(hits, indent=2, sort_keys=True, ensure_ascii=False))
@@ -84,13 +88,18 @@ def query_cmd(index_dir, text, k, embedder, as_json):
                                                      "all-mpnet-base-v2 if cached, else the packaged MiniLM); 'none' skips.")
 @click.option("--nli-model", default=None, help="MNLI sequence classifier (default roberta-large-mnli if cached, "
                                                 "else skipped); 'none' skips.")
+@click.option("--seq2seq", "seq2seq_dir", type=click.Path(), default=None,
+              help="A seq2seq (T5) `train` output: generate its answers on --data first, then score them.")
+@click.option("--data", type=click.Path(), default=None, help="With --seq2seq: the dataset artifact to answer.")
+@click.option("--split", default="test", show_default=True, help="With --seq2seq: the dataset split.")
+@click.option("--max-new-tokens", default=128, show_default=True, help="With --seq2seq: answer length limit.")
 @click.option("--limit", type=int, default=None, help="First N items only.")
 @click.option("--batch-size", default=16, show_default=True)
 @click.option("--out", type=click.Path(), default=None, help="Artifact folder (default: beside the input, <name>-semantic).")
 @click.option("--json", "as_json", is_flag=True, help="Print results.json.")
 @click.option("--force", is_flag=True)
-def semantic_cmd(results_dir, pred, ref, bertscore_model, bertscore_layer, semscore_model, nli_model, limit,
-                 batch_size, out, as_json, force):
+def semantic_cmd(results_dir, pred, ref, bertscore_model, bertscore_layer, semscore_model, nli_model, seq2seq_dir,
+                 data, split, max_new_tokens, limit, batch_size, out, as_json, force):
     """BERTScore F1, SemScore (embedding cosine) and NLI entailment of predictions against references.
 
     Each metric names the model used, or says why it was skipped. Per-item scores in items.jsonl,
@@ -100,10 +109,21 @@ def semantic_cmd(results_dir, pred, ref, bertscore_model, bertscore_layer, semsc
     Examples:
       tools eval semantic runs/bench-seq2seq --nli-model models/roberta-large-mnli
       tools eval semantic --pred preds.jsonl --ref refs.jsonl --bertscore-model models/roberta-large --out runs/sem
+      tools eval semantic --seq2seq runs/t5-stage/output --data runs/pubmedqa --split test --out runs/t5-sem
     """
     from evals.semantic import METRICS, evaluate, read_results
     from tools.progress import out as console
 
+    if seq2seq_dir is not None:
+        if results_dir is not None or pred is not None:
+            raise UserError("--seq2seq generates the predictions: give no RESULTS_DIR or --pred with it", field="--seq2seq")
+        if data is None:
+            raise UserError("--seq2seq needs --data DATASET_DIR (the questions and reference answers)", field="--data")
+        from recipes.seq2seq import predict
+
+        base = Path(out) if out else Path(seq2seq_dir).parent / f"{Path(data).name}-{split}"
+        results_dir = str(predict(seq2seq_dir, data, base.parent / f"{base.name}-predictions", split=split,
+                                  max_new_tokens=max_new_tokens, limit=limit, force=force).path)
     if results_dir is None and pred is None:
         raise UserError("give a RESULTS_DIR or --pred FILE (with --ref FILE)", field="RESULTS_DIR")
     src = Path(results_dir or pred)

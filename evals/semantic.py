@@ -168,7 +168,10 @@ def bertscore_f1(preds: list[str], refs: list[str], model_dir: Path, *, num_laye
     from bert_score.utils import model2layers
     from transformers import AutoConfig
 
+    from transformers.utils import logging as hf_logging
+
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    hf_logging.disable_progress_bar()
     cfg = AutoConfig.from_pretrained(str(model_dir))
     total = int(getattr(cfg, "num_hidden_layers", 0) or 0)
     layers = num_layers or model2layers.get(name or "", None) or total

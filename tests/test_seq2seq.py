@@ -129,6 +129,22 @@ def test_tiny_t5_trains_lora_on_attention(tiny_t5, tmp_path):
     pred = predict(art.path, data, tmp_path / "pred", split="validation", max_new_tokens=4)
     pairs = load_pairs(results=pred.path)
     assert len(pairs) == 4 and all(set(p) == {"id", "prediction", "reference"} for p in pairs)
+    assert [p["reference"] for p in pairs] == [a for _, a in QA[:4]]
+
+    # the same through `tools eval semantic --seq2seq` (in-process)
+    from click.testing import CliRunner
+
+    from tools.cli import cli
+    from tools.paths import embedded_embedder
+
+    r = CliRunner().invoke(cli, ["eval", "semantic", "--seq2seq", str(art.path), "--data", str(data), "--split",
+                                 "validation", "--max-new-tokens", "4", "--bertscore-model", "none", "--nli-model",
+                                 "none", "--semscore-model", str(embedded_embedder()), "--out", str(tmp_path / "sem"),
+                                 "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout[r.stdout.index("{"):])
+    assert res["n"] == 4 and set(res["metrics"]) == {"semscore"} and set(res["skipped"]) == {"bertscore_f1", "nli_entailment"}
+    assert (tmp_path / "sem-predictions" / "items.jsonl").is_file()
 
 
 @pytest.mark.slow
