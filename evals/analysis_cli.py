@@ -124,13 +124,19 @@ def memory_cmd(stage_dir, model, batch, seq_len, regimes, lora_r, as_json):
     r = lora_r
     if stage_dir:
         import yaml
-        cfg_file = Path(stage_dir) / "axolotl.yaml"
-        if not cfg_file.is_file():
-            raise UserError("stage folder has no axolotl.yaml", path=str(stage_dir))
-        cfg = yaml.safe_load(cfg_file.read_text())
-        model = model or cfg.get("base_model")
-        r = r or cfg.get("lora_r")
-        targets = tuple(cfg.get("lora_target_modules") or targets)
+        sd = Path(stage_dir)
+        if (sd / "seq2seq.json").is_file():  # the T5 LoRA path (recipes.seq2seq)
+            cfg = json.loads((sd / "seq2seq.json").read_text())
+            model = model or cfg.get("base_model")
+            r = r or cfg.get("lora_r")
+            targets = tuple(cfg.get("target_modules") or ("q", "k", "v", "o"))
+        elif (sd / "axolotl.yaml").is_file():
+            cfg = yaml.safe_load((sd / "axolotl.yaml").read_text())
+            model = model or cfg.get("base_model")
+            r = r or cfg.get("lora_r")
+            targets = tuple(cfg.get("lora_target_modules") or targets)
+        else:
+            raise UserError("stage folder has no axolotl.yaml or seq2seq.json", path=str(stage_dir))
     if not model:
         raise UserError("give a STAGE_DIR or --model", field="--model")
     if not (Path(model) / "config.json").is_file():

@@ -66,7 +66,7 @@ def _activation_bytes(model, batch: int, seq_len: int, vocab: int) -> int:
     ids = torch.randint(0, vocab, (batch, seq_len), generator=g)
     model.train()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(input_ids=ids, labels=ids)
+        out = model(input_ids=ids, labels=ids)  # seq2seq: targets as long as the source
     total = sum(sz for ptr, sz in seen.items() if ptr not in params)
     out.loss.backward()
     model.zero_grad(set_to_none=True)
@@ -76,8 +76,10 @@ def _activation_bytes(model, batch: int, seq_len: int, vocab: int) -> int:
 def measure(model_dir: str | Path, regime: str, *, batch: int = 2, seq_len: int = 128, lora_r: int = 8,
             lora_alpha: int = 16, targets: tuple[str, ...] = ("q_proj", "v_proj")) -> Footprint:
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
+    seq2seq = bool(getattr(AutoConfig.from_pretrained(model_dir), "is_encoder_decoder", False))
+    Auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
     kw: dict = {"dtype": torch.float32}
     if regime == "qlora":
         from transformers import BitsAndBytesConfig
@@ -85,14 +87,15 @@ def measure(model_dir: str | Path, regime: str, *, batch: int = 2, seq_len: int 
                                                        bnb_4bit_compute_dtype=torch.float32,
                                                        bnb_4bit_use_double_quant=True)
         kw["device_map"] = "cpu"
-    model = AutoModelForCausalLM.from_pretrained(model_dir, **kw)
+    model = Auto.from_pretrained(model_dir, **kw)
     if regime in ("lora", "qlora"):
         from peft import LoraConfig, get_peft_model
         if regime == "qlora":
             from peft import prepare_model_for_kbit_training
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0,
-                                                 target_modules=list(targets), task_type="CAUSAL_LM"))
+                                                 target_modules=list(targets),
+                                                 task_type="SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM"))
     elif regime != "full":
         raise ValueError(regime)
     trainable = [p for p in model.parameters() if p.requires_grad]

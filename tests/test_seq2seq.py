@@ -189,3 +189,18 @@ def test_bad_stage_input_is_one_clear_error(tiny_t5, tmp_path):
         st.path("axolotl.yaml").write_text("base_model: x\n")
     with pytest.raises(UserError, match="not a seq2seq stage"):
         train(tmp_path / "axo")
+
+
+def test_memory_works_on_a_seq2seq_stage(tiny_t5, tmp_path, tools_cli):
+    """`tools memory` reads the seq2seq stage (seq2seq.json) and measures a T5 like a causal model."""
+    from recipes.seq2seq import write_stage
+
+    data = make_dataset(tmp_path / "data")
+    stage = write_stage(tmp_path / "stage", tiny_t5, [str(data)], {"lora_r": 4, "max_steps": 1})
+    p = tools_cli("memory", stage.path, "--regime", "full", "--regime", "lora", "--seq-len", "16", "--json")
+    assert p.returncode == 0, p.stderr
+    full, lora = json.loads(p.stdout)
+    cfg = json.loads((tiny_t5 / "config.json").read_text())
+    assert lora["trainable_params"] == expected_lora_params(cfg, 4, ffn=False)
+    assert lora["trainable_mb"] < full["trainable_mb"] / 5 and lora["activation_mb"] > 0
+    assert lora["frozen_mb"] + lora["trainable_mb"] == pytest.approx(lora["total_param_mb"])
