@@ -36,7 +36,7 @@ def read_text(path: str | os.PathLike) -> str:
 def _log_softmax(x):
     import numpy as np
 
-    x = x.astype(np.float64)
+    x = x.astype(np.float64, copy=False)
     m = x.max(axis=-1, keepdims=True)
     return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
 
