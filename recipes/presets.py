@@ -121,15 +121,12 @@ def preset_keys(preset: Preset, base_model: str, config: dict) -> dict:
     if preset.shard.startswith("zero"):
         keys["deepspeed"] = preset.deepspeed_file  # made absolute by the stage writer
     elif preset.shard == "fsdp2":
-        cls = layer_class(base_model)
-        if cls is None:
-            raise UserError("cannot tell the decoder layer class FSDP2 should wrap (base model config not found "
-                            "locally): pass --set fsdp_config.transformer_layer_cls_to_wrap=NAME", field="--shard")
+        cls = layer_class(base_model)  # None: the stage writer asks for --set fsdp_config.transformer_layer_cls_to_wrap
         quantized = bool(config.get("load_in_4bit") or config.get("load_in_8bit"))
         keys["fsdp_version"] = 2
         keys["fsdp_config"] = {
             "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
-            "transformer_layer_cls_to_wrap": cls,
+            **({"transformer_layer_cls_to_wrap": cls} if cls else {}),
             "reshard_after_forward": True,
             "offload_params": False,
             "state_dict_type": "FULL_STATE_DICT",
@@ -159,6 +156,11 @@ def refuse_broken(preset: Preset, config: dict) -> None:
     if preset.device == "cpu" and (config.get("deepspeed") or config.get("fsdp_version") or config.get("fsdp")):
         raise UserError("DeepSpeed/FSDP need GPUs: Axolotl hard-codes the NCCL backend (fails on CPU)",
                         field="--device")
+    fc = config.get("fsdp_config") or {}
+    if config.get("fsdp_version") and fc.get("auto_wrap_policy") == "TRANSFORMER_BASED_WRAP" \
+            and not fc.get("transformer_layer_cls_to_wrap"):
+        raise UserError("cannot tell the decoder layer class FSDP2 should wrap (the base model's config.json is not "
+                        "local): pass --set fsdp_config.transformer_layer_cls_to_wrap=NAME", field="--shard")
     if config.get("deepspeed") and (config.get("fsdp_version") or config.get("fsdp_config")):
         raise UserError("DeepSpeed and FSDP cannot be used together", field="--shard")
 

@@ -184,7 +184,15 @@ def plot_loss(hist: list[dict], out_png: Path, title: str) -> bool:
     return True
 
 
-def _record(st: Stage, work: Path, cfg: dict, art: Artifact, streamed: list[dict], extra: dict) -> None:
+def _num(v) -> float | None:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def _record(st: Stage, work: Path, cfg: dict, art: Artifact, streamed: list[dict], extra: dict,
+            summary: dict | None = None) -> None:
     hist_raw, source = read_log_history(work, streamed)
     hist = clean_history(hist_raw)
     write_json(work / "log_history.json", hist)
@@ -192,8 +200,13 @@ def _record(st: Stage, work: Path, cfg: dict, art: Artifact, streamed: list[dict
     adapter = (work / "adapter_config.json").is_file()
     if not adapter and not (work / "config.json").is_file():
         raise WorkError("Axolotl finished but wrote neither an adapter nor a model")
-    timing = {k: v for h in hist_raw for k, v in h.items() if k in ("train_runtime", "train_samples_per_second",
-                                                                       "train_steps_per_second")}
+    # the trainer's closing summary (printed after the last checkpoint, so not in trainer_state.json)
+    timing = {k: _num(v) for h in [*hist_raw, summary or {}] for k, v in h.items()
+              if k in ("train_runtime", "train_samples_per_second", "train_steps_per_second")}
+    tokens = max([h.get("tokens/total", 0) for h in hist] or [0])
+    if tokens and timing.get("train_runtime"):
+        timing["tokens"] = tokens
+        timing["tokens_per_second"] = round(tokens / timing["train_runtime"], 1)
     st.extra.update({
         "base_model": cfg.get("base_model"), "adapter": adapter, "arch": "causal", "log_history": hist,
         "log_history_from": source, "final_loss": final_loss(hist),
@@ -279,15 +292,22 @@ def _train(st: Stage, work: Path, stage_dir: Path, cfg: dict, art: Artifact, pre
         if rc != 0:
             raise WorkError(f"axolotl train failed (exit {rc}): {error_line(tail)} (log: {log_path})")
         t2 = time.time()
+    summary: dict = {}
     for s in tail:
-        i = s.find("{'loss'")
-        if i >= 0:
+        for key, sink in (("{'loss'", streamed), ("{'train_runtime'", None)):
+            i = s.find(key)
+            if i < 0:
+                continue
             try:
-                streamed.append(ast.literal_eval(s[i:s.rindex("}") + 1]))
+                d = ast.literal_eval(s[i:s.rindex("}") + 1])
             except (ValueError, SyntaxError):
-                pass
+                continue
+            if sink is not None:
+                sink.append(d)
+            else:
+                summary = d
     _record(st, work, cfg, art, streamed, {"wall_seconds": {"preprocess": round(t1 - t0, 1),
-                                                            "train": round(t2 - t1, 1)}})
+                                                            "train": round(t2 - t1, 1)}}, summary)
 
 
 def _finish(res: Artifact) -> Artifact:

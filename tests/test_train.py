@@ -97,6 +97,26 @@ def test_completion_then_sft_from_it(tmp_path, tiny_llama, tools_cli):
         assert "<|im_start|>user" in masked and "<|im_start|>assistant" in masked
     assert sorted(got) == answers
 
+    # with stage one merged (a `merge` artifact made from its output) SFT trains a new adapter on it
+    import yaml
+
+    from tools.artifact import Stage
+    from tools.errors import UserError
+
+    def fake_merge(out, made_from):  # the files release's merge writes; here a copy of the base
+        with Stage("merge", out, {"m": str(made_from)}, inputs=[made_from]) as mst:
+            for f in sorted(Path(tiny_llama).iterdir()):
+                if f.is_file():
+                    shutil.copy(f, mst.path(f.name))
+        return out
+    m1 = fake_merge(tmp_path / "merged1", s1 / "output")
+    s3 = write_stage("sft", tmp_path / "s3", from_stage=str(s1), merged=str(m1), data=[str(dataset)], options=opts)
+    cfg3 = yaml.safe_load((s3.path / "axolotl.yaml").read_text())
+    assert cfg3["base_model"] == str(m1) and "lora_model_dir" not in cfg3 and s3.extra["start"]["start"] == "merged"
+    m2 = fake_merge(tmp_path / "merged2", s2 / "output")
+    with pytest.raises(UserError, match="not made from stage one"):
+        write_stage("sft", tmp_path / "s4", from_stage=str(s1), merged=str(m2), data=[str(dataset)])
+
 
 def test_failed_run_exits_1_and_leaves_no_manifest(tmp_path, tiny_llama, tools_cli):
     base = tmp_path / "base"
