@@ -1,7 +1,7 @@
 """Training through the real `axolotl` CLI on CPU with the tiny Llama: a completion stage, an SFT
 stage started from it (continuing its adapter), the SFT labels (loss on assistant turns only), and
 a failed run that leaves no manifest. Few steps, short sequences, LoRA in fp32 (faster on CPU than
-QLoRA, see the report in recipes/train.py's module docstring)."""
+QLoRA, measured in recipes/train.py's module docstring)."""
 from __future__ import annotations
 
 import json
