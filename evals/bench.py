@@ -138,7 +138,7 @@ def run_bench(task: str, *, model: str | os.PathLike | None = None, data: str | 
                         chunks = retriever.search(it.question, k)
                         room = max_tokens if mode == "generate" else max(
                             lr.count_tokens(answer_text(task, lab, it)) for lab in it.options)
-                        rag_text, kept = fit_context(system, qb, chunks, lr.count_tokens, n_ctx, room + 8)
+                        rag_text, kept = fit_context(system, qb, chunks, lr.count_tokens, lr.n_ctx, room + 24)
                         row["chunks"] = [{"id": c.get("id"), "score": round(float(c.get("score", 0.0)), 6)} for c in kept]
                     prompt = lr.render(system, user_message(task, it, rag_text))
                     if system not in prefixes:
