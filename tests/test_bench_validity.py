@@ -27,7 +27,7 @@ def test_loglik_agrees_with_lm_eval_hf(smollm2_hf, tmp_path):
     data = tmp_path / "pubmedqa-subset.jsonl"
     write_jsonl(data, [it.to_dict() for it in items if it.id in keep])
 
-    art = run_bench("pubmedqa", model=gguf, data=data, mode="loglik", threads=1, out=tmp_path / "ours", plots=False)
+    art = run_bench("pubmedqa", model=gguf, data=data, mode="loglik", out=tmp_path / "ours", plots=False)
     ours = {r["id"]: r for r in map(json.loads, (art.path / "items.jsonl").read_text().splitlines())}
     assert len(ours) == N_ITEMS
 
