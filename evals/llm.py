@@ -61,8 +61,12 @@ def check_gguf(path: str | os.PathLike) -> Path:
     p = Path(path)
     if not p.exists():
         raise UserError("model file not found", path=str(p), field="--model")
-    if p.is_dir():
-        raise UserError("expected a .gguf file, got a directory", path=str(p), field="--model")
+    if p.is_dir():  # a GGUF artifact folder (tools convert / tools quantize) holding one .gguf
+        found = sorted(p.glob("*.gguf"))
+        if len(found) != 1:
+            raise UserError(f"expected a .gguf file or a folder holding exactly one, found {len(found)}",
+                            path=str(p), field="--model")
+        p = found[0]
     with open(p, "rb") as f:
         magic = f.read(4)
     if magic != b"GGUF":

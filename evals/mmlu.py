@@ -169,6 +169,9 @@ def run_mmlu(model: str | os.PathLike | None = None, *, shots: int = 0, subjects
     model_path = Path(model) if model else embedded_gguf()
     if not model_path.exists():
         raise UserError("model not found", path=str(model_path), field="--model")
+    if model_path.is_dir() and not (model_path / "config.json").is_file() and any(model_path.glob("*.gguf")):
+        from .llm import check_gguf
+        model_path = check_gguf(model_path)  # a GGUF artifact folder (tools convert / quantize)
     kind, minfo = _model_info(model_path)
     root = bundled_data() / "mmlu_medical"
     csvs = [root / sp / f"{s}_{sp}.csv" for s in subjects for sp in ("test", "dev")]

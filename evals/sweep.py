@@ -76,15 +76,24 @@ class Objective:
         return float(ev(self.tree))
 
 
-def parse_grid(specs: tuple[str, ...]) -> dict[str, list[Any]]:
+def _scalar(v: str):
+    """A grid value: int, then float (YAML 1.1 reads "1e-3" as a string), then YAML."""
     import yaml
+    for conv in (int, float):
+        try:
+            return conv(v)
+        except ValueError:
+            pass
+    return yaml.safe_load(v)
 
+
+def parse_grid(specs: tuple[str, ...]) -> dict[str, list[Any]]:
     grid: dict[str, list[Any]] = {}
     for spec in specs:
         if "=" not in spec:
             raise UserError(f"grid entry {spec!r} is not KEY=V1,V2,...", field="--grid")
         key, vals = spec.split("=", 1)
-        values = [yaml.safe_load(v) for v in vals.split(",") if v.strip()]
+        values = [_scalar(v.strip()) for v in vals.split(",") if v.strip()]
         if not key.strip() or not values:
             raise UserError(f"grid entry {spec!r} is not KEY=V1,V2,...", field="--grid")
         grid[key.strip()] = values
