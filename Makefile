@@ -42,7 +42,13 @@ test: install
 	$(VENV)/bin/pytest -q -p no:cacheprovider --timeout=1800
 
 demo: install
-	PATH=$(abspath $(VENV))/bin:$$PATH $(VENV)/bin/tools run recipes/pipelines/demo.yaml --run-dir runs/demo
+	@start=$$(date +%s); \
+	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m tools.pgdemo --csv corpora/data/demo_notes/noteevents_like.csv -- \
+	  $(VENV)/bin/tools run recipes/pipelines/demo.yaml --run-dir runs/demo && \
+	echo "demo finished in $$(( $$(date +%s) - start )) s" && \
+	echo "report: runs/demo/report/report.md (plot: runs/demo/report/compare.png)" && \
+	echo "GGUF:   $$(ls runs/demo/q3kl/*.gguf)" && \
+	echo "status: $(VENV)/bin/tools status runs/demo"
 
 bench: bench-corpus bench-eval
 
