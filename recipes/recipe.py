@@ -223,7 +223,8 @@ def choose_length(base_model: str, texts: list[str], kind: str) -> dict:
     median = statistics.median(lens)
     return {"sequence_len": seq, "sample_packing": bool(kind == "completion" or median * 2 <= seq),
             "token_stats": {"rows_scanned": len(lens), "max": lens[-1], "median": median, "p95": p95,
-                            "counted_with": how, "longer_than_sequence_len": sum(1 for x in lens if x > seq)}}
+                            "counted_with": how, "longer_than_sequence_len": sum(1 for x in lens if x > seq)},
+            "lengths": lens}
 
 
 # -- --set -----------------------------------------------------------------------------------------

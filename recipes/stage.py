@@ -159,6 +159,20 @@ def build(kind: str, out: Path, base_model: str, train_files: list[Path], val_fi
         cfg.setdefault("attn_implementation", "sdpa")
     if preset.deepspeed_file:
         cfg["deepspeed"] = str(out / preset.deepspeed_file)
+    lens = decided.pop("lengths")
+    seq = int(cfg.get("sequence_len") or 0)
+    if kind == "sft" and seq:
+        # Axolotl drops SFT rows longer than sequence_len; with none left its preprocess dies with a
+        # cryptic "empty range for randrange()", so say it here, before anything is written.
+        too_long = sum(1 for x in lens if x > seq)
+        decided["token_stats"]["longer_than_sequence_len"] = too_long
+        if too_long == len(lens):
+            raise UserError(f"every scanned row is longer than sequence_len={seq} (shortest {lens[0]} tokens, "
+                            f"counted with the base tokenizer): Axolotl would drop them all; raise --seq-len",
+                            field="--seq-len")
+        if too_long:
+            log(f"note: {too_long} of {len(lens)} scanned rows are longer than sequence_len={seq}; "
+                "Axolotl drops them")
     return cfg, decided
 
 

@@ -246,3 +246,12 @@ def test_train_dry_run_prints_exact_commands(tmp_path, tiny_llama, data, tools_c
     assert f"axolotl train {s}/axolotl.yaml --launcher python" in lines[1]
     assert "HF_HUB_OFFLINE=1" in lines[1] and "PATH=" in lines[1]
     assert not (s / "output").exists() and not (s / "train.log").exists()
+
+
+def test_sequence_len_that_drops_every_row_is_refused(tmp_path, tiny_llama, data, tools_cli):
+    """Axolotl would drop every SFT row and die with 'empty range for randrange()': say why, exit 2."""
+    p = tools_cli("stage", "sft", "--base-model", tiny_llama, "--dataset", data["dataset"], "--device", "cpu", "--lora",
+                  "--seq-len", "16", "--out", tmp_path / "s")
+    assert p.returncode == 2, p.stderr
+    assert "every scanned row is longer than sequence_len=16" in p.stderr and "--seq-len" in p.stderr
+    assert not (tmp_path / "s").exists()
