@@ -2,7 +2,7 @@
 lm-eval's `gguf` model against `python -m llama_cpp.server`.
 
 1. The floor: llama.cpp's prompt-processing and generation speed on the same GGUF and threads,
-   measured in this run (a fresh 512-token batch, best of 2; 64 single-token decodes).
+   measured in this run (a fresh 512-token batch; 32 single-token decodes; best of 3 each).
 2. Log-likelihood mode on PubMedQA test (default all 500): wall time vs
    floor = sum of prompt tokens / prompt-processing tokens per second.  Target <= 1.2x.
 3. Generation mode (default 40 items): wall time vs floor = prompt tokens / pp speed + generated
@@ -38,7 +38,7 @@ def floor_speed(model: Path, threads: int | None) -> dict:
     it = load_items("pubmedqa", limit=1)[0][0]
     with LlamaRunner(model, n_threads=threads) as lr:
         toks = lr.tokenize(lr.render(system_prompt("pubmedqa"), user_message("pubmedqa", it)))
-        return lr.measure_speed(toks, n_pp=512, n_tg=64, reps=2)
+        return lr.measure_speed(toks, n_pp=512, n_tg=32, reps=3)
 
 
 def run_ours(mode: str, model: Path, limit: int, threads: int | None, out: Path) -> tuple[dict, dict]:
