@@ -33,6 +33,9 @@ AXOLOTL_ENV: dict[str, str] = {
     "TRANSFORMERS_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
     "DO_NOT_TRACK": "1",
+    # Same inputs and seed -> same bytes: peft writes target_modules from a set, whose order follows
+    # the string hash seed; a fixed seed makes adapter_config.json (and what follows) reproducible.
+    "PYTHONHASHSEED": "0",
 }
 
 LOCAL_DATASET_KEYS: dict = {"ds_type": "json"}

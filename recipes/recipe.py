@@ -355,14 +355,19 @@ def dump_yaml(config: dict, header: str) -> str:
     return "".join(f"# {line}\n" if line else "#\n" for line in header.splitlines()) + body
 
 
-def env_for_axolotl() -> dict[str, str]:
-    """The environment every Axolotl process gets: offline, no telemetry, the venv's bin first."""
+def env_for_axolotl(seed: int | None = None) -> dict[str, str]:
+    """The environment every Axolotl process gets: offline, no telemetry, the venv's bin first;
+    with ``seed``, every process is seeded at start-up (recipes/seeding/sitecustomize.py)."""
     import sys
 
     from .profiles import AXOLOTL_ENV
 
     env = dict(os.environ)
     env.update(AXOLOTL_ENV)
+    if seed is not None:
+        seeding = str(Path(__file__).resolve().parent / "seeding")
+        env["PYTHONPATH"] = os.pathsep.join([seeding] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        env["MEDILORA_SEED"] = str(int(seed))
     bindir = str(Path(sys.executable).parent)
     env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
     return env

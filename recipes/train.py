@@ -271,7 +271,7 @@ def train_stage(stage_dir: str | os.PathLike, dry_run: bool = False, force: bool
 
 
 def _train(st: Stage, work: Path, stage_dir: Path, cfg: dict, art: Artifact, preset: P.Preset) -> None:
-    env = R.env_for_axolotl()
+    env = R.env_for_axolotl(seed=cfg.get("seed", 42))
     pre, train = plan(stage_dir, str(work))["commands"]
     tail: deque = deque(maxlen=400)
     streamed: list[dict] = []
