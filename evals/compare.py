@@ -61,7 +61,9 @@ def report_cmd(bench_dirs, labels, title, out, force):
     table = compare_rows(runs)
     with Stage("report.compare", out, {"labels": labels, "title": title}, inputs=list(bench_dirs), force=force) as st:
         if not st.skipped:
-            write_json(st.path("compare.json"), {"title": title, "runs": table})
+            # timings stay out of the data file (DESIGN: times live only in the manifest)
+            write_json(st.path("compare.json"), {"title": title, "runs": [
+                {k: v for k, v in r.items() if k != "s_per_item"} for r in table]})
             _plot(table, st.path("compare.png"), title)
             lines = [f"# {title}", "", f"Task: {runs[0][1]['task']}, split {runs[0][1].get('split')}, "
                      f"the same {table[0]['n']} items for every run.", "",
@@ -79,7 +81,8 @@ def report_cmd(bench_dirs, labels, title, out, force):
             lines += ["", f"Majority class on these items: {maj!r} ({100 * gold.count(maj) / len(gold):.1f} %).", "",
                       "![comparison](compare.png)", ""]
             st.path("report.md").write_text("\n".join(lines))
-            st.extra["runs"] = {r["run"]: {"accuracy": r["accuracy"], "valid_rate": r["valid_rate"]} for r in table}
+            st.extra["runs"] = {r["run"]: {"accuracy": r["accuracy"], "valid_rate": r["valid_rate"],
+                                           "s_per_item": r["s_per_item"]} for r in table}
             st.extra["majority_rate"] = gold.count(maj) / len(gold)
     click.echo(Path(out, "report.md").read_text())
 
