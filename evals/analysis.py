@@ -140,12 +140,13 @@ def plot_loss(history: list[dict], out_png: str | Path, title: str) -> dict:
         raise UserError("log history has no loss entries", field="log_history")
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     if train:
-        ax.plot(*zip(*train), label="train loss", marker=".")
+        ax.plot(*zip(*train), label="train loss", marker="o", ms=3)
     if evals:
-        ax.plot(*zip(*evals), label="eval loss", marker="o")
+        ax.plot(*zip(*evals), label="eval loss", marker="s", ms=4)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(title)
+    ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
     fig.savefig(out_png, format="png", metadata={"Software": None})

@@ -167,26 +167,11 @@ def final_loss(hist: list[dict]) -> float | None:
 
 
 def plot_loss(hist: list[dict], out_png: Path, title: str) -> bool:
-    pts = [(h["step"], h["loss"]) for h in hist if "loss" in h and "step" in h]
-    ev = [(h["step"], h["eval_loss"]) for h in hist if "eval_loss" in h and "step" in h]
-    if not pts:
+    """The loss curve `tools plot` draws; False when the history holds no train loss."""
+    if not any("loss" in h and "step" in h for h in hist):
         return False
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label="train loss")
-    if ev:
-        ax.plot([p[0] for p in ev], [p[1] for p in ev], marker="s", ms=4, label="eval loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_png, format="png", metadata={"Software": None})
-    plt.close(fig)
+    from evals.analysis import plot_loss as _plot
+    _plot(hist, out_png, title)
     return True
 
 
