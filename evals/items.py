@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tools.errors import UserError
 from tools.io import read_jsonl, require_file, sha256_file
-from tools.paths import bundled_data, system_prompts_file
+from tools.paths import bundled_data
 
 TASKS = ("pubmedqa", "medqa")
 SPLITS = ("test", "dev")
@@ -147,21 +147,15 @@ def data_sha256(path: Path) -> str:
 # ---- prompts -------------------------------------------------------------------------------
 
 def system_prompt(task: str, options: dict | None = None) -> str:
-    """The MediLoRA system prompt of ``task`` (verbatim; MedQA's {first}/{last} from the options)."""
-    import yaml
+    """The MediLoRA system prompt of ``task`` (verbatim; MedQA's {first}/{last} from the options).
 
-    f = system_prompts_file()
-    try:
-        prompts = yaml.safe_load(f.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise UserError(f"unreadable system prompts ({e})", path=str(f)) from None
-    if not isinstance(prompts, dict) or task not in prompts:
-        raise UserError(f"no system prompt for {task!r}", path=str(f), field=task)
-    text = str(prompts[task]).strip()
-    if task == "medqa":
-        labels = list(options or {"A": "", "D": ""})
-        text = text.replace("{first}", labels[0]).replace("{last}", labels[-1])
-    return text
+    One reader serves both sides: the SFT builders (corpora.sft) and the bench ask the same text.
+    """
+    from corpora.sft import system_prompt as _system_prompt
+
+    if task not in TASKS:
+        raise UserError(f"no system prompt for {task!r}", field=task)
+    return _system_prompt(task, list(options) if options else None)
 
 
 def question_block(task: str, item: Item) -> str:
