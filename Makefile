@@ -53,7 +53,7 @@ demo: install
 bench: bench-corpus bench-eval
 
 bench-corpus: install
-	$(PY) bench/bench_corpus.py
+	$(PY) bench/bench_corpus.py --size-mb 100 --size-mb 1024
 
 bench-eval: install
 	$(PY) bench/bench_eval.py

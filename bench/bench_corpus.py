@@ -6,7 +6,7 @@ structure, [** ... **] placeholders, trailing-space categories, ISERROR rows, qu
 duplicates, then the real console script runs on it while a sampler sums the RSS of its process
 tree (main + workers) every 50 ms.
 
-    .venv/bin/python bench/bench_corpus.py --size-mb 100 --size-mb 300      # what make bench-corpus runs: 1024
+    .venv/bin/python bench/bench_corpus.py --size-mb 100 --size-mb 1024     # what make bench-corpus runs
 Results: bench/out/corpus_bench.json and bench/out/corpus_bench.png.
 """
 from __future__ import annotations

@@ -160,11 +160,12 @@ def system_prompt(task: str, options: dict | None = None) -> str:
 
 def question_block(task: str, item: Item) -> str:
     """The user message of ``item`` (without retrieved context)."""
+    from corpora.sft import medqa_user, pubmedqa_user   # one formatter: train as you test
+
     if task == "pubmedqa":
-        return f"Context: {item.context}\n\nQuestion: {item.question}\n\nAnswer with yes, no or maybe."
-    opts = "\n".join(f"({k}) {v}" for k, v in item.options.items())
+        return pubmedqa_user([item.context], item.question)
     ctx = f"Context: {item.context}\n\n" if item.context else ""
-    return f"{ctx}Question: {item.question}\n\nOptions:\n{opts}\n\nAnswer with the letter of the correct option."
+    return ctx + medqa_user(item.question, item.options)
 
 
 def user_message(task: str, item: Item, rag_context: str = "") -> str:
