@@ -59,6 +59,25 @@ def test_run_skips_done_steps_and_reruns_stale(tmp_path, tools_cli):
     assert second["steps"]["split"] == first["steps"]["split"]
 
 
+def test_status_judges_steps_with_the_runs_var_values(tmp_path, tools_cli):
+    """A run made with --var (make demo passes the notes source that way) reads as done, not stale."""
+    default = _books(tmp_path, TEXT)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "b.txt").write_text(TEXT.replace("Heart", "Cardiac"))
+    p = _pipeline(tmp_path, default)
+    run = tmp_path / "run"
+    r = tools_cli("run", p, "--run-dir", run, "--until", "books", "--var", f"books={other}")
+    assert r.returncode == 0, r.stderr
+    s = tools_cli("status", run)
+    row = next(x for x in s.stdout.splitlines() if x.strip("│ ").startswith("books"))
+    assert "done" in row and "stale" not in row, s.stdout
+    r = tools_cli("run", p, "--run-dir", run, "--until", "books")   # back to the default source
+    assert "[run ] books" in r.stderr
+    row = next(x for x in tools_cli("status", run).stdout.splitlines() if x.strip("│ ").startswith("books"))
+    assert "done" in row
+
+
 def test_failed_step_stops_and_resumes(tmp_path, tools_cli):
     books = _books(tmp_path, TEXT)
     p = tmp_path / "p.yaml"

@@ -228,6 +228,7 @@ def run_pipeline(pipeline: str, run_dir: str, *, until: str | None = None, start
         return state
     rd.mkdir(parents=True, exist_ok=True)
     state["pipeline"] = str(Path(pipeline).resolve())
+    state["vars"] = dict(variables or {})   # `tools status` judges the steps with the same values
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     for i, n in enumerate(names):
@@ -315,7 +316,11 @@ def status_cmd(run_dir, pipeline):
     pipeline = pipeline or state.get("pipeline")
     if not pipeline:
         raise UserError("no pipeline recorded for this run; pass --pipeline", path=str(rd))
-    plan = Plan(load_pipeline(pipeline), rd)
+    doc = load_pipeline(pipeline)
+    for k, v in state.get("vars", {}).items():   # the --var values of the last `tools run`
+        if k in doc["vars"]:
+            doc["vars"][k] = v
+    plan = Plan(doc, rd)
     t = Table(title=f"{Path(pipeline).name} in {rd}")
     for c in ("step", "status", "seconds", "key figures"):
         t.add_column(c)
