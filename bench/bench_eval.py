@@ -7,7 +7,7 @@ lm-eval's `gguf` model against `python -m llama_cpp.server`.
    floor = sum of prompt tokens / prompt-processing tokens per second.  Target <= 1.2x.
 3. Generation mode (default 40 items): wall time vs floor = prompt tokens / pp speed + generated
    tokens / generation speed.  Target <= 1.3x.
-4. lm-eval `--model gguf` against `python -m llama_cpp.server` on 127.0.0.1 (default 20 items),
+4. lm-eval `--model gguf` against `python -m llama_cpp.server` on 127.0.0.1 (default 2 items),
    with the server's `--kv_overrides tokenizer.ggml.add_bos_token=bool:true` (without it
    llama-cpp-python 0.3.36 echoes 0.0 log-likelihoods for models that add no BOS): seconds per
    item vs ours.  Target: ours >= 20x faster per item.
@@ -123,10 +123,13 @@ def main(argv=None) -> int:
     ap.add_argument("--model", type=Path, default=None, help="GGUF (default: the embedded SmolLM2 Q4_1)")
     ap.add_argument("--limit", type=int, default=500, help="PubMedQA test items in log-likelihood mode")
     ap.add_argument("--gen-limit", type=int, default=40, help="items in generation mode (0: skip)")
-    ap.add_argument("--server-items", type=int, default=20, help="items for lm-eval gguf + llama_cpp.server (0: skip)")
+    ap.add_argument("--server-items", type=int, default=2,
+                    help="items for lm-eval gguf + llama_cpp.server (0: skip; ~50 s per request here, 3 requests an item)")
     ap.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: physical cores)")
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "bench-eval")
     a = ap.parse_args(argv)
+    import signal
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # run the finally blocks: stop the server
     model = a.model or embedded_gguf()
     threads = a.threads or physical_cores()
     a.out.mkdir(parents=True, exist_ok=True)
