@@ -39,7 +39,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	touch $(STAMP)
 
 test: install
-	$(VENV)/bin/pytest -q -p no:cacheprovider --timeout=1800
+	$(VENV)/bin/pytest -q -p no:cacheprovider --timeout=1800 --durations=15
 
 demo: install
 	@start=$$(date +%s); \
