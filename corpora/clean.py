@@ -23,7 +23,7 @@ def remove_placeholders(text: str, replacement: str = "") -> tuple[str, int]:
 
 
 # Whitespace as ``str.split()`` sees it (Unicode White_Space), less the space and the newline
-# (tests/test_corpora_mimic.py checks this list against ``str.isspace`` over all code points).
+# (tests/test_corpora_fastpath.py checks this list against ``str.isspace`` over all code points).
 _ODD_WS = ("\t\x0b\x0c\r\x1c\x1d\x1e\x1f\x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006"
            "\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000")
 _ODD_WS_ASCII = "".join(c for c in _ODD_WS if c.isascii())
@@ -147,12 +147,6 @@ class SectionFilter:
     def __setstate__(self, state):
         self.keep, self.headers = state["keep"], state["headers"]
         self.__post_init__()
-
-    def header(self, line: str) -> str | None:
-        """The section name if ``line`` is a known header: the header alone on its line, or
-        followed by a colon (content may follow the colon). Whitespace inside is normalised."""
-        m = self._header_re.match("\n" + line.split("\n", 1)[0] + "\n")
-        return None if m is None else self._spelling_to_name.get(" ".join(m.group(1).split()).lower())
 
     def extract(self, text: str) -> tuple[str, list[str]]:
         """The kept sections (header line included), whitespace-normalised, separated by one blank

@@ -460,18 +460,14 @@ def build(tasks: Iterator[tuple], out_file: Path, opts: NoteOptions, workers: in
         if dropped:
             stats["dropped_duplicate"] += len(dropped)
         # the byte ranges of the kept lines, written in order
-        ranges, pos, last = [], 0, 0
-        if dropped:
-            offsets = [0, *accumulate(sizes)]
-            for i in dropped:
-                if offsets[i] > pos:
-                    ranges.append((pos, offsets[i] - pos))
-                pos = offsets[i + 1]
-            last = offsets[-1]
-        else:
-            last = sum(sizes)
-        if last > pos:
-            ranges.append((pos, last - pos))
+        offsets = [0, *accumulate(sizes)]
+        ranges, pos = [], 0
+        for i in dropped:
+            if offsets[i] > pos:
+                ranges.append((pos, offsets[i] - pos))
+            pos = offsets[i + 1]
+        if offsets[-1] > pos:
+            ranges.append((pos, offsets[-1] - pos))
         if isinstance(blob, str):  # spooled by a worker: copied in-kernel, then removed
             _copy_ranges(blob, f, ranges)
             os.unlink(blob)
