@@ -561,7 +561,7 @@ def spool_dir(out_dir: Path) -> str:
             os.kill(pid, 0)
         except ProcessLookupError:
             shutil.rmtree(stale, ignore_errors=True)
-        except (ValueError, PermissionError, OSError):
+        except (ValueError, OSError):       # not ours to judge (another user's process)
             pass
     return tempfile.mkdtemp(prefix=f"{SPOOL_PREFIX}{os.getpid()}-", dir=base)
 

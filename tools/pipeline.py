@@ -204,13 +204,21 @@ def check_commands(plan: Plan) -> None:
                                 path=plan.doc["_path"], field=n)
 
 
+def apply_vars(doc: dict, variables: dict, strict: bool = True) -> dict:
+    """Override the pipeline's variables (``--var NAME=VALUE``); an unknown name is a user error."""
+    for k, v in variables.items():
+        if k not in doc["vars"]:
+            if strict:
+                raise UserError(f"pipeline has no variable {k!r} (has: {', '.join(doc['vars']) or 'none'})",
+                                field="--var")
+            continue
+        doc["vars"][k] = v
+    return doc
+
+
 def run_pipeline(pipeline: str, run_dir: str, *, until: str | None = None, start: str | None = None,
                  dry_run: bool = False, echo=click.echo, variables: dict | None = None) -> dict:
-    doc = load_pipeline(pipeline)
-    for k, v in (variables or {}).items():
-        if k not in doc["vars"]:
-            raise UserError(f"pipeline has no variable {k!r} (has: {', '.join(doc['vars']) or 'none'})", field="--var")
-        doc["vars"][k] = v
+    doc = apply_vars(load_pipeline(pipeline), variables or {})
     rd = Path(run_dir or Path("runs") / Path(pipeline).stem).resolve()
     plan = Plan(doc, rd)
     names = plan.names()
@@ -316,11 +324,8 @@ def status_cmd(run_dir, pipeline):
     pipeline = pipeline or state.get("pipeline")
     if not pipeline:
         raise UserError("no pipeline recorded for this run; pass --pipeline", path=str(rd))
-    doc = load_pipeline(pipeline)
-    for k, v in state.get("vars", {}).items():   # the --var values of the last `tools run`
-        if k in doc["vars"]:
-            doc["vars"][k] = v
-    plan = Plan(doc, rd)
+    # the --var values of the last `tools run` (a variable since removed from the pipeline is ignored)
+    plan = Plan(apply_vars(load_pipeline(pipeline), state.get("vars", {}), strict=False), rd)
     t = Table(title=f"{Path(pipeline).name} in {rd}")
     for c in ("step", "status", "seconds", "key figures"):
         t.add_column(c)
