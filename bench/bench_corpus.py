@@ -1,6 +1,6 @@
 """Benchmark `tools build-corpus mimic --csv` on a generated MIMIC-shaped NOTEEVENTS.csv.
 
-Target (issue 3): >= 50 MB/s on a 1 GB CSV using both cores, peak RSS < 500 MB and flat between
+Target: >= 50 MB/s on a 1 GB CSV using both cores, peak RSS < 500 MB and flat between
 100 MB and 1 GB of input. The CSV is generated deterministically (seeded) with discharge-summary
 structure, [** ... **] placeholders, trailing-space categories, ISERROR rows, quoted newlines and
 duplicates, then the real console script runs on it while a sampler sums the RSS of its process

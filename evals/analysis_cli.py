@@ -27,10 +27,12 @@ def _table(title: str, columns: list[str], rows: list[list]) -> None:
 @click.option("--data", required=True, type=click.Path(), help="SFT dataset artifact folder (or a ChatML JSONL).")
 @click.option("--split", default="test", show_default=True)
 @click.option("--limit", type=int, default=None, help="First N items only.")
+@click.option("--n-gpu-layers", type=int, default=None,
+              help="GGUF layers to offload to the GPU (default: all when llama.cpp has a GPU backend, else 0).")
 @click.option("--out", type=click.Path(), default=None, help="Artifact folder for the results.")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--force", is_flag=True)
-def perplexity_cmd(models, data, split, limit, out, as_json, force):
+def perplexity_cmd(models, data, split, limit, n_gpu_layers, out, as_json, force):
     """Mean cross-entropy and perplexity over answer tokens only (prompt masked, as in training).
 
     \b
@@ -50,11 +52,11 @@ def perplexity_cmd(models, data, split, limit, out, as_json, force):
             if st.skipped:
                 results = json.loads((out / "results.json").read_text())["models"]
             else:
-                results = [perplexity(m, items).to_dict() for m in models]
+                results = [perplexity(m, items, n_gpu_layers=n_gpu_layers).to_dict() for m in models]
                 (st.path("results.json")).write_text(json.dumps({"split": split, "models": results}, indent=2, sort_keys=True))
                 st.extra["perplexity"] = {r["model"]: r["perplexity"] for r in results}
     else:
-        results = [perplexity(m, items).to_dict() for m in models]
+        results = [perplexity(m, items, n_gpu_layers=n_gpu_layers).to_dict() for m in models]
     if as_json:
         click.echo(json.dumps(results, indent=2, sort_keys=True))
     else:
@@ -64,7 +66,8 @@ def perplexity_cmd(models, data, split, limit, out, as_json, force):
 
 
 @click.command("errors", help="Classify each prediction of a bench result as correct / underspecified / "
-               "incorrect and plot the lengths of the incorrect ones.\n\n\b\nRules:\n"
+               "incorrect and plot the lengths of the incorrect ones.\n\n\b\nExample:\n"
+               "  tools analyze errors runs/bench/pubmedqa-generate --out runs/errors\n\n\b\nRules:\n"
                + "\n".join("  " + ln.strip() for ln in __import__("evals.analysis", fromlist=["RULES"]).RULES.splitlines()))
 @click.argument("results_dir", type=click.Path())
 @click.option("--out", type=click.Path(), default=None, help="Artifact folder (default RESULTS_DIR/../<name>-errors).")

@@ -43,11 +43,12 @@ def _register():
         """lm-eval model over a GGUF via evals.llm.LlamaRunner: one prompt evaluation per context,
         every continuation scored from it; per task the contexts' common token prefix is kept."""
 
-        def __init__(self, pretrained: str, n_ctx: int = 4096, threads: int | None = None, seed: int = 0, **_):
+        def __init__(self, pretrained: str, n_ctx: int = 4096, threads: int | None = None, seed: int = 0,
+                     n_gpu_layers: int | None = None, **_):
             super().__init__()
             from .llm import LlamaRunner
             self.runner = LlamaRunner(pretrained, n_ctx=int(n_ctx), n_threads=int(threads) if threads else None,
-                                      seed=int(seed))
+                                      seed=int(seed), n_gpu_layers=n_gpu_layers)
 
         @property
         def tokenizer_name(self) -> str:
@@ -155,7 +156,7 @@ def _model_info(model: Path) -> tuple[str, dict]:
 
 def run_mmlu(model: str | os.PathLike | None = None, *, shots: int = 0, subjects: list[str] | None = None,
              limit: int | None = None, threads: int | None = None, batch_size: int = 1,
-             out: str | os.PathLike | None = None, force: bool = False, seed: int = 0, plots: bool = True) -> Artifact:
+             n_gpu_layers: int | None = None, out: str | os.PathLike | None = None, force: bool = False, seed: int = 0, plots: bool = True) -> Artifact:
     from tools.paths import bundled_data, embedded_gguf
 
     if shots not in (0, 5):
@@ -191,10 +192,12 @@ def run_mmlu(model: str | os.PathLike | None = None, *, shots: int = 0, subjects
         t0 = time.perf_counter()
         if kind == "gguf":
             cls = _register()
-            lm = cls(pretrained=str(model_path), threads=threads, seed=seed)
+            lm = cls(pretrained=str(model_path), threads=threads, seed=seed, n_gpu_layers=n_gpu_layers)
+            ngl_used = lm.runner.n_gpu_layers
         else:
             from lm_eval.models.huggingface import HFLM
             lm = HFLM(pretrained=str(model_path), device="cpu", dtype="float32", batch_size=batch_size)
+            ngl_used = None
         try:
             res = simple_evaluate(model=lm, tasks=tasks, num_fewshot=shots, limit=limit, task_manager=task_manager(),
                                   log_samples=False, random_seed=seed, numpy_random_seed=seed,
@@ -215,7 +218,7 @@ def run_mmlu(model: str | os.PathLike | None = None, *, shots: int = 0, subjects
         macro = sum(v["accuracy"] for v in subj.values()) / len(subj)
         results = {"schema": 1, "task": "mmlu-medical", "shots": shots, "limit": limit, "n": n,
                    "accuracy": round(micro, 6), "accuracy_macro": round(macro, 6), "valid_rate": 1.0,
-                   "subjects": subj, "model": minfo, "seed": seed,
+                   "subjects": subj, "model": minfo, "seed": seed, "n_gpu_layers": ngl_used,
                    "data": {"sha256": sha256_bytes("".join(f"{p.name}:{sha256_file(p)}" for p in csvs))},
                    "lm_eval_version": lm_eval.__version__ if hasattr(lm_eval, "__version__") else _lm_eval_version()}
         write_json(st.path("results.json"), results)

@@ -93,12 +93,14 @@ def perplexity_hf(model_dir: str | Path, items: list[dict], max_len: int = 2048)
     return PPL(str(model_dir), len(items), n, ce, math.exp(ce))
 
 
-def perplexity_gguf(gguf: str | Path, items: list[dict], n_ctx: int = 2048, threads: int | None = None) -> PPL:
+def perplexity_gguf(gguf: str | Path, items: list[dict], n_ctx: int = 2048, threads: int | None = None,
+                    n_gpu_layers: int | None = None) -> PPL:
     import numpy as np
-    import llama_cpp
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    llm = llama_cpp.Llama(str(gguf), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=threads)
+    from tools.llamacpp import load
+
+    llm = load(gguf, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, logits_all=True, n_threads=threads)
     try:
         tmpl = llm.metadata.get("tokenizer.chat_template")
         if not tmpl:
@@ -133,14 +135,14 @@ def perplexity_gguf(gguf: str | Path, items: list[dict], n_ctx: int = 2048, thre
     return PPL(str(gguf), len(items), n, ce, math.exp(ce))
 
 
-def perplexity(model: str | Path, items: list[dict], **kw) -> PPL:
+def perplexity(model: str | Path, items: list[dict], n_gpu_layers: int | None = None, **kw) -> PPL:
     """Dispatch on the model's form: a GGUF file or an HF model folder."""
     p = Path(model)
     if p.is_file():
         with open(p, "rb") as f:
             if f.read(4) != b"GGUF":
                 raise UserError("not a GGUF file", path=str(p))
-        return perplexity_gguf(p, items, **kw)
+        return perplexity_gguf(p, items, n_gpu_layers=n_gpu_layers, **kw)
     if p.is_dir() and (p / "config.json").is_file():
         return perplexity_hf(p, items)
     raise UserError("model must be a GGUF file or an HF model folder (with config.json)", path=str(p))

@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+pytest_plugins = ["isolation", "pytester"]
+
 for _k, _v in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                "AXOLOTL_DO_NOT_TRACK": "1", "TOKENIZERS_PARALLELISM": "false", "DO_NOT_TRACK": "1"}.items():
     os.environ[_k] = _v
@@ -25,9 +28,10 @@ def repo() -> Path:
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    from tools.paths import shared_data as sd
-    return sd()
+def demo_notes_csv() -> Path:
+    """207 synthetic clinical notes in NOTEEVENTS.csv layout, shipped with the product (license beside them)."""
+    from tools.paths import demo_notes_csv as f
+    return f()
 
 
 @pytest.fixture(scope="session")

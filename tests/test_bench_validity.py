@@ -10,6 +10,7 @@ N_ITEMS = 50
 
 
 @pytest.mark.slow
+@pytest.mark.native
 def test_loglik_agrees_with_lm_eval_hf(smollm2_hf, tmp_path):
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM

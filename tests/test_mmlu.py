@@ -31,6 +31,7 @@ def test_bad_csv_names_file_and_line(tmp_path):
         mmlu_csv(f, "anatomy")
 
 
+@pytest.mark.native
 def test_gguf_backend_scores_like_the_bench_scorer(tools_cli, tmp_path, smollm2_gguf):
     """`tools eval mmlu-medical` on the GGUF: per-subject table and averages; the registered lm-eval
     model's choice equals the argmax of our scorer's log-likelihoods over " A".." D"."""

@@ -23,7 +23,33 @@ OFFLINE_ENV = {"AXOLOTL_DO_NOT_TRACK": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "TO
                "DO_NOT_TRACK": "1"}
 
 
+PACKAGES = {"corpora": "Corpora", "recipes": "Recipes", "release": "Release", "evals": "Evals", "tools": "Pipeline"}
+
+
+def verb_map(group: click.Group) -> dict[str, list[str]]:
+    """Package title -> the verbs it registered ("bench pubmedqa", "train", ...), from the live CLI."""
+    out: dict[str, list[str]] = {}
+    for name in sorted(group.commands):
+        cmd = group.commands[name]
+        subs = [(f"{name} {s}", c) for s, c in sorted(cmd.commands.items())] if isinstance(cmd, click.Group) else [(name, cmd)]
+        for full, c in subs:
+            pkg = (c.callback.__module__ if c.callback else "tools").split(".")[0]
+            out.setdefault(PACKAGES.get(pkg, pkg), []).append(full)
+    order = list(PACKAGES.values())
+    return dict(sorted(out.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
+
+
 class MediloraGroup(click.Group):
+    def format_epilog(self, ctx, formatter):
+        if ctx.parent is None:  # the top-level `tools --help`: every verb, by package
+            import textwrap
+            with formatter.section("Verbs by package"):
+                for title, verbs in verb_map(self).items():
+                    lines = textwrap.wrap(", ".join(verbs), 78, break_on_hyphens=False, break_long_words=False)
+                    for i, line in enumerate(lines):
+                        formatter.write(f"{'':<{formatter.current_indent}}{title if i == 0 else '':<9} {line}\n")
+        super().format_epilog(ctx, formatter)
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
@@ -56,13 +82,6 @@ class MediloraGroup(click.Group):
 @click.pass_context
 def cli(ctx, debug):
     """MediLoRA: raw clinical text in, a benchmarked, quantized GGUF out.
-
-    \b
-    Corpora   build-corpus mimic|textbooks|guidelines, build-dataset pubmedqa|medqa|qa, split, decontaminate
-    Recipes   stage completion|sft, train
-    Release   merge, convert, quantize, inspect, compare-quant, card, push
-    Evals     bench pubmedqa|medqa, eval mmlu-medical|perplexity|semantic, rag index|query
-    Pipeline  run, status
 
     Every verb writes an artifact folder with a manifest.json; `VERB --help` has an example.
     """
@@ -117,14 +136,8 @@ def group(name: str) -> click.Group:
 
 
 def _register_all():
-    for name in COMMAND_MODULES:
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name:  # that package has no CLI yet
-                continue
-            raise
-        mod.register(cli)
+    for name in COMMAND_MODULES:  # a broken module fails loudly: no verb may vanish silently
+        importlib.import_module(name).register(cli)
 
 
 _register_all()

@@ -1,8 +1,7 @@
-"""Where things live: the repo, the data the product ships, ../shared/data, the embedded model."""
+"""Where things live: the repo, the data the product ships, the embedded models."""
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 from .errors import UserError
@@ -10,15 +9,9 @@ from .errors import UserError
 REPO = Path(__file__).resolve().parent.parent
 
 
-def shared_data() -> Path:
-    """The team's shared data folder (../shared/data beside the checkout, or $MEDILORA_SHARED_DATA)."""
-    env = os.environ.get("MEDILORA_SHARED_DATA")
-    cands = [Path(env)] if env else []
-    cands += [REPO.parent / "shared" / "data", REPO / "shared" / "data"]
-    for c in cands:
-        if c.is_dir():
-            return c
-    raise UserError("shared data folder not found (set MEDILORA_SHARED_DATA)", field="MEDILORA_SHARED_DATA")
+def demo_notes_csv() -> Path:
+    """Synthetic clinical notes in MIMIC-III NOTEEVENTS.csv layout (corpora/data/demo_notes, with SOURCE.md)."""
+    return REPO / "corpora" / "data" / "demo_notes" / "noteevents_like.csv"
 
 
 def bundled_data() -> Path:
