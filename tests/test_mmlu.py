@@ -61,13 +61,33 @@ def test_gguf_backend_scores_like_the_bench_scorer(tools_cli, tmp_path, smollm2_
     assert res["subjects"]["anatomy"]["accuracy"] == pytest.approx(right / 4, abs=1e-6)
 
 
-def test_five_shot_and_hf_backend(tmp_path, tiny_llama):
-    """An HF folder runs through lm-eval's hf model; 5-shot prompts carry the dev exemplars."""
+def test_five_shot_and_hf_backend(tmp_path, tiny_llama, monkeypatch):
+    """An HF folder runs through lm-eval's hf model; 5-shot prompts carry the five dev exemplars
+    (checked in the contexts lm-eval hands the model, not in the parameters we echo)."""
+    import csv
+
+    from lm_eval.models.huggingface import HFLM
+
     from evals.mmlu import run_mmlu
+    from tools.paths import bundled_data
+
+    contexts: list[str] = []
+    orig = HFLM.loglikelihood
+
+    def recording(self, requests, *a, **k):
+        contexts.extend(r.args[0] for r in requests)
+        return orig(self, requests, *a, **k)
+    monkeypatch.setattr(HFLM, "loglikelihood", recording)
     art = run_mmlu(model=tiny_llama, shots=5, subjects=["medical_genetics"], limit=2, out=tmp_path / "hf")
     res = json.loads((art.path / "results.json").read_text())
     assert res["shots"] == 5 and res["n"] == 2 and res["model"]["backend"] == "lm-eval hf"
     assert 0.0 <= res["accuracy"] <= 1.0 and art.stage == "eval.mmlu-medical"
+    with open(bundled_data() / "mmlu_medical" / "dev" / "medical_genetics_dev.csv", newline="") as f:
+        dev = [row[0] for row in csv.reader(f)]
+    assert len(dev) == 5 and len(contexts) == 2 * 4  # 2 questions x 4 options
+    for ctx in contexts:
+        assert all(q in ctx for q in dev), "a 5-shot prompt lacks a dev exemplar"
+        assert ctx.count("Answer:") == 6  # five answered exemplars + the question
 
 
 def test_bad_model_exit_2(tools_cli, tmp_path):

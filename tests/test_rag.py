@@ -214,3 +214,42 @@ def test_query_with_another_embedder_is_refused(index_dir, tmp_path, tools_cli):
     assert [h["rank"] for h in hits] == [0, 1] and hits[0]["doc_id"] == "htn"
     with pytest.raises(UserError, match="index was built with embedder"):
         Retriever(index_dir, embedder=other)
+
+
+def test_query_success_path_through_the_cli(index_dir, tools_cli):
+    p = tools_cli("rag", "query", index_dir, "What is the first-line drug treatment for stage 1 hypertension?",
+                  "--k", "2", "--json", check=True)
+    hits = json.loads(p.stdout)
+    assert [h["rank"] for h in hits] == [0, 1]
+    assert hits[0]["doc_id"] == "htn" and "thiazide" in hits[0]["text"]
+    assert hits[0]["score"] >= hits[1]["score"]
+
+
+@pytest.mark.native
+def test_bench_rag_puts_the_retrieved_text_in_the_prompt(index_dir, tmp_path, monkeypatch):
+    """bench --rag: the user message of every item holds the text of the chunks recorded for it."""
+    from evals.bench import run_bench
+    from evals.llm import LlamaRunner
+    from tools.io import read_jsonl, write_jsonl
+
+    data = tmp_path / "items.jsonl"
+    write_jsonl(data, [{"id": "q1", "question": "Are thiazide diuretics a first-line treatment for stage 1 "
+                                                "hypertension?", "context": "", "options": {"yes": "yes", "no": "no",
+                                                                                            "maybe": "maybe"},
+                        "answer": "yes"}])
+    seen: list[str] = []
+    orig = LlamaRunner.render_messages
+
+    def render_messages(self, messages):
+        seen.append(messages[-1]["content"])
+        return orig(self, messages)
+    monkeypatch.setattr(LlamaRunner, "render_messages", render_messages)
+    art = run_bench("pubmedqa", data=data, mode="loglik", threads=1, out=tmp_path / "b", rag=index_dir, k=2,
+                    plots=False)
+    row = next(iter(read_jsonl(art.path / "items.jsonl")))
+    chunks = {c["id"]: c["text"] for c in read_jsonl(index_dir / "chunks.jsonl", required=("id", "text"))}
+    assert row["chunks"] and row["chunks"][0]["id"].startswith("htn")
+    prompts = [u for u in seen if "thiazide diuretics a first-line" in u]
+    assert prompts, seen
+    for c in row["chunks"]:
+        assert chunks[c["id"]].strip() in prompts[-1], c["id"]

@@ -116,6 +116,21 @@ def test_metrics_rank_exact_answer_above_unrelated(tiny_bert, tiny_nli):
     assert res["metrics"]["semscore"]["mean"] == pytest.approx(sum(it["semscore"] for it in res["items"]) / n, abs=1e-5)
 
 
+def test_bertscore_is_f1_of_bert_score_itself(tiny_bert):
+    """On pairs of different lengths precision, recall and F1 differ: ours must be bert_score's F1."""
+    from bert_score import score
+
+    from evals.semantic import bertscore_f1
+
+    preds = ["thiazide diuretics", "give fluids and insulin in diabetic ketoacidosis now please"]
+    refs = ["thiazide diuretics are a first-line treatment for hypertension", "give intravenous fluids"]
+    ours, info = bertscore_f1(preds, refs, tiny_bert)
+    p, r, f = score(preds, refs, model_type=str(tiny_bert), num_layers=info["layer"], device="cpu")
+    assert ours == pytest.approx([float(x) for x in f], abs=1e-5)
+    for i in range(2):
+        assert abs(float(p[i]) - float(f[i])) > 1e-3 and abs(float(r[i]) - float(f[i])) > 1e-3
+
+
 def test_semscore_with_packaged_minilm_prefers_a_paraphrase():
     from evals.semantic import semscore
     from tools.paths import embedded_embedder
