@@ -1,4 +1,4 @@
-"""Error analysis of bench results and loss curves of training runs.
+"""Error analysis of bench results.
 
 Error classes (documented rules, applied in this order to each per-item record):
 
@@ -14,7 +14,6 @@ Lengths are counted in whitespace-separated tokens of the raw output (model-inde
 from __future__ import annotations
 
 import collections
-import json
 import re
 from pathlib import Path
 
@@ -91,9 +90,9 @@ def analyze_errors(results_dir: str | Path, min_tokens: int = 1) -> dict:
 
 
 def plot_length_histogram(lengths: list[int], out_png: str | Path, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from tools.plotting import pyplot, save_png
+
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     if lengths:
@@ -104,53 +103,28 @@ def plot_length_histogram(lengths: list[int], out_png: str | Path, title: str) -
     ax.set_ylabel("incorrect predictions")
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(out_png, format="png", metadata={"Software": None})
-    plt.close(fig)
+    save_png(fig, out_png)
 
 
-def load_log_history(stage_dir: str | Path) -> list[dict]:
-    d = Path(stage_dir)
-    for cand in (d / "output" / "log_history.json", d / "log_history.json"):
-        if cand.is_file():
-            try:
-                hist = json.loads(cand.read_text())
-            except json.JSONDecodeError as e:
-                raise UserError(f"unreadable log history ({e.msg})", path=str(cand)) from None
-            if isinstance(hist, dict):
-                hist = hist.get("log_history", [])
-            if hist:
-                return hist
-    for cand in (d / "output" / "trainer_state.json", d / "trainer_state.json"):
-        if cand.is_file():
-            hist = json.loads(cand.read_text()).get("log_history", [])
-            if hist:
-                return hist
-    raise UserError("no training logs (log_history.json or trainer_state.json): train the stage first "
-                    "with `tools train`", path=str(d))
+def run_errors(results_dir: str | Path, out: str | Path | None = None, *, min_tokens: int = 1, force: bool = False):
+    """`tools analyze errors`: artifact ``analyze.errors`` (errors.json, classes.jsonl, histogram, report)."""
+    from tools.artifact import Stage
+    from tools.io import write_json, write_jsonl
 
-
-def plot_loss(history: list[dict], out_png: str | Path, title: str) -> dict:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
-    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h and "step" in h]
-    if not train and not evals:
-        raise UserError("log history has no loss entries", field="log_history")
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    if train:
-        ax.plot(*zip(*train), label="train loss", marker="o", ms=3)
-    if evals:
-        ax.plot(*zip(*evals), label="eval loss", marker="s", ms=4)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_png, format="png", metadata={"Software": None})
-    plt.close(fig)
-    return {"train_points": len(train), "eval_points": len(evals),
-            "final_train_loss": train[-1][1] if train else None,
-            "final_eval_loss": evals[-1][1] if evals else None}
+    rd = Path(results_dir)
+    out = Path(out) if out else rd.parent / f"{rd.name}-errors"
+    with Stage("analyze.errors", out, {"min_tokens": min_tokens}, inputs=[rd], force=force) as st:
+        if st.skipped:
+            return st.result
+        res = analyze_errors(rd, min_tokens)
+        write_jsonl(st.path("classes.jsonl"), res.pop("items"))
+        write_json(st.path("errors.json"), res)
+        plot_length_histogram(res["incorrect_lengths"], st.path("incorrect_lengths.png"),
+                              f"Lengths of incorrect predictions ({rd.name})")
+        lines = ["# Error analysis", "", f"Results: `{rd.name}` ({res['n']} items)", "",
+                 "| class | items | share |", "|---|---|---|"]
+        lines += [f"| {k} | {res['counts'][k]} | {res['shares'][k]:.1%} |" for k in res["counts"]]
+        lines += ["", "## Rules", "", RULES, "", "![lengths](incorrect_lengths.png)", ""]
+        st.path("report.md").write_text("\n".join(lines))
+        st.extra.update({"n": res["n"], "counts": res["counts"], "shares": res["shares"]})
+    return st.result

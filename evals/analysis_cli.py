@@ -2,15 +2,13 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import click
-
-from tools.errors import UserError
 
 
 def _table(title: str, columns: list[str], rows: list[list]) -> None:
     from rich.table import Table
+
     from tools.progress import out
 
     t = Table(title=title)
@@ -39,28 +37,14 @@ def perplexity_cmd(models, data, split, limit, n_gpu_layers, out, as_json, force
     Example:
       tools eval perplexity --model runs/base --model runs/sft/merged --data runs/pubmedqa --split test
     """
-    from evals.perplexity import load_items, perplexity
-    from tools.artifact import Stage
+    from evals.perplexity import run_perplexity
 
-    items = load_items(data, split, limit)
-    inputs = [m for m in models] + [data]
-    out = Path(out) if out else None
-    results = []
-    if out:
-        with Stage("eval.perplexity", out, {"split": split, "limit": limit, "models": [Path(m).name for m in models]},
-                   inputs=inputs, force=force) as st:
-            if st.skipped:
-                results = json.loads((out / "results.json").read_text())["models"]
-            else:
-                results = [perplexity(m, items, n_gpu_layers=n_gpu_layers).to_dict() for m in models]
-                (st.path("results.json")).write_text(json.dumps({"split": split, "models": results}, indent=2, sort_keys=True))
-                st.extra["perplexity"] = {r["model"]: r["perplexity"] for r in results}
-    else:
-        results = [perplexity(m, items, n_gpu_layers=n_gpu_layers).to_dict() for m in models]
+    results = run_perplexity(list(models), data, split=split, limit=limit, out=out, force=force,
+                             n_gpu_layers=n_gpu_layers)
     if as_json:
         click.echo(json.dumps(results, indent=2, sort_keys=True))
     else:
-        _table(f"Loss / perplexity on {len(items)} {split} items (answer tokens only)",
+        _table(f"Loss / perplexity on {results[0]['n_items']} {split} items (answer tokens only)",
                ["model", "items", "answer tokens", "loss (mean CE)", "perplexity"],
                [[r["model"], r["n_items"], r["n_tokens"], r["mean_ce"], r["perplexity"]] for r in results])
 
@@ -75,25 +59,10 @@ def perplexity_cmd(models, data, split, limit, n_gpu_layers, out, as_json, force
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--force", is_flag=True)
 def errors_cmd(results_dir, out, min_tokens, as_json, force):
-    from evals.analysis import RULES, analyze_errors, plot_length_histogram
-    from tools.artifact import Stage
-    from tools.io import write_json, write_jsonl
+    from evals.analysis import run_errors
 
-    rd = Path(results_dir)
-    out = Path(out) if out else rd.parent / f"{rd.name}-errors"
-    with Stage("analyze.errors", out, {"min_tokens": min_tokens}, inputs=[rd], force=force) as st:
-        if not st.skipped:
-            res = analyze_errors(rd, min_tokens)
-            write_jsonl(st.path("classes.jsonl"), res.pop("items"))
-            write_json(st.path("errors.json"), res)
-            plot_length_histogram(res["incorrect_lengths"], st.path("incorrect_lengths.png"),
-                                  f"Lengths of incorrect predictions ({rd.name})")
-            lines = ["# Error analysis", "", f"Results: `{rd}` ({res['n']} items)", "",
-                     "| class | items | share |", "|---|---|---|"]
-            lines += [f"| {k} | {res['counts'][k]} | {res['shares'][k]:.1%} |" for k in res["counts"]]
-            lines += ["", "## Rules", "", RULES, "", "![lengths](incorrect_lengths.png)", ""]
-            st.path("report.md").write_text("\n".join(lines))
-            st.extra.update({"counts": res["counts"], "shares": res["shares"]})
+    art = run_errors(results_dir, out, min_tokens=min_tokens, force=force)
+    out = art.path
     res = json.loads((out / "errors.json").read_text())
     if as_json:
         click.echo(json.dumps({k: res[k] for k in ("n", "counts", "shares")}, indent=2, sort_keys=True))
@@ -121,31 +90,9 @@ def memory_cmd(stage_dir, model, batch, seq_len, regimes, lora_r, as_json):
     \b
     Example:  tools memory runs/sft-stage --batch 2 --seq-len 512
     """
-    from evals.memory import measure
+    from recipes.memory import measure_stage
 
-    targets = ("q_proj", "v_proj")
-    r = lora_r
-    if stage_dir:
-        import yaml
-        sd = Path(stage_dir)
-        if (sd / "seq2seq.json").is_file():  # the T5 LoRA path (recipes.seq2seq)
-            cfg = json.loads((sd / "seq2seq.json").read_text())
-            model = model or cfg.get("base_model")
-            r = r or cfg.get("lora_r")
-            targets = tuple(cfg.get("target_modules") or ("q", "k", "v", "o"))
-        elif (sd / "axolotl.yaml").is_file():
-            cfg = yaml.safe_load((sd / "axolotl.yaml").read_text())
-            model = model or cfg.get("base_model")
-            r = r or cfg.get("lora_r")
-            targets = tuple(cfg.get("lora_target_modules") or targets)
-        else:
-            raise UserError("stage folder has no axolotl.yaml or seq2seq.json", path=str(stage_dir))
-    if not model:
-        raise UserError("give a STAGE_DIR or --model", field="--model")
-    if not (Path(model) / "config.json").is_file():
-        raise UserError("not a local HF model folder (no config.json)", path=str(model))
-    rows = [measure(model, reg, batch=batch, seq_len=seq_len, lora_r=r or 8, targets=targets).to_dict()
-            for reg in regimes]
+    rows = measure_stage(stage_dir, model, regimes=regimes, batch=batch, seq_len=seq_len, lora_r=lora_r)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
     else:
@@ -164,13 +111,9 @@ def plot_cmd(stage_dir, out):
     \b
     Example:  tools plot runs/sft-stage
     """
-    from evals.analysis import load_log_history, plot_loss
-    from tools.artifact import staged_file
+    from recipes.logs import plot_stage
 
-    hist = load_log_history(stage_dir)
-    out = Path(out) if out else Path(stage_dir) / "loss.png"
-    with staged_file(out) as tmp:
-        info = plot_loss(hist, tmp, f"Loss: {Path(stage_dir).name}")
+    out, info = plot_stage(stage_dir, out)
     click.echo(f"{out}  ({info['train_points']} train points, final loss {info['final_train_loss']}, "
                f"{info['eval_points']} eval points)")
 
@@ -183,8 +126,5 @@ def register(cli):
     cli.add_command(plot_cmd)
     from evals.compare import report_cmd
     cli.add_command(report_cmd)
-    try:
-        from evals.sweep_cli import sweep_cmd
-        cli.add_command(sweep_cmd)
-    except ImportError:
-        pass
+    from evals.sweep_cli import sweep_cmd
+    cli.add_command(sweep_cmd)

@@ -146,3 +146,24 @@ def perplexity(model: str | Path, items: list[dict], n_gpu_layers: int | None = 
     if p.is_dir() and (p / "config.json").is_file():
         return perplexity_hf(p, items)
     raise UserError("model must be a GGUF file or an HF model folder (with config.json)", path=str(p))
+
+
+def run_perplexity(models: list[str], data: str | Path, *, split: str = "test", limit: int | None = None,
+                   out: str | Path | None = None, force: bool = False, n_gpu_layers: int | None = None) -> list[dict]:
+    """`tools eval perplexity`: one row per model; with ``out`` also artifact ``eval.perplexity``."""
+    import json
+
+    from tools.artifact import Stage
+
+    items = load_items(data, split, limit)
+    if not out:
+        return [perplexity(m, items, n_gpu_layers=n_gpu_layers).to_dict() for m in models]
+    out = Path(out)
+    params = {"split": split, "limit": limit, "models": [Path(m).name for m in models]}
+    with Stage("eval.perplexity", out, params, inputs=[*models, data], force=force) as st:
+        if st.skipped:
+            return json.loads((out / "results.json").read_text())["models"]
+        results = [perplexity(m, items, n_gpu_layers=n_gpu_layers).to_dict() for m in models]
+        st.path("results.json").write_text(json.dumps({"split": split, "models": results}, indent=2, sort_keys=True))
+        st.extra["perplexity"] = {r["model"]: r["perplexity"] for r in results}
+    return results

@@ -52,16 +52,11 @@ def _stage(stage_dir: str | os.PathLike) -> Artifact:
 
 
 def _load_yaml(path: Path) -> dict:
-    import yaml
+    from tools.yamlio import read_yaml
 
-    try:
-        cfg = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
-        raise UserError("no axolotl.yaml: not a training stage folder", path=str(path.parent)) from None
-    except yaml.YAMLError as e:
-        line = getattr(getattr(e, "problem_mark", None), "line", None)
-        raise UserError(f"unreadable YAML ({' '.join(str(e).split())[:160]})", path=str(path),
-                        line=None if line is None else line + 1) from None
+    if not path.is_file():
+        raise UserError("no axolotl.yaml: not a training stage folder", path=str(path.parent))
+    cfg = read_yaml(path, what="stage config", default={})
     if not isinstance(cfg, dict):
         raise UserError("expected a mapping", path=str(path))
     return cfg
@@ -170,7 +165,7 @@ def plot_loss(hist: list[dict], out_png: Path, title: str) -> bool:
     """The loss curve `tools plot` draws; False when the history holds no train loss."""
     if not any("loss" in h and "step" in h for h in hist):
         return False
-    from evals.analysis import plot_loss as _plot
+    from recipes.logs import plot_loss as _plot
     _plot(hist, out_png, title)
     return True
 

@@ -31,8 +31,9 @@ def llama_cpp_version() -> str:
 
 
 def cache_root() -> Path:
-    base = os.environ.get("MEDILORA_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache")), "medilora")
-    return Path(base)
+    if os.environ.get("MEDILORA_CACHE"):
+        return Path(os.environ["MEDILORA_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache"))) / "medilora"
 
 
 def venv_root() -> Path:

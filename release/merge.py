@@ -142,18 +142,13 @@ def merge_peft(base: str | os.PathLike, adapter: str | os.PathLike, out: str | o
 def merge_stage_dir(stage_dir: str | os.PathLike, out: str | os.PathLike, *, force: bool = False,
                     dry_run: bool = False):
     """``axolotl merge-lora STAGE_DIR/axolotl.yaml --lora-model-dir STAGE_DIR/output`` -> artifact ``out``."""
-    import yaml
 
     stage_dir = Path(stage_dir)
     cfg_file = stage_dir / "axolotl.yaml"
     if not cfg_file.is_file():
         raise UserError("no axolotl.yaml: not a training stage folder", path=str(stage_dir))
-    try:
-        cfg = yaml.safe_load(cfg_file.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        line = getattr(getattr(e, "problem_mark", None), "line", None)
-        raise UserError(f"unreadable YAML ({' '.join(str(e).split())[:160]})", path=str(cfg_file),
-                        line=line + 1 if line is not None else None) from None
+    from tools.yamlio import read_yaml
+    cfg = read_yaml(cfg_file, what="stage config", default={})
     if not cfg.get("base_model"):
         raise UserError("no base_model", path=str(cfg_file), field="base_model")
     output = stage_dir / "output"

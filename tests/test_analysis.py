@@ -10,7 +10,7 @@ from tools.errors import UserError
 
 
 def test_memory_footprint_is_consistent(tiny_llama):
-    from evals.memory import measure
+    from recipes.memory import measure
 
     full = measure(tiny_llama, "full", batch=2, seq_len=32)
     lora = measure(tiny_llama, "lora", batch=2, seq_len=32)

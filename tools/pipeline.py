@@ -1,7 +1,7 @@
 """`tools run PIPELINE.yaml` and `tools status RUN_DIR`: a whole pipeline, resumable step by step.
 
 A pipeline file lists steps; each is one `tools` verb with its arguments. Placeholders:
-``{run_dir}``, ``{repo}``, ``{shared_data}``, ``{vars.NAME}``, ``{env.NAME}`` and
+``{run_dir}``, ``{repo}``, ``{vars.NAME}``, ``{env.NAME}`` and
 ``{steps.NAME.out}`` (the output folder of an earlier step); ``after: [NAME]`` declares a step
 read indirectly (``merge STAGE`` reads the stage's trained ``output/``). Each step writes to
 ``RUN_DIR/NAME`` (``--out`` is appended) unless it sets ``out:`` itself (e.g. `train` writes
@@ -24,29 +24,22 @@ import time
 from pathlib import Path
 
 import click
-import yaml
 
 from .artifact import is_artifact, read_artifact
 from .errors import UserError, WorkError
 from .io import write_json
 from .paths import REPO
+from .yamlio import read_yaml
 
 STATE = "run.json"
-_PH = re.compile(r"\{(run_dir|repo|shared_data|vars\.[A-Za-z0-9_]+|env\.[A-Za-z0-9_]+|steps\.[A-Za-z0-9_-]+\.out)\}")
+_PH = re.compile(r"\{(run_dir|repo|vars\.[A-Za-z0-9_]+|env\.[A-Za-z0-9_]+|steps\.[A-Za-z0-9_-]+\.out)\}")
 KEY_FIGURES = ("accuracy", "valid_rate", "final_loss", "perplexity", "bits_per_weight", "size_mb", "n_docs", "n_items",
                "rows", "file_type")
 
 
 def load_pipeline(path: str | os.PathLike) -> dict:
     p = Path(path)
-    if not p.is_file():
-        raise UserError("pipeline file not found", path=str(p))
-    try:
-        doc = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        line = getattr(getattr(e, "problem_mark", None), "line", None)
-        raise UserError(f"malformed YAML ({getattr(e, 'problem', e)})", path=str(p),
-                        line=None if line is None else line + 1) from None
+    doc = read_yaml(p, what="pipeline file")
     if not isinstance(doc, dict) or not isinstance(doc.get("steps"), list) or not doc["steps"]:
         raise UserError("a pipeline needs a non-empty `steps:` list", path=str(p), field="steps")
     names = set()
@@ -79,9 +72,6 @@ class Plan:
                 return str(self.run_dir)
             if key == "repo":
                 return str(REPO)
-            if key == "shared_data":
-                from .paths import shared_data
-                return str(shared_data())
             if key.startswith("vars."):
                 name = key[5:]
                 if name not in self.doc["vars"]:
@@ -317,6 +307,7 @@ def status_cmd(run_dir, pipeline):
     Example:  tools status runs/demo
     """
     from rich.table import Table
+
     from .progress import out
 
     rd = Path(run_dir).resolve()

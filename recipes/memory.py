@@ -107,3 +107,40 @@ def measure(model_dir: str | Path, regime: str, *, batch: int = 2, seq_len: int 
     n_train = sum(p.numel() for p in trainable)
     n_total = n_train + sum(_logical_numel(p) for p in frozen)
     return Footprint(regime, tb / MB, fb / MB, (tb + fb) / MB, act / MB, n_train, n_total, batch, seq_len)
+
+
+def stage_model(stage_dir: str | Path | None, model: str | None, lora_r: int | None) -> tuple[str, int, tuple[str, ...]]:
+    """(base model folder, LoRA rank, target modules) of a stage folder (Axolotl or seq2seq) or ``--model``."""
+    import json
+
+    from tools.errors import UserError
+    from tools.yamlio import read_yaml
+
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+    r = lora_r
+    if stage_dir:
+        sd = Path(stage_dir)
+        if (sd / "seq2seq.json").is_file():  # the T5 LoRA path (recipes.seq2seq)
+            cfg = json.loads((sd / "seq2seq.json").read_text())
+            model = model or cfg.get("base_model")
+            r = r or cfg.get("lora_r")
+            targets = tuple(cfg.get("target_modules") or ("q", "k", "v", "o"))
+        elif (sd / "axolotl.yaml").is_file():
+            cfg = read_yaml(sd / "axolotl.yaml")
+            model = model or cfg.get("base_model")
+            r = r or cfg.get("lora_r")
+            targets = tuple(cfg.get("lora_target_modules") or targets)
+        else:
+            raise UserError("stage folder has no axolotl.yaml or seq2seq.json", path=str(stage_dir))
+    if not model:
+        raise UserError("give a STAGE_DIR or --model", field="--model")
+    if not (Path(model) / "config.json").is_file():
+        raise UserError("not a local HF model folder (no config.json)", path=str(model))
+    return str(model), int(r or 8), targets
+
+
+def measure_stage(stage_dir: str | Path | None, model: str | None, *, regimes=("full", "lora", "qlora"),
+                  batch: int = 2, seq_len: int = 256, lora_r: int | None = None) -> list[dict]:
+    """`tools memory`: one measured row per regime."""
+    model, r, targets = stage_model(stage_dir, model, lora_r)
+    return [measure(model, reg, batch=batch, seq_len=seq_len, lora_r=r, targets=targets).to_dict() for reg in regimes]
