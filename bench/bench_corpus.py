@@ -76,7 +76,8 @@ def generate(path: Path, size_mb: int, seed: int = 0) -> Path:
                 for head, k in SECTIONS:
                     body = "\n".join(rng.choice(pool) for _ in range(rng.randint(1, k)))
                     parts.append(f"{head}\n{body}\nSeen by Dr. [**First Name (STitle) {rng.randint(1, 9999)}**] "
-                                 f"on [**2151-{rng.randint(1, 12)}-{rng.randint(1, 28)}**], value {row_id}.{rng.randint(0, 99)}\n")
+                                 f"on [**2151-{rng.randint(1, 12)}-{rng.randint(1, 28)}**], "
+                                 f"value {row_id}.{rng.randint(0, 99)}\n")
                 text = "\n".join(parts)
                 last = text
             row = [row_id, rng.randint(1, 99999), rng.randint(100000, 199999), "2151-07-16", "", "",

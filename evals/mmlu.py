@@ -156,7 +156,8 @@ def _model_info(model: Path) -> tuple[str, dict]:
 
 def run_mmlu(model: str | os.PathLike | None = None, *, shots: int = 0, subjects: list[str] | None = None,
              limit: int | None = None, threads: int | None = None, batch_size: int = 1,
-             n_gpu_layers: int | None = None, out: str | os.PathLike | None = None, force: bool = False, seed: int = 0, plots: bool = True) -> Artifact:
+             n_gpu_layers: int | None = None, out: str | os.PathLike | None = None, force: bool = False,
+             seed: int = 0, plots: bool = True) -> Artifact:
     from tools.paths import bundled_data, embedded_gguf
 
     if shots not in (0, 5):

@@ -165,7 +165,8 @@ def build_index(corpus: str | os.PathLike, out: str | os.PathLike, *, embedder: 
                 raise UserError("field 'text' must be a string", path=str(corpus_file), line=lineno, field="text")
             did = str(row["id"])
             if did in seen:
-                raise UserError(f"duplicate id {did!r} (first on line {seen[did]})", path=str(corpus_file), line=lineno, field="id")
+                raise UserError(f"duplicate id {did!r} (first on line {seen[did]})", path=str(corpus_file),
+                                line=lineno, field="id")
             seen[did] = lineno
             if row["text"].strip():
                 docs.append((did, row["text"], str(row.get("source", ""))))

@@ -92,7 +92,8 @@ def load_pairs(results: str | os.PathLike | None = None, pred: str | os.PathLike
         for lineno, row in enumerate(read_jsonl(pred_file), 1):
             pf, rf, idf = _pick(row, PRED_FIELDS), _pick(row, REF_FIELDS), _pick(row, ID_FIELDS)
             if pf is None:
-                raise UserError(f"no prediction field (one of: {', '.join(PRED_FIELDS)})", path=str(pred_file), line=lineno, field="prediction")
+                raise UserError(f"no prediction field (one of: {', '.join(PRED_FIELDS)})", path=str(pred_file),
+                                line=lineno, field="prediction")
             if rf is None:
                 raise UserError(f"no reference field (one of: {', '.join(REF_FIELDS)}); pass --ref FILE",
                                 path=str(pred_file), line=lineno, field="reference")
@@ -167,7 +168,6 @@ def bertscore_f1(preds: list[str], refs: list[str], model_dir: Path, *, num_laye
     from bert_score import BERTScorer
     from bert_score.utils import model2layers
     from transformers import AutoConfig
-
     from transformers.utils import logging as hf_logging
 
     logging.getLogger("transformers").setLevel(logging.ERROR)

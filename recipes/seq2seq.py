@@ -262,8 +262,15 @@ def _run_training(cfg: dict, base: Path, train_ex: list[dict], val_ex: list[dict
 
     import torch
     from peft import LoraConfig, TaskType, get_peft_model
-    from transformers import (AutoModelForSeq2SeqLM, AutoTokenizer, DataCollatorForSeq2Seq, Seq2SeqTrainer,
-                              Seq2SeqTrainingArguments, TrainerCallback, set_seed)
+    from transformers import (
+        AutoModelForSeq2SeqLM,
+        AutoTokenizer,
+        DataCollatorForSeq2Seq,
+        Seq2SeqTrainer,
+        Seq2SeqTrainingArguments,
+        TrainerCallback,
+        set_seed,
+    )
 
     logging.getLogger("transformers").setLevel(logging.ERROR)
     set_seed(cfg["seed"])
@@ -313,7 +320,8 @@ def _run_training(cfg: dict, base: Path, train_ex: list[dict], val_ex: list[dict
     if not losses:
         raise WorkError("training logged no loss")
     if any(v != v for v in losses):
-        raise WorkError(f"training diverged (loss NaN at step {next(h['step'] for h in hist if 'loss' in h and h['loss'] != h['loss'])})")
+        step = next(h["step"] for h in hist if "loss" in h and h["loss"] != h["loss"])
+        raise WorkError(f"training diverged (loss NaN at step {step})")
     extra = {"arch": "seq2seq", "base_model": str(base), "adapter": True, "log_history": hist, "final_loss": losses[-1],
              "trainable_params": trainable, "total_params": total, "target_modules": cfg["target_modules"],
              "n_train": len(train_ex), "truncated_sources": cut, "steps": trainer.state.global_step}

@@ -46,7 +46,8 @@ def _bench_artifact(tmp_path, rows):
 def test_error_classes_and_histogram(tmp_path, tools_cli):
     rows = [
         {"id": "1", "raw_output": "yes. It works.", "parsed": "yes", "gold": "yes", "correct": True},
-        {"id": "2", "raw_output": "no, because the trial was small and underpowered", "parsed": "no", "gold": "yes", "correct": False},
+        {"id": "2", "raw_output": "no, because the trial was small and underpowered", "parsed": "no", "gold": "yes",
+         "correct": False},
         {"id": "3", "raw_output": "I cannot say", "parsed": None, "gold": "no", "correct": False},
         {"id": "4", "raw_output": "maybe", "parsed": "maybe", "gold": "no", "correct": False},
     ]

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from tools.artifact import Stage, read_artifact
+from tools.artifact import Stage
 from tools.errors import UserError
 
 QA = [("Is hypertension a risk factor for stroke?", "yes"),

@@ -17,7 +17,8 @@ from pathlib import Path
 
 def find_bindir() -> Path | None:
     """The newest PostgreSQL server binaries (Debian layout first, then PATH)."""
-    cands = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4]) if p.split("/")[4].isdigit() else 0)
+    cands = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"),
+                   key=lambda p: int(p.split("/")[4]) if p.split("/")[4].isdigit() else 0)
     if cands:
         return Path(cands[-1]).parent
     w = shutil.which("initdb")
