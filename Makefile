@@ -10,9 +10,10 @@ PIP := $(PY) -m pip
 LLAMA_VERSION := 0.3.36
 LLAMA_SDIST := $(VENV)/share/medilora/llama_cpp_python-$(LLAMA_VERSION).tar.gz
 LLAMA_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_CURL=OFF
-# GPU=cpu (default): native CPU build (AVX2/AVX-512/VNNI and weight repacking kept, whatever this CPU
-# has) with AMX left out: llama.cpp's AMX path segfaults on the first decode on Sapphire Rapids
-# class Xeons (llama.cpp issue 20824). Explicit -mno-amx-* win over -march=native in gcc and clang.
+# GPU=cpu (default): llama.cpp's own CPU detection (AVX2/AVX-512/VNNI and weight repacking kept,
+# whatever this CPU has) with AMX always left out: llama.cpp's AMX path segfaults on the first decode
+# on Sapphire Rapids class Xeons (llama.cpp issue 20824). Explicit -mno-amx-* flags win over the
+# detected target in gcc and clang whatever their order (docs/PORTABILITY.md, tests/test_portability.py).
 # GPU=cuda: llama.cpp with its CUDA backend, and the CUDA builds of torch/bitsandbytes/deepspeed.
 GPU ?= cpu
 NO_AMX_FLAGS := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16

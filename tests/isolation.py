@@ -93,8 +93,8 @@ def pytest_pyfunc_call(pyfuncitem):
     if len(data) < 8:
         pytest.fail(f"native test process exited {os.WEXITSTATUS(status)} without a result", pytrace=False)
     outcome, text = pickle.loads(data[8:8 + int.from_bytes(data[:8], "little")])
-    if outcome == "skipped":
-        pytest.skip(text)
+    if outcome == "skipped":  # the child's own skip, passed on
+        raise pytest.skip.Exception(text, allow_module_level=False)
     if outcome == "failed":
         pytest.fail(text, pytrace=False)
     return True
