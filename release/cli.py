@@ -63,47 +63,94 @@ def merge_cmd(stage_dir, base, adapter, out, force, dry_run, as_json):
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.option("--outtype", type=click.Choice(["f16", "bf16", "f32", "q8_0"]), default="f16", show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), help="GGUF artifact folder [MODEL_DIR-OUTTYPE].")
+@click.option("--name", help="What the model is (GGUF general.name / basename) [MediLoRA <base model>].")
+@click.option("--lora", is_flag=True, help="MODEL_DIR is a LoRA adapter: write it as a GGUF adapter (needs --base).")
+@click.option("--base", type=click.Path(path_type=Path), help="With --lora: the HF base model folder it was trained on.")
+@click.option("--fidelity-tokens", type=int, default=256, show_default=True,
+              help="Held-out tokens for the HF-vs-GGUF fidelity gate (0 skips it).")
+@click.option("--max-kl", type=float, default=None, help="Fidelity gate: largest mean KL(HF || GGUF) [0.01 for f16].")
+@click.option("--min-top1", type=float, default=0.9, show_default=True, help="Fidelity gate: smallest top-1 agreement.")
 @click.option("--force", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
-def convert_cmd(model_dir, outtype, out, force, as_json):
-    """HF model folder -> GGUF with llama.cpp's own convert_hf_to_gguf.py (chat template included).
+def convert_cmd(model_dir, outtype, out, name, lora, base, fidelity_tokens, max_kl, min_top1, force, as_json):
+    """HF model folder -> GGUF with llama.cpp's own converter (chat template included), then a fidelity
+    gate: the GGUF's next-token distributions must match the HF model's (transformers, float32).
 
     \b
-    tools convert runs/merged --outtype f16 --out runs/gguf-f16
+    tools convert runs/merged --outtype f16 --out runs/gguf-f16 --name "MediLoRA SmolLM2 135M"
+    tools convert runs/sft/output --lora --base runs/merge1 --out runs/lora-gguf
     """
-    from release.convert import convert_stage
+    from release.convert import convert_lora_stage, convert_stage
 
-    out = out or model_dir.parent / f"{model_dir.name}-{outtype}"
-    art = convert_stage(model_dir, out, outtype, force=force)
+    if lora:
+        if base is None:
+            raise UserError("--lora needs --base (the HF base model folder)", field="--base")
+        out = out or model_dir.parent / f"{model_dir.name}-lora-{outtype}"
+        art = convert_lora_stage(model_dir, base, out, outtype, name=name, force=force)
+    else:
+        if base is not None:
+            raise UserError("--base goes with --lora", field="--base")
+        if fidelity_tokens < 0:
+            raise UserError("must be 0 or more", field="--fidelity-tokens")
+        out = out or model_dir.parent / f"{model_dir.name}-{outtype}"
+        art = convert_stage(model_dir, out, outtype, force=force, name=name, fidelity_tokens=fidelity_tokens,
+                            max_kl=max_kl, min_top1=min_top1)
     if as_json:
         _echo_json({"out": str(art.path), "gguf": str(_gguf_of(art)), **art.extra})
     else:
         f = _gguf_of(art)
-        click.echo(f"{f}  {art.extra['file_type']}  {_mib(f.stat().st_size)}  "
-                   f"{art.extra['bits_per_weight']:.2f} bits/weight")
+        line = f"{f}  {art.extra['file_type']}  {_mib(f.stat().st_size)}"
+        if "bits_per_weight" in art.extra:
+            line += f"  {art.extra['bits_per_weight']:.2f} bits/weight"
+        click.echo(line)
+        fid = art.extra.get("fidelity")
+        if fid:
+            click.echo(f"fidelity vs HF (float32): mean KL {fid['mean_kl']:.2e} nats, top-1 agreement "
+                       f"{100 * fid['top1_agreement']:.1f}% on {fid['tokens_scored']} held-out tokens")
 
 
 @click.command("quantize")
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--q", "qtype", default="Q3_K_L", show_default=True, help="Any llama.cpp type name (Q4_K_M, IQ4_XS, ...).")
+@click.option("--q", "qtype", default="Q3_K_L", show_default=True,
+              help="Any llama.cpp type name (Q4_K_M, IQ4_XS, ...); several, comma-separated, give one GGUF each + a table.")
 @click.option("--imatrix", type=click.Path(path_type=Path), help="Importance matrix (GGUF or legacy .dat).")
 @click.option("--out", type=click.Path(path_type=Path), help="GGUF artifact folder [beside MODEL, named by type].")
 @click.option("--name", help="Output file name (default: <BaseName>-<SizeLabel>-<FineTune>-<Type>.gguf).")
 @click.option("--allow-requantize", is_flag=True, help="Quantize an already-quantized file (loses quality).")
 @click.option("--threads", type=int, help="Threads for llama.cpp [OMP_NUM_THREADS or all cores].")
+@click.option("--text", "text_file", type=click.Path(path_type=Path),
+              help="Several types: held-out text for the table [PubMedQA test abstracts].")
+@click.option("--ctx", default=256, show_default=True, help="Several types: window size for the table's PPL/KL.")
+@click.option("--max-tokens", type=int, default=512, show_default=True, help="Several types: tokens scored.")
 @click.option("--force", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
-def quantize_cmd(model, qtype, imatrix, out, name, allow_requantize, threads, force, as_json):
+def quantize_cmd(model, qtype, imatrix, out, name, allow_requantize, threads, text_file, ctx, max_tokens, force, as_json):
     """Quantize a GGUF in-process with llama.cpp; report the real tensor-type mix and bits per weight.
 
     \b
     tools quantize runs/gguf-f16 --q Q3_K_L --out runs/gguf-q3kl
     tools quantize model-F16.gguf --q Q4_K_M --imatrix imatrix.gguf
+    tools quantize runs/gguf-f16 --q Q3_K_L,Q4_K_M,Q8_0 --out runs/gguf-set   # one GGUF per type + table
     """
     from release.ggufinfo import resolve_ftype
-    from release.quantize import describe_mix, quantize_stage, warning_for
+    from release.quantize import describe_mix, quantize_set, quantize_stage, warning_for
 
-    qname, _ = resolve_ftype(qtype)
+    types = [t for t in (x.strip() for x in qtype.split(",")) if t]
+    if len(types) > 1:
+        if name:
+            raise UserError("--name names one file; with several types the names come from the GGUF", field="--name")
+        if out is None:
+            parent = model if model.is_dir() else model.parent
+            out = (parent.parent / f"{parent.name}-set") if model.is_dir() else parent / f"{model.stem}-set"
+        art = quantize_set(model, types, out, imatrix=imatrix, allow_requantize=allow_requantize, threads=threads,
+                           text_file=text_file, ctx=ctx, max_tokens=max_tokens, force=force)
+        if as_json:
+            _echo_json({"out": str(art.path), **art.extra})
+        else:
+            click.echo((art.path / "quant-table.md").read_text(encoding="utf-8"), nl=False)
+            click.echo(f"table: {art.path / 'quant-table.md'}")
+        return
+    qname, _ = resolve_ftype(types[0] if types else qtype)
     if out is None:
         parent = model if model.is_dir() else model.parent
         out = parent.parent / f"{parent.name}-{qname}" if model.is_dir() else parent / f"{model.stem}-{qname}"
@@ -167,10 +214,12 @@ def inspect_cmd(model, tensors, as_json):
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Result artifact folder.")
 @click.option("--ctx", default=512, show_default=True, help="Window size in tokens.")
 @click.option("--max-tokens", type=int, help="Score only the first N tokens.")
-@click.option("--threads", type=int)
+@click.option("--threads", type=int, help="llama.cpp threads [OMP_NUM_THREADS or all cores].")
+@click.option("--n-gpu-layers", type=int, default=None,
+              help="Layers to offload to the GPU (default: all when llama.cpp has a GPU backend, else 0).")
 @click.option("--force", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
-def compare_quant_cmd(ref, quant, text_file, out, ctx, max_tokens, threads, force, as_json):
+def compare_quant_cmd(ref, quant, text_file, out, ctx, max_tokens, threads, n_gpu_layers, force, as_json):
     """Quantization gap: perplexity of both GGUFs and mean KL(ref || quant) on the same tokens.
 
     \b
@@ -180,7 +229,7 @@ def compare_quant_cmd(ref, quant, text_file, out, ctx, max_tokens, threads, forc
     from release.ggufinfo import find_gguf
 
     art = compare_quant(find_gguf(ref), find_gguf(quant), text_file, out, ctx=ctx, max_tokens=max_tokens,
-                        threads=threads, force=force)
+                        threads=threads, n_gpu_layers=n_gpu_layers, force=force)
     res = json.loads((art.path / "results.json").read_text())
     if as_json:
         _echo_json({"out": str(art.path), **res})
@@ -244,6 +293,84 @@ def push_cmd(artifacts, repo_id, private, revision, dry_run, ack, as_json):
         click.echo(f"commit: {res['commit_url']}")
 
 
+@click.group("export")
+def export_group():
+    """Hand a GGUF to laptop runtimes: an Ollama Modelfile folder, an LM Studio folder."""
+
+
+@export_group.command("ollama")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Export folder (Modelfile, GGUF, README).")
+@click.option("--name", help="Ollama model name for the README [from the GGUF file name].")
+@click.option("--system", help="System prompt [the MediLoRA prompt of --system-task].")
+@click.option("--system-task", type=click.Choice(["pubmedqa", "medqa"]), default="pubmedqa", show_default=True)
+@click.option("--adapter", type=click.Path(path_type=Path), help="A LoRA adapter GGUF (tools convert --lora) to apply.")
+@click.option("--force", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
+def export_ollama_cmd(model, out, name, system, system_task, adapter, force, as_json):
+    """Modelfile with FROM, TEMPLATE (the GGUF's chat template in Go syntax), SYSTEM, PARAMETER lines.
+
+    \b
+    tools export ollama runs/gguf-q3kl --out runs/ollama && cd runs/ollama && ollama create medilora -f Modelfile
+    """
+    from release.export import export_ollama
+
+    art = export_ollama(model, out, name=name, system=system, system_task=system_task, adapter=adapter, force=force)
+    if as_json:
+        _echo_json({"out": str(art.path), **art.extra})
+    else:
+        click.echo(f"{art.path / 'Modelfile'}  (ollama create {art.extra['name']} -f Modelfile)")
+
+
+@export_group.command("lmstudio")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Export folder (PUBLISHER/MODEL/file.gguf).")
+@click.option("--publisher", default="medilora", show_default=True)
+@click.option("--name", help="Model folder name [<file stem>-GGUF].")
+@click.option("--force", is_flag=True)
+def export_lmstudio_cmd(model, out, publisher, name, force):
+    """LM Studio's models layout: PUBLISHER/MODEL/file.gguf (copy it into ~/.lmstudio/models).
+
+    \b
+    Example:  tools export lmstudio runs/demo/q3kl --out runs/lmstudio --publisher my-lab
+    """
+    from release.export import export_lmstudio
+
+    art = export_lmstudio(model, out, publisher=publisher, name=name, force=force)
+    click.echo(str(art.path / art.extra["file"]))
+
+
+@click.command("chat")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--once", help="Answer this one message and exit (for scripts).")
+@click.option("--system", help="System prompt [the MediLoRA prompt of --system-task].")
+@click.option("--system-task", type=click.Choice(["pubmedqa", "medqa"]), default="pubmedqa", show_default=True)
+@click.option("--max-tokens", type=int, default=512, show_default=True, help="New tokens per reply at most.")
+@click.option("--temperature", type=float, default=None, help="Default 0.8 (the protocol's).")
+@click.option("--top-k", type=int, default=None, help="Default 40 (the protocol's).")
+@click.option("--top-p", type=float, default=None, help="Default 0.95.")
+@click.option("--min-p", type=float, default=None, help="Default 0.05.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--n-ctx", type=int, default=4096, show_default=True)
+@click.option("--threads", type=int, default=None)
+@click.option("--n-gpu-layers", type=int, default=None)
+def chat_cmd(model, once, system, system_task, max_tokens, temperature, top_k, top_p, min_p, seed, n_ctx, threads,
+             n_gpu_layers):
+    """Chat with a GGUF in the terminal (its chat template, the MediLoRA system prompt, top-k 40).
+
+    \b
+    tools chat runs/gguf-q3kl              # /reset, /system TEXT, /exit
+    tools chat model.gguf --once "What is metformin used for?"
+    """
+    from release.chat import chat_main
+
+    sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p}
+    raise SystemExit(chat_main(model, system=system, system_task=system_task, once=once, sampling=sampling,
+                               max_tokens=max_tokens, n_ctx=n_ctx, seed=seed, threads=threads,
+                               n_gpu_layers=n_gpu_layers))
+
+
 def register(cli: click.Group) -> None:
-    for cmd in (merge_cmd, convert_cmd, quantize_cmd, inspect_cmd, compare_quant_cmd, card_cmd, push_cmd):
+    for cmd in (merge_cmd, convert_cmd, quantize_cmd, inspect_cmd, compare_quant_cmd, card_cmd, push_cmd, export_group,
+                chat_cmd):
         cli.add_command(cmd)

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from tools.artifact import Stage
-from tools.errors import UserError, WorkError
+from tools.errors import UserError
 from tools.io import require_file, write_json
 from tools.progress import log, progress
 
@@ -41,11 +41,11 @@ def _log_softmax(x):
     return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
 
 
-def _load(path: Path, ctx: int, threads: int):
-    import llama_cpp
+def _load(path: Path, ctx: int, threads: int, n_gpu_layers: int | None = None):
+    from tools.llamacpp import load
 
-    return llama_cpp.Llama(model_path=str(path), n_ctx=ctx, n_batch=ctx, n_ubatch=ctx, logits_all=True,
-                           n_threads=threads, n_threads_batch=threads, seed=0, verbose=False)
+    return load(path, n_gpu_layers=n_gpu_layers, n_ctx=ctx, n_batch=ctx, n_ubatch=ctx, logits_all=True,
+                n_threads=threads, n_threads_batch=threads, seed=0)
 
 
 def _window_logprobs(llm, tokens):
@@ -58,7 +58,7 @@ def _window_logprobs(llm, tokens):
 
 def compare_quant(ref: str | os.PathLike, quant: str | os.PathLike, text_file: str | os.PathLike,
                   out: str | os.PathLike, *, ctx: int = 512, max_tokens: int | None = None,
-                  threads: int | None = None, force: bool = False):
+                  threads: int | None = None, force: bool = False, n_gpu_layers: int | None = None):
     """Write artifact ``out`` (stage ``compare-quant``): results.json and kl.png."""
     import numpy as np
 
@@ -74,8 +74,8 @@ def compare_quant(ref: str | os.PathLike, quant: str | os.PathLike, text_file: s
     with Stage("compare-quant", out, params, inputs=[ref, quant, Path(text_file)], force=force, log=log) as st:
         if st.skipped:
             return st.result
-        rl = _load(ref, ctx, threads)
-        ql = _load(quant, ctx, threads)
+        rl = _load(ref, ctx, threads, n_gpu_layers)
+        ql = _load(quant, ctx, threads, n_gpu_layers)
         try:
             add_bos = bool(rinfo["metadata"].get("tokenizer.ggml.add_bos_token", True))
             toks = rl.tokenize(text.encode("utf-8"), add_bos=add_bos, special=False)
@@ -119,6 +119,7 @@ def compare_quant(ref: str | os.PathLike, quant: str | os.PathLike, text_file: s
             "mean_kl": r6(kl.mean()), "median_kl": r6(np.median(kl)), "p99_kl": r6(np.quantile(kl, 0.99)),
             "max_kl": r6(kl.max()), "top1_agreement": r6(agree / n),
             "size_ratio": r6(qinfo["size_bytes"] / rinfo["size_bytes"]),
+            "n_gpu_layers": rl.medilora_load["n_gpu_layers"],
         }
         write_json(st.path("results.json"), results)
         _plot(kl, results, st.path("kl.png"))
@@ -148,3 +149,19 @@ def _plot(kl, results: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, metadata={"Software": None})
     plt.close(fig)
+
+
+def heldout_text(n_items: int = 6) -> str:
+    """Held-out medical text shipped with the product: the abstracts of the first PubMedQA *test* items
+    (never trained on: SFT uses the train split), for the quantization table and the fidelity gate."""
+    import json
+
+    from tools.paths import bundled_data
+
+    rows = []
+    with open(bundled_data() / "pubmedqa" / "test.jsonl", encoding="utf-8") as f:
+        for line in f:
+            if len(rows) >= n_items:
+                break
+            rows.append(" ".join(json.loads(line)["CONTEXTS"]))
+    return "\n\n".join(rows) + "\n"

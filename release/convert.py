@@ -1,88 +1,27 @@
 """HF -> GGUF with llama.cpp's own converter, matched to the llama.cpp that llama-cpp-python bundles.
 
 ``convert_hf_to_gguf.py`` is not an importable package. We use ``$LLAMA_CPP_DIR`` when set, else
-the llama-cpp-python source distribution of the *installed* version, fetched from the package
-index once and cached per version (only the converter, its ``conversion/`` package and the
-vendored ``gguf-py`` are kept: PyPI's ``gguf`` is too old for this converter). No llama.cpp code
-lives in this repository.
+the llama-cpp-python source distribution of the *installed* version, which ``make install`` keeps
+(see ``release.llamasrc``). No llama.cpp code lives in this repository.
 """
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import sys
-import tarfile
-import tempfile
 from pathlib import Path
 
 from tools.errors import UserError, WorkError
 from tools.progress import log
 
+from .llamasrc import llama_cpp_version, run_script
+
 OUTTYPES = ("f32", "f16", "bf16", "q8_0", "auto")
-KEEP = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "conversion/", "gguf-py/")
-
-
-def cache_root() -> Path:
-    base = os.environ.get("MEDILORA_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache")), "medilora")
-    return Path(base)
-
-
-def llama_cpp_version() -> str:
-    from importlib.metadata import version
-    return version("llama-cpp-python")
-
-
-def llama_cpp_dir() -> Path:
-    """A folder holding ``convert_hf_to_gguf.py`` and ``gguf-py`` for the installed llama.cpp."""
-    env = os.environ.get("LLAMA_CPP_DIR")
-    if env:
-        p = Path(env)
-        if not (p / "convert_hf_to_gguf.py").is_file():
-            raise UserError("LLAMA_CPP_DIR has no convert_hf_to_gguf.py", path=str(p), field="LLAMA_CPP_DIR")
-        return p
-    ver = llama_cpp_version()
-    dest = cache_root() / f"llama.cpp-{ver}"
-    if (dest / ".complete").is_file():
-        return dest
-    log(f"fetching llama.cpp's converter from the llama-cpp-python {ver} source distribution (once per version)")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        r = subprocess.run([sys.executable, "-m", "pip", "download", f"llama-cpp-python=={ver}", "--no-deps",
-                            "--no-binary", ":all:", "-q", "-d", tmp],
-                           capture_output=True, text=True)
-        sdists = list(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
-        if r.returncode != 0 or not sdists:
-            raise WorkError(f"could not fetch the llama-cpp-python {ver} sdist for its converter "
-                            f"(set LLAMA_CPP_DIR to a llama.cpp checkout): {r.stderr.strip().splitlines()[-1:]}")
-        prefix = f"llama_cpp_python-{ver}/vendor/llama.cpp/"
-        stage = Path(tmp) / "out"
-        with tarfile.open(sdists[0]) as tf:
-            members = []
-            for m in tf.getmembers():
-                if m.name.startswith(prefix) and m.name[len(prefix):].startswith(KEEP) and (m.isfile() or m.isdir()):
-                    m.name = m.name[len(prefix):]
-                    members.append(m)
-            tf.extractall(stage, members=members, filter="data")
-        if not (stage / "convert_hf_to_gguf.py").is_file():
-            raise WorkError(f"the llama-cpp-python {ver} sdist holds no convert_hf_to_gguf.py")
-        (stage / ".complete").write_text(ver + "\n")
-        shutil.rmtree(dest, ignore_errors=True)
-        os.replace(stage, dest)
-    return dest
-
-
-def run_converter(script: str, args: list[str]) -> subprocess.CompletedProcess:
-    d = llama_cpp_dir()
-    env = dict(os.environ)
-    env.pop("NO_LOCAL_GGUF", None)  # use the converter's own gguf-py, not PyPI's
-    env["PYTHONPATH"] = os.pathsep.join([str(d / "gguf-py"), str(d)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    return subprocess.run([sys.executable, str(d / script), *args], capture_output=True, text=True, env=env)
+# the fidelity gate: largest mean KL(HF float32 || GGUF) per output type, smallest top-1 agreement
+FIDELITY_MAX_KL = {"f32": 0.002, "f16": 0.01, "bf16": 0.03, "q8_0": 0.03}
+FIDELITY_MIN_TOP1 = 0.9
 
 
 def convert_hf_to_gguf(model_dir: str | os.PathLike, outfile: str | os.PathLike, outtype: str = "f16",
-                       model_name: str | None = None) -> Path:
+                       model_name: str | None = None, metadata: dict | None = None) -> Path:
     """Run llama.cpp's converter on an HF model folder; the GGUF appears at ``outfile`` only on success."""
     model_dir = Path(model_dir)
     if outtype not in OUTTYPES:
@@ -95,7 +34,17 @@ def convert_hf_to_gguf(model_dir: str | os.PathLike, outfile: str | os.PathLike,
     args = [str(model_dir), "--outfile", str(tmp), "--outtype", outtype]
     if model_name:
         args += ["--model-name", model_name]
-    r = run_converter("convert_hf_to_gguf.py", args)
+    meta_file = None
+    if metadata:
+        import json
+        meta_file = outfile.parent / f".{outfile.name}.metadata.json"
+        meta_file.write_text(json.dumps(metadata), encoding="utf-8")
+        args += ["--metadata", str(meta_file)]
+    try:
+        r = run_script("convert_hf_to_gguf.py", args)
+    finally:
+        if meta_file is not None:
+            meta_file.unlink(missing_ok=True)
     if r.returncode != 0 or not tmp.is_file():
         tmp.unlink(missing_ok=True)
         tail = [ln for ln in (r.stderr or r.stdout).strip().splitlines() if ln.strip()][-1:] or ["no output"]
@@ -149,14 +98,35 @@ def _model_inputs(model_dir: Path) -> list[Path]:
     return sorted(p for p in model_dir.iterdir() if p.is_file() and not p.name.startswith("."))
 
 
+def name_metadata(name: str | None) -> dict:
+    """general.name / general.basename overrides: what the model is, never a folder name."""
+    if not name:
+        return {}
+    base = "-".join("".join(c if c.isalnum() or c == "." else " " for c in name).split())
+    if not base:
+        raise UserError(f"not a usable model name: {name!r}", field="--name")
+    return {"general.name": name, "general.basename": base, "general.finetune": None}
+
+
+def default_name(model_dir: Path) -> str | None:
+    """'MediLoRA <base model name>' when the lineage leads to a Hub model, else None."""
+    from .card import trace_base_model
+
+    hub = trace_base_model([model_dir])
+    return f"MediLoRA {hub.split('/', 1)[1]}" if hub else None
+
+
 def convert_stage(model_dir: str | os.PathLike, out: str | os.PathLike, outtype: str = "f16", *,
-                  force: bool = False):
+                  force: bool = False, name: str | None = None, fidelity_tokens: int = 256,
+                  max_kl: float | None = None, min_top1: float = FIDELITY_MIN_TOP1, threads: int | None = None):
     """HF folder -> artifact ``out`` (stage ``gguf``) holding ``<BaseName>-<Size>-<FineTune>-<TYPE>.gguf``.
 
-    The GGUF must carry the HF tokenizer's chat template, byte for byte.
+    The GGUF must carry the HF tokenizer's chat template, byte for byte, and pass the fidelity gate
+    (see :func:`fidelity_check`; ``fidelity_tokens=0`` skips it).
     """
     from tools.artifact import Stage
-    from .ggufinfo import read_gguf, gguf_filename
+
+    from .ggufinfo import gguf_filename, read_gguf
 
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
@@ -169,25 +139,137 @@ def convert_stage(model_dir: str | os.PathLike, out: str | os.PathLike, outtype:
     if not template:
         raise UserError("the model's tokenizer has no chat template (every MediLoRA GGUF carries one); "
                         "add it to tokenizer_config.json or chat_template.jinja", path=str(model_dir))
-    params = {"outtype": outtype, "converter": f"llama.cpp convert_hf_to_gguf.py (llama-cpp-python {llama_cpp_version()})"}
+    name = name or default_name(model_dir)
+    meta = name_metadata(name)
+    max_kl = FIDELITY_MAX_KL[outtype] if max_kl is None else max_kl
+    params = {"outtype": outtype, "converter": f"llama.cpp convert_hf_to_gguf.py (llama-cpp-python {llama_cpp_version()})",
+              "name": name, "fidelity": {"tokens": fidelity_tokens, "max_kl": max_kl, "min_top1": min_top1}}
     with Stage("gguf", out, params, inputs=_model_inputs(model_dir), force=force, log=log) as st:
         if st.skipped:
             return st.result
         log(f"converting {model_dir} to GGUF ({outtype}) with llama.cpp's converter")
-        tmp = convert_hf_to_gguf(model_dir, st.path("model.gguf"), outtype)
+        tmp = convert_hf_to_gguf(model_dir, st.path("model.gguf"), outtype, metadata=meta)
         info = read_gguf(tmp)
-        name = gguf_filename(info["metadata"], outtype)
-        os.replace(tmp, st.path(name))
+        name_ = gguf_filename(info["metadata"], outtype)
+        os.replace(tmp, st.path(name_))
         if info["chat_template"] != template:
             raise WorkError("the GGUF's chat template differs from the tokenizer's "
                             f"({len(info['chat_template'] or '')} vs {len(template)} characters)")
-        st.extra.update({"file": name, "architecture": info["architecture"], "file_type": info["file_type"],
+        st.extra.update({"file": name_, "architecture": info["architecture"], "file_type": info["file_type"],
                          "parameters": info["parameters"], "bits_per_weight": info["bits_per_weight"],
                          "tensor_types": info["tensor_types"], "chat_template_sha256": _sha(template),
-                         "source": "convert"})
+                         "source": "convert", "name": info["name"]})
+        if fidelity_tokens:
+            fid = fidelity_check(model_dir, st.path(name_), max_tokens=fidelity_tokens, threads=threads)
+            fid.update({"threshold_kl": max_kl, "threshold_top1": min_top1})
+            st.extra["fidelity"] = fid
+            bad = []
+            if not fid["tokens_match"]:
+                bad.append(f"the GGUF tokenizes the text differently from the HF tokenizer (first difference at "
+                           f"token {fid['first_token_mismatch']})")
+            if fid["mean_kl"] > max_kl:
+                bad.append(f"mean KL(HF || GGUF) {fid['mean_kl']:.4g} nats > {max_kl:g}")
+            if fid["top1_agreement"] < min_top1:
+                bad.append(f"top-1 agreement {100 * fid['top1_agreement']:.1f}% < {100 * min_top1:.0f}%")
+            if bad:
+                raise WorkError("fidelity gate: the GGUF does not behave like the HF model on "
+                                f"{fid['tokens_scored']} held-out tokens: " + "; ".join(bad)
+                                + " (wrong tokenizer, template or rope setting?)")
     return st.result
 
 
 def _sha(text: str) -> str:
     import hashlib
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+# -- the fidelity gate ---------------------------------------------------------------------------
+
+def fidelity_check(model_dir: str | os.PathLike, gguf: str | os.PathLike, *, max_tokens: int = 256,
+                   text: str | None = None, threads: int | None = None) -> dict:
+    """Next-token distributions of the HF model (transformers, float32) and the GGUF (llama.cpp) on the
+    same held-out tokens: mean KL(HF || GGUF), top-1 agreement, and whether both tokenize alike."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .compare import _load, _window_logprobs, heldout_text
+
+    given = text is not None
+    text = text if given else heldout_text(2)[: 12 * max_tokens]
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    hf_ids = tok(text, add_special_tokens=False)["input_ids"]
+    threads = threads or max(1, min(4, os.cpu_count() or 1))
+    llm = _load(Path(gguf), max_tokens + 1, threads)
+    try:
+        g_ids = llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+        bos = llm.token_bos() if bool(llm._model.add_bos_token()) and llm.token_bos() >= 0 else None
+        n = min(len(hf_ids), len(g_ids), max_tokens - (1 if bos is not None else 0))
+        mism = next((i for i in range(n) if hf_ids[i] != g_ids[i]), None)
+        ids = ([bos] if bos is not None else []) + hf_ids[:n]
+        lg = _window_logprobs(llm, ids)
+    finally:
+        llm.close()
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    model.eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].double()
+    lh = torch.log_softmax(logits, dim=-1).numpy()
+    v = min(lh.shape[1], lg.shape[1])  # padded vocabularies: compare the common part
+    a, b = lh[:-1, :v], lg[:-1, :v]
+    kl = (np.exp(a) * (a - b)).sum(axis=-1).clip(min=0.0)
+    agree = float((a.argmax(-1) == b.argmax(-1)).mean())
+    return {"tokens_scored": int(len(kl)), "mean_kl": float(f"{kl.mean():.6g}"), "max_kl": float(f"{kl.max():.6g}"),
+            "top1_agreement": round(agree, 6), "tokens_match": mism is None and len(hf_ids[:n]) == len(g_ids[:n]),
+            "first_token_mismatch": mism, "text": "given" if given else "pubmedqa-test-heldout"}
+
+
+# -- a LoRA adapter as a GGUF (llama.cpp's convert_lora_to_gguf.py) ---------------------------------
+
+def convert_lora_stage(adapter_dir: str | os.PathLike, base_dir: str | os.PathLike, out: str | os.PathLike,
+                       outtype: str = "f16", *, name: str | None = None, force: bool = False):
+    """PEFT adapter folder (a ``train`` artifact or plain) -> artifact ``out`` (stage ``gguf.lora``)
+    holding ``<name>-LoRA-<TYPE>.gguf``; ``base_dir`` is the HF base it was trained on (its config)."""
+    import json
+
+    from tools.artifact import Stage
+
+    from .ggufinfo import read_gguf
+
+    adapter_dir, base_dir = Path(adapter_dir), Path(base_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise UserError("not a LoRA adapter folder (no adapter_config.json)", path=str(adapter_dir))
+    if not any((adapter_dir / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin")):
+        raise UserError("the adapter folder has no adapter_model.safetensors", path=str(adapter_dir))
+    if not (base_dir / "config.json").is_file():
+        raise UserError("--base is not an HF model folder (no config.json)", path=str(base_dir), field="--base")
+    if outtype not in ("f32", "f16", "bf16", "q8_0"):
+        raise UserError(f"unknown outtype {outtype!r} (one of f16, bf16, f32, q8_0)", field="--outtype")
+    try:
+        cfg = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"unreadable adapter_config.json ({e})", path=str(adapter_dir / "adapter_config.json")) from None
+    name = name or default_name(adapter_dir) or "MediLoRA adapter"
+    params = {"outtype": outtype, "name": name, "lora": True,
+              "converter": f"llama.cpp convert_lora_to_gguf.py (llama-cpp-python {llama_cpp_version()})"}
+    inputs = _model_inputs(adapter_dir) + _model_inputs(base_dir)
+    with Stage("gguf.lora", out, params, inputs=inputs, force=force, log=log) as st:
+        if st.skipped:
+            return st.result
+        tmp = st.path(".lora.partial.gguf")
+        log(f"converting the LoRA adapter {adapter_dir} to GGUF ({outtype}) with llama.cpp's converter")
+        r = run_script("convert_lora_to_gguf.py", ["--base", str(base_dir), "--outfile", str(tmp),
+                                                   "--outtype", outtype, str(adapter_dir)])
+        if r.returncode != 0 or not tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            tail = [ln for ln in (r.stderr or r.stdout).strip().splitlines() if ln.strip()][-1:] or ["no output"]
+            raise WorkError(f"llama.cpp's convert_lora_to_gguf.py failed on {adapter_dir}: {tail[0]}")
+        info = read_gguf(tmp)
+        base = name_metadata(name)["general.basename"]
+        fname = f"{base}-LoRA-{outtype.upper()}.gguf"
+        os.replace(tmp, st.path(fname))
+        st.extra.update({"file": fname, "architecture": info["architecture"], "file_type": info["file_type"],
+                         "parameters": info["parameters"], "tensor_types": info["tensor_types"],
+                         "lora_alpha": info["metadata"].get("adapter.lora.alpha"), "r": cfg.get("r"),
+                         "target_modules": cfg.get("target_modules"), "source": "convert-lora", "name": name})
+    return st.result

@@ -1,9 +1,9 @@
 """Read GGUF files (metadata, tensor-type mix, effective bits per weight) and name them.
 
 Reading goes through llama.cpp's own ``gguf-py`` vendored with the installed llama-cpp-python
-(see ``release.convert``): PyPI's ``gguf`` lags behind and does not know every tensor type the
+(see ``release.llamasrc``): PyPI's ``gguf`` lags behind and does not know every tensor type the
 bundled llama.cpp writes. It is loaded in isolation, so a PyPI ``gguf`` that transformers imported
-in the same process is left as it was. Without the cached converter we fall back to PyPI's.
+in the same process is left as it was. Without it we fall back to PyPI's.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ GGUF_MAGIC = b"GGUF"
 @lru_cache(maxsize=1)
 def gguf_module():
     """llama.cpp's vendored ``gguf`` package, imported without disturbing ``sys.modules['gguf']``."""
-    from .convert import llama_cpp_dir
+    from .llamasrc import llama_cpp_dir
 
     try:
         d = llama_cpp_dir() / "gguf-py"

@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from tools.artifact import Artifact, MANIFEST, read_artifact
+from tools.artifact import MANIFEST, Artifact, read_artifact
 from tools.errors import UserError, WorkError
 from tools.progress import log
 
@@ -38,8 +38,13 @@ def _files_for(art: Artifact, *, adapter_prefix: str) -> list[tuple[Path, str]]:
         return [(art.path / o, adapter_prefix + o) for o in keep]
     if st == "merge":
         return [(art.path / o, o) for o in outs if o.endswith(MERGE_SUFFIXES)]
-    if st == "gguf":
+    if st in ("gguf", "gguf.lora"):
         return [(art.path / o, o) for o in outs if o.endswith(".gguf")]
+    if st == "gguf.set":  # every type (TYPE/<name>-TYPE.gguf) at the repository's top level
+        files = [(art.path / f, f.split("/")[-1]) for f in art.extra.get("files", [])]
+        if not files:
+            raise UserError("gguf.set artifact lists no files", path=str(art.path))
+        return files
     if st == "card":
         return [(art.path / "README.md", "README.md")]
     raise UserError(f"push uploads train (adapter), merge, gguf and card artifacts, not {st!r}", path=str(art.path))
@@ -96,7 +101,7 @@ def push(paths, repo_id: str, *, private: bool = False, dry_run: bool = False, r
         raise UserError(f"not a Hub repo id (ORG/NAME): {repo_id!r}", field="--repo-id")
     plan, arts = plan_push([Path(p) for p in paths], acknowledge_credentialed=acknowledge_credentialed)
     summary = {"repo_id": repo_id, "private": private, "revision": revision, "dry_run": dry_run,
-               "files": [{"path": r, "size": l.stat().st_size} for l, r in plan]}
+               "files": [{"path": r, "size": local.stat().st_size} for local, r in plan]}
     if dry_run:
         return summary
     from huggingface_hub import HfApi, constants, get_token

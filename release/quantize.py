@@ -16,8 +16,16 @@ from tools.artifact import Stage, is_artifact
 from tools.errors import UserError, WorkError
 from tools.progress import log, progress
 
-from .ggufinfo import (find_gguf, gguf_filename, gguf_module, is_quantized, primary_tensor_type, read_gguf,
-                       resolve_ftype, type_share)
+from .ggufinfo import (
+    find_gguf,
+    gguf_filename,
+    gguf_module,
+    is_quantized,
+    primary_tensor_type,
+    read_gguf,
+    resolve_ftype,
+    type_share,
+)
 
 MOSTLY_APPLIED = 0.5
 LOG_LINES: list[str] = []  # warn when less than half the weight-matrix elements got the requested type
@@ -58,12 +66,17 @@ def load_imatrix(path: str | os.PathLike) -> dict[str, list[float]]:
         raw = p.read_bytes()
         try:
             off = 0
-            (n,) = np.frombuffer(raw, np.int32, 1, off); off += 4
+            (n,) = np.frombuffer(raw, np.int32, 1, off)
+            off += 4
             for _ in range(int(n)):
-                (ln,) = np.frombuffer(raw, np.int32, 1, off); off += 4
-                name = raw[off:off + int(ln)].decode("utf-8"); off += int(ln)
-                ncall, nval = np.frombuffer(raw, np.int32, 2, off); off += 8
-                vals = np.frombuffer(raw, np.float32, int(nval), off).copy(); off += 4 * int(nval)
+                (ln,) = np.frombuffer(raw, np.int32, 1, off)
+                off += 4
+                name = raw[off:off + int(ln)].decode("utf-8")
+                off += int(ln)
+                ncall, nval = np.frombuffer(raw, np.int32, 2, off)
+                off += 8
+                vals = np.frombuffer(raw, np.float32, int(nval), off).copy()
+                off += 4 * int(nval)
                 if ncall > 0:
                     vals /= float(ncall)
                 data[name] = vals
@@ -210,3 +223,91 @@ def warning_for(extra: dict) -> str | None:
             f"weight-matrix elements are {extra['primary_type']} (rows not a multiple of the block size fall back "
             f"to other types); real mix: {describe_mix(extra['tensor_types'])}; effective "
             f"{extra['bits_per_weight']:.2f} bits per weight, while the header says {extra['file_type']}")
+
+
+def quant_table_rows(arts: dict, compares: dict) -> list[dict]:
+    rows = []
+    for q, a in arts.items():
+        e = a.extra
+        c = compares.get(q)
+        rows.append({"type": q, "file": f"{q}/{e['file']}", "size_bytes": e["size_bytes"],
+                     "bits_per_weight": e["bits_per_weight"], "tensor_mix": describe_mix(e["tensor_types"]),
+                     "primary_type_share": e["primary_type_share"],
+                     "perplexity": c.extra["quant_perplexity"] if c else None,
+                     "ref_perplexity": c.extra["ref_perplexity"] if c else None,
+                     "mean_kl": c.extra["mean_kl"] if c else None,
+                     "top1_agreement": c.extra["top1_agreement"] if c else None})
+    return rows
+
+
+def table_markdown(rows: list[dict], ref_name: str, tokens: int | None) -> str:
+    L = [f"Quantized from `{ref_name}`; perplexity, mean KL(f16 || quant) and top-1 agreement on "
+         f"{tokens if tokens is not None else 'n/a'} held-out tokens (PubMedQA test abstracts).", "",
+         "| type | file | size | bits/weight | tensor mix | perplexity | mean KL | top-1 agreement |",
+         "|---|---|---|---|---|---|---|---|"]
+    ref_ppl = next((r["ref_perplexity"] for r in rows if r["ref_perplexity"] is not None), None)
+    if ref_ppl is not None:
+        L.append(f"| F16 (reference) | `{ref_name}` | | | | {ref_ppl:.3f} | 0 | 100% |")
+    for r in rows:
+        ppl = f"{r['perplexity']:.3f}" if r["perplexity"] is not None else "n/a"
+        kl = f"{r['mean_kl']:.5f}" if r["mean_kl"] is not None else "n/a"
+        top = f"{100 * r['top1_agreement']:.1f}%" if r["top1_agreement"] is not None else "n/a"
+        L.append(f"| {r['type']} | `{r['file'].split('/')[-1]}` | {r['size_bytes'] / 2**20:.1f} MiB | "
+                 f"{r['bits_per_weight']:.2f} | {r['tensor_mix']} | {ppl} | {kl} | {top} |")
+    return "\n".join(L) + "\n"
+
+
+def quantize_set(src: str | os.PathLike, qtypes: list[str], out: str | os.PathLike, *,
+                 imatrix: str | os.PathLike | None = None, allow_requantize: bool = False, threads: int | None = None,
+                 text_file: str | os.PathLike | None = None, ctx: int = 256, max_tokens: int | None = 512,
+                 n_gpu_layers: int | None = None, force: bool = False):
+    """Several types in one call: artifact ``out`` (stage ``gguf.set``) holding one ``gguf`` artifact per
+    type (``out/<TYPE>/<name>-<TYPE>.gguf``), a ``compare-quant`` artifact per type (``out/compare/<TYPE>``)
+    and ``quant-table.json`` / ``quant-table.md``: size, bits/weight, the real tensor mix, perplexity
+    and mean KL against the source on held-out text, top-1 agreement. llama.cpp's quantizer reads
+    the source once per type (``llama_model_quantize`` takes a path)."""
+    from tools.io import write_json
+
+    from .compare import compare_quant, heldout_text, read_text
+
+    names = []
+    for q in qtypes:
+        n, _ = resolve_ftype(q)
+        if n in names:
+            raise UserError(f"type {n} given twice", field="--q")
+        names.append(n)
+    if not names:
+        raise UserError("no quantization type given", field="--q")
+    target = Path(src)
+    gpath = find_gguf(target)
+    info = read_gguf(gpath, tensors=False)
+    if text_file is not None:
+        read_text(text_file)
+    inputs = [target if is_artifact(target) else gpath] + ([Path(imatrix)] if imatrix else []) + \
+        ([Path(text_file)] if text_file else [])
+    params = {"q": names, "imatrix": bool(imatrix), "allow_requantize": allow_requantize, "ctx": ctx,
+              "max_tokens": max_tokens, "text": Path(text_file).name if text_file else "pubmedqa-test-heldout"}
+    with Stage("gguf.set", out, params, inputs=inputs, force=force, log=log) as st:
+        if st.skipped:
+            return st.result
+        text = Path(text_file) if text_file else st.path("heldout.txt")
+        if not text_file:
+            text.write_text(heldout_text(), encoding="utf-8")
+        arts, comps = {}, {}
+        for q in names:
+            arts[q] = quantize_stage(gpath, q, st.path(q), imatrix=imatrix, allow_requantize=allow_requantize,
+                                     threads=threads)
+            warn = warning_for(arts[q].extra)
+            if warn:
+                log(warn)
+            comps[q] = compare_quant(gpath, arts[q].path / arts[q].extra["file"], text, st.path(f"compare/{q}"),
+                                     ctx=ctx, max_tokens=max_tokens, threads=threads, n_gpu_layers=n_gpu_layers)
+        rows = quant_table_rows(arts, comps)
+        tokens = next(iter(comps.values())).extra["tokens_scored"] if comps else None
+        write_json(st.path("quant-table.json"), {"source": gpath.name, "source_file_type": info["file_type"],
+                                                 "source_size_bytes": info["size_bytes"], "tokens_scored": tokens,
+                                                 "rows": rows})
+        st.path("quant-table.md").write_text(table_markdown(rows, gpath.name, tokens), encoding="utf-8")
+        st.extra.update({"files": [r["file"] for r in rows], "types": names, "table": rows, "source_file": gpath.name,
+                         "source": "quantize", "tokens_scored": tokens})
+    return st.result

@@ -148,6 +148,7 @@ def test_requantize_refused_unless_allowed(tools_cli, tiny_f16, tmp_path):
 # -- tiny Llama end to end -------------------------------------------------------------------------
 
 @pytest.mark.slow
+@pytest.mark.native
 def test_tiny_llama_lora_merge_convert_quantize_generate(tools_cli, tiny_llama, tmp_path):
     adapter = make_adapter(tiny_llama, tmp_path / "adapter")
     merged = tmp_path / "merged"
@@ -219,7 +220,7 @@ def test_merge_keeps_bf16_base_dtype(tiny_llama, tmp_path):
 
 
 @pytest.mark.slow
-def test_axolotl_merge_of_a_stage_folder_matches_peft(tiny_llama, tmp_path, tools_cli, shared_data):
+def test_axolotl_merge_of_a_stage_folder_matches_peft(tiny_llama, tmp_path, tools_cli):
     import yaml
 
     from recipes.profiles import CPU_KEYS
@@ -270,6 +271,7 @@ def smol_ggufs(smollm2_hf, tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.native
 def test_smollm2_f16_to_q3_k_l(smol_ggufs, smollm2_hf, tools_cli):
     from release.convert import hf_chat_template
 
@@ -324,6 +326,7 @@ def test_compare_quant_gap(smol_ggufs, tools_cli, tmp_path):
     assert s["ref"]["perplexity"] == s["quant"]["perplexity"]
 
 
+@pytest.mark.native
 def test_imatrix_is_used(tiny_f16, tmp_path):
     """A GGUF importance matrix (llama-imatrix's format) reaches llama.cpp and changes the result."""
     import numpy as np
