@@ -15,11 +15,23 @@ _BLANKS = re.compile(r"\n{3,}")               # more than one blank line
 _SPACES = re.compile("  +")                   # a run of spaces (one pass, unlike str.replace)
 
 
+# MIMIC-IV-Note writes every de-identified span as three underscores ("Mr. ___ is a ___ yo man");
+# a longer run is adjacent placeholders or a rule line: one placeholder either way.
+DEID_UNDERSCORES = re.compile(r"_{3,}")
+
+
 def remove_placeholders(text: str, replacement: str = "") -> tuple[str, int]:
     """Remove ``[** ... **]`` placeholders; return the text and how many were removed."""
     if "[**" not in text:
         return text, 0
     return PLACEHOLDER.subn(replacement, text)
+
+
+def remove_deid_underscores(text: str, replacement: str = "") -> tuple[str, int]:
+    """Remove MIMIC-IV's ``___`` placeholders; return the text and how many were removed."""
+    if "___" not in text:
+        return text, 0
+    return DEID_UNDERSCORES.subn(replacement, text)
 
 
 # Whitespace as ``str.split()`` sees it (Unicode White_Space), less the space and the newline
@@ -77,6 +89,7 @@ SECTION_HEADERS: dict[str, list[str]] = {
                             "final diagnoses", "primary diagnosis", "secondary diagnosis"],
     "assessment and plan": ["assessment and plan", "assessment/plan", "impression and plan",
                             "impression", "assessment", "a/p", "plan"],
+    "findings": ["findings"],                    # radiology reports (MIMIC-IV-Note radiology)
     # known, not kept by default (they end the section before them)
     "chief complaint": ["chief complaint", "cc"],
     "allergies": ["allergies", "allergy"],
@@ -92,9 +105,13 @@ SECTION_HEADERS: dict[str, list[str]] = {
     "discharge disposition": ["discharge disposition", "disposition", "facility"],
     "administrative": ["admission date", "discharge date", "date of birth", "sex", "service",
                        "attending", "dictated by", "completed by", "addendum", "code status"],
+    # radiology report headers (MIMIC-IV-Note radiology): known, not kept by default
+    "indication": ["indication", "clinical indication", "reason for exam", "reason for examination",
+                   "clinical history"],
+    "technique": ["technique", "comparison", "comparisons", "examination", "exam type"],
 }
 DEFAULT_KEEP = ["history of present illness", "past medical history", "medications", "pertinent results",
-                "hospital course", "discharge diagnosis", "assessment and plan"]
+                "hospital course", "discharge diagnosis", "assessment and plan", "findings"]
 
 
 def _trie_pattern(words) -> str:

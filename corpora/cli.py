@@ -42,28 +42,37 @@ def register(cli: click.Group) -> None:
     bd = group("build-dataset")
 
     @bc.command("mimic")
-    @click.option("--csv", "csv_path", type=click.Path(), help="NOTEEVENTS.csv or .csv.gz (instead of --dsn).")
+    @click.option("--csv", "csv_path", type=click.Path(),
+                  help="NOTEEVENTS.csv[.gz] (MIMIC-III) or discharge/radiology.csv[.gz] (MIMIC-IV-Note), instead of --dsn.")
     @click.option("--dsn", envvar="MEDILORA_MIMIC_DSN", help="PostgreSQL DSN (or $MEDILORA_MIMIC_DSN).")
-    @click.option("--schema", default="mimiciii", show_default=True)
-    @click.option("--table", default="noteevents", show_default=True)
+    @click.option("--schema", default=None,
+                  help="Schema (default: mimiciii, then mimiciv_note). Unquoted names fold to lower case, as in SQL.")
+    @click.option("--table", default=None, help="Table (default: noteevents, then discharge).")
+    @click.option("--version", "mimic_version", type=click.Choice(["auto", "iii", "iv"]), default="auto",
+                  show_default=True, help="MIMIC-III NOTEEVENTS or MIMIC-IV-Note (auto: from the columns).")
     @click.option("--category", "categories", multiple=True,
-                  help="Keep these note categories (repeat or comma-separate; trailing spaces ignored). Default: all.")
+                  help="Keep these note categories (MIMIC-IV: note types DS, RR... or discharge, radiology; "
+                       "repeat or comma-separate; trailing spaces ignored). Default: all.")
     @click.option("--keep-errors", is_flag=True, help="Keep notes flagged ISERROR = '1'.")
     @click.option("--sections-file", type=click.Path(), help="YAML: keep: [section names], headers: {...}.")
     @click.option("--all-sections", is_flag=True, help="Keep whole notes (no section filter).")
     @click.option("--placeholder", default="", help="Replacement for [** ... **] placeholders (default: remove).")
     @click.option("--min-chars", default=200, show_default=True, type=click.IntRange(0))
     @click.option("--no-dedup", is_flag=True, help="Keep exact duplicates.")
+    @click.option("--refuse-duplicate-ids", is_flag=True,
+                  help="Stop on two notes with one id (default: keep the first, count the others in the manifest).")
     @click.option("--workers", type=click.IntRange(1), help="Worker processes (default: all cores).")
     @_common
-    def mimic(csv_path, dsn, schema, table, categories, keep_errors, sections_file, all_sections, placeholder,
-              min_chars, no_dedup, workers, out, force, as_json):
-        """MIMIC-III NOTEEVENTS -> completion corpus (credentialed lineage).
+    def mimic(csv_path, dsn, schema, table, mimic_version, categories, keep_errors, sections_file, all_sections,
+              placeholder, min_chars, no_dedup, refuse_duplicate_ids, workers, out, force, as_json):
+        """MIMIC-III NOTEEVENTS or MIMIC-IV-Note -> completion corpus (credentialed lineage).
 
         \b
         Example:
           tools build-corpus mimic --dsn "host=db dbname=mimic user=me" --category "Discharge summary" --out runs/mimic
           tools build-corpus mimic --csv NOTEEVENTS.csv.gz --out runs/mimic
+          tools build-corpus mimic --csv note/discharge.csv.gz --out runs/mimic-iv
+          tools build-corpus mimic --dsn "host=db dbname=mimiciv user=me" --schema mimiciv_note --table radiology --out runs/rad
         """
         from .clean import load_section_filter
         from .mimic import NoteOptions, build_corpus
@@ -78,8 +87,9 @@ def register(cli: click.Group) -> None:
                            drop_errors=not keep_errors,
                            sections=None if all_sections else load_section_filter(sections_file),
                            placeholder=placeholder, min_chars=min_chars)
-        art = build_corpus(out, csv_path=csv_path, dsn=dsn, schema=schema, table=table, opts=opts,
-                           workers=workers, dedup=not no_dedup, force=force, log=log)
+        art = build_corpus(out, csv_path=csv_path, dsn=dsn, schema=schema, table=table, version=mimic_version,
+                           opts=opts, workers=workers, dedup=not no_dedup, refuse_duplicate_ids=refuse_duplicate_ids,
+                           force=force, log=log)
         s = art.extra.get("stats", {})
         _report(art, as_json, f"{s.get('kept', 0):,} notes kept of {s.get('rows', 0):,} read")
 
@@ -230,7 +240,8 @@ def register(cli: click.Group) -> None:
         Example:
           tools decontaminate --train runs/pubmedqa --against pubmedqa --against medqa --out runs/pubmedqa-clean --write-clean
         """
-        from .decontam import BUILTIN, decontaminate as run
+        from .decontam import BUILTIN
+        from .decontam import decontaminate as run
 
         art = run(train, out, against=_multi(against) or BUILTIN, ngram=ngram, min_coverage=min_coverage, min_shared=min_shared,
                   write_clean=write_clean, force=force, log=log)

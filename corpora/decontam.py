@@ -8,7 +8,6 @@ Text is lower-cased and split on non-alphanumerics; n-grams are compared as whol
 from __future__ import annotations
 
 import csv
-import json
 import re
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -185,8 +184,9 @@ def decontaminate(train, out, *, against=BUILTIN, ngram: int = 13, min_coverage:
                     else:
                         kept[fname].append(row)
                     adv(1)
-        report = {"ngram": ngram, "min_coverage": min_coverage, "min_shared": min_shared, "benchmarks": idx.stats, "train": str(art.path),
-                  "train_items": total, "flagged": len(flagged), "per_benchmark": dict(sorted(per_bench.items())),
+        report = {"ngram": ngram, "min_coverage": min_coverage, "min_shared": min_shared, "benchmarks": idx.stats,
+                  "train": str(art.path), "train_items": total, "flagged": len(flagged),
+                  "per_benchmark": dict(sorted(per_bench.items())),
                   "items": flagged}
         if write_clean:
             for fname in files:

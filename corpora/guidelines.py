@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from pathlib import Path
 
 from tools.errors import UserError
 
@@ -53,7 +52,9 @@ def build_corpus(src, out, *, sources: tuple[str, ...] = (), min_chars: int = 20
         with open(st.path("corpus.jsonl"), "w", encoding="utf-8", newline="\n") as f:
             for n, item in enumerate(read_jsonl(src, required=("source", "clean_text")), 1):
                 stats["read"] += 1
-                source = str(item["source"]).strip().lower()
+                if not isinstance(item["source"], str) or not item["source"].strip():
+                    raise UserError("source must be a non-empty string", path=str(src), line=n, field="source")
+                source = item["source"].strip().lower()
                 if wanted and source not in wanted:
                     stats["dropped_source"] += 1
                     continue
@@ -66,7 +67,8 @@ def build_corpus(src, out, *, sources: tuple[str, ...] = (), min_chars: int = 20
                 if len(text) < min_chars:
                     stats["dropped_short"] += 1
                     continue
-                gid = str(item.get("id") or f"line{n}")
+                gid = item.get("id")
+                gid = f"line{n}" if gid is None or not str(gid).strip() else str(gid).strip()
                 if gid in seen_ids:
                     raise UserError(f"duplicate id {gid!r}", path=str(src), line=n, field="id")
                 seen_ids.add(gid)

@@ -19,17 +19,20 @@ def parse_filters(filters) -> list[tuple[str, str]]:
     return out
 
 
+def _text(v) -> str:
+    """A cell as text: a JSON null is empty (never "None")."""
+    return "" if v is None else str(v)
+
+
 def _rows(src: Path, needed: tuple[str, ...]):
     """(line-or-row number, dict) from a CSV (header row) or JSONL file; missing columns name the file."""
-    from tools.io import read_csv, read_jsonl
+    from tools.io import read_csv_numbered, read_jsonl_numbered
 
     name = src.name.lower()
     if name.endswith((".csv", ".csv.gz")):
-        for i, row in enumerate(read_csv(src, required=needed), 2):
-            yield i, row
+        yield from read_csv_numbered(src, required=needed)
     elif name.endswith((".jsonl", ".jsonl.gz", ".json")):
-        for i, row in enumerate(read_jsonl(src, required=needed), 1):
-            yield i, row
+        yield from read_jsonl_numbered(src, required=needed)
     else:
         raise UserError("expected a .csv or .jsonl file", path=str(src))
 
@@ -53,14 +56,16 @@ def build_qa(src, out, *, question_col: str, answer_col: str, filters=(), fmt: s
         rows, stats, ids = [], Counter(), set()
         for n, r in _rows(src, needed):
             stats["read"] += 1
-            if any(str(r.get(k, "")).strip() != v for k, v in flt):
+            if any(_text(r.get(k)).strip() != v for k, v in flt):
                 stats["filtered_out"] += 1
                 continue
-            q, a = str(r[question_col] or "").strip(), str(r[answer_col] or "").strip()
+            q, a = _text(r[question_col]).strip(), _text(r[answer_col]).strip()
             if not q or not a:
                 stats["dropped_empty"] += 1
                 continue
-            rid = f"qa-{str(r[id_col]).strip()}" if id_col else f"qa-{n}"
+            if id_col and not _text(r[id_col]).strip():
+                raise UserError(f"empty id in column {id_col!r}", path=str(src), line=n, field=id_col)
+            rid = f"qa-{_text(r[id_col]).strip()}" if id_col else f"qa-{n}"
             if rid in ids:
                 raise UserError(f"duplicate id {rid!r}", path=str(src), line=n, field=id_col or "id")
             ids.add(rid)

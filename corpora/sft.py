@@ -6,7 +6,6 @@ built the same way as training prompts.
 """
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from functools import lru_cache
@@ -72,25 +71,12 @@ def medqa_assistant(letter: str, options: dict[str, str]) -> str:
 
 # -- readers ------------------------------------------------------------------------------------
 def read_pubmedqa(path) -> list[tuple[str, dict, int | None]]:
-    """(pmid, item, line) from our JSONL form ({"id", QUESTION, CONTEXTS, ...}) or the official
-    ``ori_pqal.json`` ({pmid: {...}})."""
-    from tools.io import read_jsonl, require_file
+    """(pmid, item, line) from our JSONL form ({"id", QUESTION, CONTEXTS, ...}), the official
+    ``ori_pqal.json`` / ``test_set.json`` ({pmid: {...}}) or the Hub's ``pqa_labeled`` export
+    (JSONL, JSON or Parquet); items in the canonical (ori_pqal) form."""
+    from .upstream import pubmedqa_record, read_records
 
-    p = require_file(path, "PubMedQA file")
-    if p.suffix == ".json":
-        try:
-            doc = json.loads(p.read_bytes().decode("utf-8"))
-        except UnicodeDecodeError as e:
-            raise UserError(f"not UTF-8 (byte at offset {e.start})", path=str(p)) from None
-        except json.JSONDecodeError as e:
-            raise UserError(f"malformed JSON ({e.msg})", path=str(p), line=e.lineno) from None
-        if not isinstance(doc, dict):
-            raise UserError("expected ori_pqal.json's mapping PMID -> item", path=str(p))
-        return [(str(k), v, None) for k, v in doc.items()]
-    out = []
-    for n, obj in enumerate(read_jsonl(p, required=("id",)), 1):
-        out.append((str(obj["id"]), obj, n))
-    return out
+    return [(*pubmedqa_record(obj, key, line, path), line) for key, obj, line in read_records(path, "PubMedQA file")]
 
 
 def _need(item, key, typ, path, line, pmid):
@@ -142,6 +128,9 @@ def build_pubmedqa(out, *, src=None, allow_test_ids: bool = False, force: bool =
         for pmid, item, line in read_pubmedqa(src):
             q = _need(item, "QUESTION", str, src, line, pmid)
             ctx = _need(item, "CONTEXTS", list, src, line, pmid)
+            if not all(isinstance(c, str) for c in ctx):
+                raise UserError("CONTEXTS must be a list of texts", path=str(src), line=line,
+                                field="CONTEXTS" if line is not None else f"{pmid}.CONTEXTS")
             label = _need(item, "final_decision", str, src, line, pmid).strip().lower()
             long_answer = _need(item, "LONG_ANSWER", str, src, line, pmid)
             if label not in PUBMEDQA_LABELS:
@@ -158,7 +147,7 @@ def build_pubmedqa(out, *, src=None, allow_test_ids: bool = False, force: bool =
                 {"role": "user", "content": pubmedqa_user([str(c) for c in ctx], q)},
                 {"role": "assistant", "content": pubmedqa_assistant(label, long_answer)}],
                 "meta": {"dataset": "pubmedqa", "pmid": pmid, "label": label,
-                         "year": str(item.get("YEAR", "")), "meshes": list(item.get("MESHES", []))}})
+                         "year": item["YEAR"], "meshes": item["MESHES"]}})
             labels[label] += 1
         if not rows:
             raise UserError(f"no item left: all {skipped_test} are PubMedQA benchmark test ids "
@@ -173,8 +162,10 @@ def build_pubmedqa(out, *, src=None, allow_test_ids: bool = False, force: bool =
 
 def build_medqa(out, *, src=None, allow_test: bool = False, force: bool = False, log=None):
     from tools.artifact import Stage
-    from tools.io import read_jsonl, write_jsonl
+    from tools.io import write_jsonl
     from tools.paths import bundled_data, system_prompts_file
+
+    from .upstream import medqa_record, read_records
 
     src = Path(src) if src else bundled_data() / "medqa" / "dev.jsonl"
     prompts = system_prompts_file()
@@ -184,33 +175,43 @@ def build_medqa(out, *, src=None, allow_test: bool = False, force: bool = False,
             return st.result
         test_q = medqa_test_questions()
         rows, answers, sizes, skipped_test = [], Counter(), Counter(), 0
-        for n, item in enumerate(read_jsonl(src, required=("question", "options")), 1):
+        seen_ids: dict[str, int | str] = {}
+        for i, (key, raw, line) in enumerate(read_records(src, "MedQA file"), 1):
+            rid, item = medqa_record(raw, key, line, src)
+            n = line if line is not None else i
+            where = {"line": line} if line is not None else {}
+
+            def fld(name, key=key, line=line):
+                return name if line is not None or key is None else f"{key}.{name}"
             q, opts = item["question"], item["options"]
-            if not isinstance(q, str) or not q.strip():
-                raise UserError("empty question", path=str(src), line=n, field="question")
             if not isinstance(opts, dict) or not 2 <= len(opts) <= 26 or not all(isinstance(v, str) for v in opts.values()):
-                raise UserError("options must map letters to texts", path=str(src), line=n, field="options")
+                raise UserError("options must map letters to texts", path=str(src), field=fld("options"), **where)
             letters = sorted(opts)
             if letters != [chr(ord("A") + i) for i in range(len(letters))]:
                 raise UserError(f"option letters must be A.. in order, got {','.join(letters)}", path=str(src),
-                                line=n, field="options")
+                                field=fld("options"), **where)
             opts = {k: opts[k] for k in letters}
-            letter = item.get("answer_idx")
+            letter = item["answer_idx"]
             if letter is None and isinstance(item.get("answer"), str):
                 hits = [k for k, v in opts.items() if v.strip() == item["answer"].strip()]
                 letter = hits[0] if len(hits) == 1 else None
             if letter not in opts:
-                raise UserError(f"answer_idx {letter!r} is not one of the options", path=str(src), line=n,
-                                field="answer_idx")
+                raise UserError(f"answer_idx {letter!r} is not one of the options", path=str(src),
+                                field=fld("answer_idx"), **where)
+            if rid is not None:
+                if rid in seen_ids:
+                    raise UserError(f"duplicate id {rid!r} (first at {seen_ids[rid]})", path=str(src),
+                                    field=fld("id"), **where)
+                seen_ids[rid] = f"line {line}" if line is not None else f"record {key}"
             if not allow_test and norm_question(q) in test_q:
                 skipped_test += 1
                 continue
-            rows.append({"id": f"medqa-{src.stem}-{n}", "messages": [
+            rows.append({"id": f"medqa-{src.stem}-{n}" if rid is None else f"medqa-{rid}", "messages": [
                 {"role": "system", "content": system_prompt("medqa", letters)},
                 {"role": "user", "content": medqa_user(q, opts)},
                 {"role": "assistant", "content": medqa_assistant(letter, opts)}],
                 "meta": {"dataset": "medqa", "line": n, "answer": letter, "n_options": len(letters),
-                         "meta_info": str(item.get("meta_info", ""))}})
+                         "meta_info": item["meta_info"]}})
             answers[letter] += 1
             sizes[len(letters)] += 1
         if not rows:

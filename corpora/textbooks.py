@@ -1,5 +1,7 @@
 """USMLE textbook .txt files -> completion corpus: drop blank lines, strip non-alphanumeric noise,
-join lines shorter than 5 tokens to the next line, cut into documents of about N words."""
+join lines shorter than 5 tokens to the next line, cut into documents of about N words. A line
+longer than a document (a book extracted without line breaks) is cut at word boundaries: no
+document holds more than twice ``doc_words`` words, and memory stays bounded however long a line is."""
 from __future__ import annotations
 
 import json
@@ -11,16 +13,47 @@ from tools.errors import UserError
 from .clean import has_alnum, strip_noise
 
 DEFAULT_LICENSE = "user-supplied textbooks (rights not checked: keep private unless you hold them)"
+PIECE = 1 << 20     # bytes: a longer line is read in pieces cut at a space
 
 
-def read_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(line number, line) with strict UTF-8: a bad byte names file:line."""
+def _decode(raw: bytes, path: Path, n: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"not UTF-8 (byte 0x{raw[e.start]:02x})", path=str(path), line=n) from None
+
+
+def _cut(buf: bytes) -> int:
+    """Where to cut a piece of a long line: after its last space or tab, else before the last
+    (possibly incomplete) UTF-8 character."""
+    cut = max(buf.rfind(b" "), buf.rfind(b"\t")) + 1
+    if cut > 0:
+        return cut
+    cut = len(buf)
+    while cut > 0 and buf[cut - 1] & 0xC0 == 0x80:    # continuation bytes
+        cut -= 1
+    if cut > 0 and buf[cut - 1] >= 0xC0:              # the lead byte of that character
+        cut -= 1
+    return cut or len(buf)
+
+
+def read_lines(path: Path, piece: int = PIECE) -> Iterator[tuple[int, str]]:
+    """(line number, line) with strict UTF-8: a bad byte names file:line. A line longer than
+    ``piece`` bytes comes in pieces (same line number), each cut at a space."""
     with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            try:
-                yield n, raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise UserError(f"not UTF-8 (byte 0x{raw[e.start]:02x})", path=str(path), line=n) from None
+        n, carry = 1, b""
+        while True:
+            raw = f.readline(piece)
+            if not raw and not carry:
+                return
+            buf, carry = carry + raw, b""
+            if not raw or buf.endswith(b"\n"):
+                yield n, _decode(buf, path, n)
+                n += 1
+                continue
+            cut = _cut(buf)
+            yield n, _decode(buf[:cut], path, n)
+            carry = buf[cut:]
 
 
 def clean_lines(lines, min_tokens: int = 5) -> Iterator[str]:
@@ -41,14 +74,21 @@ def clean_lines(lines, min_tokens: int = 5) -> Iterator[str]:
 
 
 def documents(lines, doc_words: int = 512) -> Iterator[str]:
-    """Consecutive lines grouped until a document holds at least ``doc_words`` words."""
+    """Consecutive lines grouped until a document holds at least ``doc_words`` words; a line of
+    more than ``doc_words`` words is first cut into pieces of ``doc_words`` words."""
     buf, words = [], 0
     for line in lines:
-        buf.append(line)
-        words += len(line.split())
-        if words >= doc_words:
-            yield "\n".join(buf)
-            buf, words = [], 0
+        ws = line.split()
+        if len(ws) > doc_words:
+            pieces = [(" ".join(ws[i:i + doc_words]), min(doc_words, len(ws) - i)) for i in range(0, len(ws), doc_words)]
+        else:
+            pieces = [(line, len(ws))]
+        for text, n in pieces:
+            buf.append(text)
+            words += n
+            if words >= doc_words:
+                yield "\n".join(buf)
+                buf, words = [], 0
     if buf:
         yield "\n".join(buf)
 

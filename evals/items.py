@@ -1,12 +1,16 @@
 """Benchmark items: load PubMedQA / MedQA (raw or normalized) and build the MediLoRA prompts.
 
-Normalized item (DESIGN.md): ``{"id", "question", "context", "options", "answer"}`` with
+Normalized item (docs/DESIGN.md): ``{"id", "question", "context", "options", "answer"}`` with
 ``options`` a mapping label -> text (PubMedQA: yes/no/maybe) and ``answer`` one of its labels.
-Accepted inputs, line by line:
+Accepted inputs (JSONL line by line; also whole ``.json`` documents and Hub ``.parquet`` exports,
+read by ``corpora.upstream``):
 
 - PubMedQA as shipped (``evals/data/pubmedqa``): ``id``, ``QUESTION``, ``CONTEXTS``, ``final_decision``;
-- MedQA as shipped (``evals/data/medqa``): ``question``, ``options`` {A..}, ``answer_idx`` (the id is
-  the line number, as the data has none);
+  PubMedQA's own ``ori_pqal.json`` / ``test_set.json`` ({pmid: {QUESTION, ...}}); the Hub's
+  ``pqa_labeled`` export (``pubid``, ``question``, ``context.contexts``, ``final_decision``);
+- MedQA as shipped (``evals/data/medqa``) and MedQA's own JSONL: ``question``, ``options`` {A..},
+  ``answer_idx`` (the id is the line number, as the data has none); BigBio's source schema (``options``
+  as a list of {key, value}) and QA schema (``choices``, ``answer: [text]``);
 - normalized items (any task): ``id``, ``question``, ``options``, ``answer`` (``context`` optional).
 
 Every problem names the file, the line and the field (``UserError``, exit 2).
@@ -18,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tools.errors import UserError
-from tools.io import read_jsonl, require_file, sha256_file
+from tools.io import read_jsonl_numbered, require_file, sha256_file
 from tools.paths import bundled_data
 
 TASKS = ("pubmedqa", "medqa")
@@ -54,41 +58,62 @@ def _str_field(obj: dict, key: str, path, line) -> str:
     return v
 
 
-def _options(obj: dict, key: str, path, line) -> dict:
+def _options(obj: dict, key: str, path, line, field: str | None = None) -> dict:
     v = obj.get(key)
+    field = field or key
     if not isinstance(v, dict) or len(v) < 2:
-        raise UserError(f"field {key!r} must map at least two labels to texts", path=str(path), line=line, field=key)
+        raise UserError(f"field {key!r} must map at least two labels to texts", path=str(path), line=line, field=field)
     out = {}
     for k, t in v.items():
         if not isinstance(t, str):
-            raise UserError(f"option {k!r} must be a string", path=str(path), line=line, field=key)
+            raise UserError(f"option {k!r} must be a string", path=str(path), line=line, field=field)
         out[str(k)] = t
     return out
 
 
-def _parse(task: str, obj: dict, path: Path, line: int) -> Item:
-    if task == "pubmedqa" and "QUESTION" in obj:
-        for k in ("id", "QUESTION", "CONTEXTS", "final_decision"):
-            if k not in obj:
-                raise UserError(f"missing field {k!r}", path=str(path), line=line, field=k)
-        ctx = obj["CONTEXTS"]
+def _upstream(task: str, obj: dict, path: Path, line: int | None, key: str | None) -> Item | None:
+    """An item from PubMedQA's or MedQA's upstream forms, or None for a normalized item."""
+    from corpora.upstream import medqa_record, medqa_shape, pubmedqa_record, pubmedqa_shape
+
+    where = {"line": line} if line is not None else {}
+
+    def fld(name):
+        return name if line is not None or key is None else f"{key}.{name}"
+
+    if task == "pubmedqa" and pubmedqa_shape(obj):
+        if "QUESTION" in obj and line is not None and "id" not in obj:
+            raise UserError("missing field 'id'", path=str(path), field="id", **where)
+        pmid, rec = pubmedqa_record(obj, key, line, path)
+        ctx = rec["CONTEXTS"]
         if not isinstance(ctx, list) or not all(isinstance(c, str) for c in ctx):
-            raise UserError("field 'CONTEXTS' must be a list of strings", path=str(path), line=line, field="CONTEXTS")
-        ans = obj["final_decision"]
+            raise UserError("field 'CONTEXTS' must be a list of strings", path=str(path), field=fld("CONTEXTS"), **where)
+        q = rec["QUESTION"]
+        if not isinstance(q, str) or not q.strip():
+            raise UserError("field 'QUESTION' must be a non-empty string", path=str(path), field=fld("QUESTION"),
+                            **where)
+        ans = rec["final_decision"]
         if ans not in PUBMEDQA_LABELS:
-            raise UserError(f"final_decision {ans!r} is not yes/no/maybe", path=str(path), line=line, field="final_decision")
-        return Item(str(obj["id"]), _str_field(obj, "QUESTION", path, line), "\n".join(ctx),
-                    {k: k for k in PUBMEDQA_LABELS}, ans)
-    if task == "medqa" and "answer_idx" in obj:
-        for k in ("question", "options", "answer_idx"):
-            if k not in obj:
-                raise UserError(f"missing field {k!r}", path=str(path), line=line, field=k)
-        opts = _options(obj, "options", path, line)
-        ans = obj["answer_idx"]
+            raise UserError(f"final_decision {ans!r} is not yes/no/maybe", path=str(path), field=fld("final_decision"),
+                            **where)
+        return Item(pmid, q, "\n".join(ctx), {k: k for k in PUBMEDQA_LABELS}, ans)
+    shape = medqa_shape(obj) if task == "medqa" else None
+    if shape in ("bigbio_qa", "bigbio_source") or (shape == "medqa" and "answer_idx" in obj):
+        rid, rec = medqa_record(obj, key, line, path)
+        opts = _options(rec, "options", path, line, fld("options"))
+        ans = rec["answer_idx"]
         if ans not in opts:
-            raise UserError(f"answer_idx {ans!r} is not one of the options {sorted(opts)}", path=str(path), line=line,
-                            field="answer_idx")
-        return Item(str(obj.get("id", line)), _str_field(obj, "question", path, line), "", opts, ans)
+            raise UserError(f"answer_idx {ans!r} is not one of the options {sorted(opts)}", path=str(path),
+                            field=fld("answer_idx"), **where)
+        return Item(rid or str(line if line is not None else key), rec["question"], "", opts, ans)
+    return None
+
+
+def _parse(task: str, obj: dict, path: Path, line: int | None, key: str | None = None) -> Item:
+    it = _upstream(task, obj, path, line, key)
+    if it is not None:
+        return it
+    if not isinstance(obj, dict):
+        raise UserError("expected a JSON object", path=str(path), line=line, field=key)
     for k in ("id", "question", "options", "answer"):
         if k not in obj:
             raise UserError(f"missing field {k!r}", path=str(path), line=line, field=k)
@@ -112,32 +137,28 @@ def load_items(task: str, data: str | os.PathLike | None = None, split: str = "t
     path = Path(data) if data else default_data(task, split)
     if task not in TASKS:
         raise UserError(f"unknown task {task!r} (one of {', '.join(TASKS)})", field="task")
+    from corpora.upstream import read_records
+
     items: list[Item] = []
-    seen: dict[str, int] = {}
-    line = 0
-    for lineno, obj in _numbered(path):
-        line = lineno
-        it = _parse(task, obj, path, lineno)
+    seen: dict[str, str] = {}
+    for key, obj, lineno in read_records(path):
+        it = _parse(task, obj, path, lineno, key)
         if it.id in seen:
-            raise UserError(f"duplicate id {it.id!r} (first on line {seen[it.id]})", path=str(path), line=lineno, field="id")
-        seen[it.id] = lineno
+            raise UserError(f"duplicate id {it.id!r} (first at {seen[it.id]})", path=str(path), line=lineno,
+                            field="id" if lineno is not None else f"{key}.id")
+        seen[it.id] = f"line {lineno}" if lineno is not None else f"record {key}"
         items.append(it)
         if limit and len(items) >= limit:
             break
     if not items:
-        raise UserError("no items", path=str(path), line=line or None)
+        raise UserError("no items", path=str(path))
     return items, path
 
 
 def _numbered(path: Path):
     """(line number, object) pairs with read_jsonl's strict checks (blank lines keep their numbers)."""
     require_file(path, "data file")
-    it = read_jsonl(path)
-    # read_jsonl yields objects for non-blank lines only; re-derive their numbers from the file
-    with open(path, "rb") as f:
-        numbers = [i for i, raw in enumerate(f, 1) if raw.strip()]
-    for n, obj in zip(numbers, it):
-        yield n, obj
+    yield from read_jsonl_numbered(path)
 
 
 def data_sha256(path: Path) -> str:
@@ -160,7 +181,7 @@ def system_prompt(task: str, options: dict | None = None) -> str:
 
 def question_block(task: str, item: Item) -> str:
     """The user message of ``item`` (without retrieved context)."""
-    from corpora.sft import medqa_user, pubmedqa_user   # one formatter: train as you test
+    from corpora.sft import medqa_user, pubmedqa_user  # one formatter: train as you test
 
     if task == "pubmedqa":
         return pubmedqa_user([item.context], item.question)

@@ -207,7 +207,8 @@ def test_qa_chatml_filter_and_completion(tmp_path, tools_cli):
     from corpora.qa import build_qa
     comp = build_qa(f, tmp_path / "qac", question_col="question", answer_col="answer", fmt="completion")
     c = rows(comp.path / "train.jsonl")
-    assert c[1]["text"] == "Question: How is gout treated?\nAnswer: NSAIDs and colchicine." and set(c[1]) == {"id", "text", "source", "meta"}
+    assert c[1]["text"] == "Question: How is gout treated?\nAnswer: NSAIDs and colchicine."
+    assert set(c[1]) == {"id", "text", "source", "meta"}
     # a missing column names the column; a malformed row names its line
     p = tools_cli("build-dataset", "qa", "--src", f, "--question-col", "question", "--answer-col", "reply",
                   "--out", tmp_path / "bad")

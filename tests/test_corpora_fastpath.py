@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from corpora.clean import SectionFilter, normalize_whitespace, squeeze_lines
-from corpora.mimic import NoteOptions, build, csv_tasks, json_string, spool_dir, SPOOL_PREFIX
+from corpora.mimic import SPOOL_PREFIX, NoteOptions, build, csv_tasks, json_string, spool_dir
 
 
 def reference_extract(sf: SectionFilter, text: str) -> tuple[str, list[str]]:
@@ -107,11 +107,11 @@ def test_section_extraction_equals_line_by_line_reference():
             assert sf.extract(text) == reference_extract(sf, text), repr(text)
 
 
-def test_section_extraction_on_real_synthetic_notes(shared_data):
+def test_section_extraction_on_real_synthetic_notes(demo_notes_csv):
     from corpora.clean import remove_placeholders
 
     sf = SectionFilter()
-    path = shared_data / "clinical_notes_synthetic" / "noteevents_like.csv"
+    path = demo_notes_csv
     csv.field_size_limit(1 << 30)
     with open(path, newline="", encoding="utf-8") as f:
         texts = [remove_placeholders(r["TEXT"])[0] for r in csv.DictReader(f)]

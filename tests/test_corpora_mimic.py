@@ -7,12 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
+from pgserver import PgServer, find_bindir
 
 from corpora.mimic import LICENSE, NoteOptions, build_corpus, redact_dsn
-from tools.artifact import read_artifact
 from tools.errors import UserError
-
-from pgserver import PgServer, find_bindir
 
 HEADER = ["ROW_ID", "SUBJECT_ID", "HADM_ID", "CHARTDATE", "CHARTTIME", "STORETIME", "CATEGORY",
           "DESCRIPTION", "CGID", "ISERROR", "TEXT"]
@@ -81,7 +79,7 @@ def _our_rows() -> list[list[str]]:
 
 
 def write_notes_csv(path: Path, shared_csv: Path) -> Path:
-    """The synthetic notes (../shared/data) plus our rows, in NOTEEVENTS.csv layout."""
+    """The synthetic notes (corpora/data/demo_notes) plus our rows, in NOTEEVENTS.csv layout."""
     with open(shared_csv, encoding="utf-8", newline="") as f:
         rows = list(csv.reader(f))
     assert rows[0] == HEADER
@@ -99,9 +97,9 @@ def corpus(art) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def notes_csv(tmp_path_factory, shared_data) -> Path:
+def notes_csv(tmp_path_factory, demo_notes_csv) -> Path:
     return write_notes_csv(tmp_path_factory.mktemp("notes") / "NOTEEVENTS.csv",
-                           shared_data / "clinical_notes_synthetic" / "noteevents_like.csv")
+                           demo_notes_csv)
 
 
 @pytest.fixture(scope="module")

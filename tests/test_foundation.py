@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -89,7 +88,13 @@ def test_killed_stage_is_never_read_as_complete(tmp_path):
     (out / "big.txt").write_text("complete-looking")
     with pytest.raises(UserError, match="no manifest.json"):
         read_artifact(out)
-    # and the next run does the work rather than skipping
+    # such a folder is not ours to replace: refused, untouched
+    with pytest.raises(UserError, match=r"\[--out\]: is a folder with files but no manifest.json"):
+        with Stage("test.slow", out, {}, inputs=[src]):
+            pass
+    assert (out / "big.txt").read_text() == "complete-looking"
+    # once it is gone (or empty), the next run does the work rather than skipping
+    (out / "big.txt").unlink()
     calls = []
     with Stage("test.slow", out, {}, inputs=[src]) as st:
         if not st.skipped:
@@ -128,8 +133,8 @@ def test_console_script_help_and_version(tools_cli):
 
 def test_user_error_is_one_line_exit_2(tools_cli, tmp_path):
     from click.testing import CliRunner
+
     from tools.cli import cli
-    import click
 
     @cli.command("_test-bad-input", hidden=True)
     def _bad():

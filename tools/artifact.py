@@ -1,4 +1,4 @@
-"""The artifact contract (DESIGN.md): one output folder a stage, manifest.json written last.
+"""The artifact contract (docs/DESIGN.md): one output folder a stage, manifest.json written last.
 
 A stage builds its outputs in a hidden staging folder beside ``out``; on success it writes the
 manifest there (atomically) and swaps the staging folder in place of ``out``. A stage killed or
@@ -127,6 +127,21 @@ def _describe_input(path: Path) -> tuple[dict, Lineage | None]:
     return ({"path": str(path), "kind": "file", "sha256": sha256_file(path), "size": path.stat().st_size}, None)
 
 
+def _refuse_foreign(out: Path) -> None:
+    """A stage replaces only its own kind of folder: an artifact (it has a manifest), an empty
+    folder, or ``output/`` inside an artifact (``tools train --adopt`` takes over its files). A
+    user's file or folder is never moved or replaced."""
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not out.is_dir():
+        raise UserError("exists and is not an artifact folder (a file): refusing to replace it; "
+                        "choose another --out", path=str(out), field="--out")
+    if is_artifact(out) or is_artifact(out.parent) or not any(out.iterdir()):
+        return
+    raise UserError("is a folder with files but no manifest.json (not a MediLoRA artifact): refusing to "
+                    "replace it; choose another --out", path=str(out), field="--out")
+
+
 class Stage:
     """Context manager that runs one stage under the artifact contract.
 
@@ -186,6 +201,7 @@ class Stage:
                 if self._log:
                     self._log(f"{self.name}: up to date in {self.out} (same inputs and parameters; --force re-runs)")
                 return self
+        _refuse_foreign(self.out)
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.work = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))
         self.started = _now()
@@ -230,6 +246,7 @@ class Stage:
         }
         write_json(self.work / MANIFEST, manifest)  # last act inside the staging folder
         old = None
+        _refuse_foreign(self.out)  # again: something may have appeared there meanwhile
         if self.out.exists():
             old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
             shutil.rmtree(old, ignore_errors=True)
