@@ -14,7 +14,8 @@ LLAMA_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAM
 # whatever this CPU has) with AMX always left out: llama.cpp's AMX path segfaults on the first decode
 # on Sapphire Rapids class Xeons (llama.cpp issue 20824). Explicit -mno-amx-* flags win over the
 # detected target in gcc and clang whatever their order (docs/PORTABILITY.md, tests/test_portability.py).
-# GPU=cuda: llama.cpp with its CUDA backend, and the CUDA builds of torch/bitsandbytes/deepspeed.
+# GPU=cuda: llama.cpp with its CUDA backend (its CPU backend also without AMX), and the CUDA builds
+# of torch/bitsandbytes/deepspeed.
 GPU ?= cpu
 NO_AMX_FLAGS := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 ifeq ($(GPU),cuda)
@@ -68,7 +69,7 @@ $(LLAMA_STAMP):
 	mkdir -p $(dir $(LLAMA_SDIST))
 	test -f $(LLAMA_SDIST) || $(PIP) download -q --no-deps --no-binary :all: "llama-cpp-python==$(LLAMA_VERSION)" -d $(dir $(LLAMA_SDIST))
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS) $(LLAMA_BACKEND_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
-	  CFLAGS="$(if $(filter cpu,$(GPU)),$(NO_AMX_FLAGS))" CXXFLAGS="$(if $(filter cpu,$(GPU)),$(NO_AMX_FLAGS))" \
+	  CFLAGS="$(NO_AMX_FLAGS)" CXXFLAGS="$(NO_AMX_FLAGS)" \
 	  $(PIP) install --no-cache-dir --force-reinstall --no-deps -v $(LLAMA_SDIST) > $(VENV)/llama-cpp-build.log 2>&1 \
 	  || { tail -30 $(VENV)/llama-cpp-build.log; echo "error: building llama-cpp-python failed (full log: $(VENV)/llama-cpp-build.log)"; exit 1; }
 	grep -E "AMX|march|GGML_CUDA|Including CPU backend" $(VENV)/llama-cpp-build.log | head -20 || true
