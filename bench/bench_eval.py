@@ -11,6 +11,9 @@ lm-eval's `gguf` model against `python -m llama_cpp.server`.
    with the server's `--kv_overrides tokenizer.ggml.add_bos_token=bool:true` (without it
    llama-cpp-python 0.3.36 echoes 0.0 log-likelihoods for models that add no BOS): seconds per
    item vs ours.  Target: ours >= 20x faster per item.
+5. `--samples 5` against 5 independent generations on the same items (bench/bench_samples.py):
+   one prompt evaluation per item instead of five (default 10 items, 32 new tokens a draw).
+   Target: fewer tokens evaluated and less wall time than the independent draws.
 
 Other processes share the CPU here: make the sizes small (--limit 40 --gen-limit 20
 --server-items 5) and read the ratios, which are measured under the same load.
@@ -125,6 +128,8 @@ def main(argv=None) -> int:
     ap.add_argument("--gen-limit", type=int, default=40, help="items in generation mode (0: skip)")
     ap.add_argument("--server-items", type=int, default=2,
                     help="items for lm-eval gguf + llama_cpp.server (0: skip; ~50 s per request here, 3 requests an item)")
+    ap.add_argument("--samples-items", type=int, default=10,
+                    help="items for --samples 5 vs 5 independent generations (0: skip)")
     ap.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: physical cores)")
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "bench-eval")
     a = ap.parse_args(argv)
@@ -164,6 +169,12 @@ def main(argv=None) -> int:
               f"{gen['generated_tokens']} new tokens); floor {floor_s:.1f} s -> {gen['ratio_to_floor']:.2f}x "
               f"(target <= 1.3x); accuracy {gen['accuracy']:.3f}, valid {gen['valid_rate']:.3f}", flush=True)
 
+    if a.samples_items:
+        from bench_samples import describe, measure
+        sm = measure(model, a.samples_items, 5, 32, threads, a.out / "cot-samples")
+        report["samples"] = sm
+        print(describe(sm), flush=True)
+
     if a.server_items:
         srv = run_lm_eval_server(model, a.server_items, threads, a.out)
         srv["speedup_ours"] = round(srv["s_per_item"] / ll["s_per_item"], 2)
@@ -180,6 +191,9 @@ def main(argv=None) -> int:
     ok = ll["ratio_to_floor"] <= 1.2
     ok &= report.get("generate", {}).get("ratio_to_floor", 0) <= 1.3
     ok &= report.get("lm_eval_gguf_server", {}).get("speedup_ours", 99) >= 20
+    if "samples" in report:  # the prompt is evaluated once for the N samples: fewer tokens and less time
+        sm = report["samples"]
+        ok &= sm["shared"]["evaluated_tokens"] < sm["independent"]["evaluated_tokens"] and sm["speedup"] > 1
     print(f"{'PASS' if ok else 'MISS'}: figures in {a.out / 'bench_eval.json'}")
     return 0 if ok else 1
 

@@ -19,9 +19,25 @@ results.json (schema 1)::
     full_answer, n_ctx, threads, prompt {template, system_sha256, format},
     tokens {prompt_total, prompt_mean, generated_total, evaluated_total}, rag {index, k} | null
 
+    accuracy_ci95, valid_rate_ci95, macro_f1_ci95   # [low, high], 95 %: Wilson for the proportions,
+                                                    # a seeded bootstrap over items for macro-F1
+    (mcq: flavor, map; --shots/--cot/--samples: shots {k, ids, source, ...}, cot, samples,
+     self_consistency {samples, ties, tie_rule, unanimous, valid_sample_rate})
+
 items.jsonl: id, gold, prompt_sha256, prompt_tokens, and for generate: raw, parsed, strict,
 finish, gen_tokens; for loglik: loglik {label: nats}, pred, pred_norm, correct_norm; both: correct,
-(rag: chunks [{id, score}]).
+(rag: chunks [{id, score}]; --shots: shots used; --samples N: samples [{raw, parsed, finish,
+gen_tokens}], votes, tie).
+
+Few-shot (``--shots K``): K dev examples (never test items; seeded, fixed for the run, stratified
+by label for yes/no/maybe) as prior ChatML turns; they are part of the cached prompt prefix. An item
+whose prompt would not fit n_ctx drops shots, never its question. ``--cot`` asks for reasoning and
+a final "Answer: X" line (the only form that counts); ``--samples N`` draws N answers from one
+prompt evaluation (evals.llm.LlamaRunner.generate_samples) and takes the majority.
+
+Resume: every finished item is appended (and flushed) to ``.OUT.items-<fingerprint>.jsonl`` beside
+OUT; the same run started again continues after the last finished item and writes the same files
+as an uninterrupted run (generation is seeded per item and always starts from the same prefix).
 """
 from __future__ import annotations
 
@@ -35,7 +51,7 @@ from tools.io import sha256_bytes, sha256_file, write_json, write_jsonl
 from tools.progress import log, progress
 
 from . import extract
-from .items import Item, answer_text, load_items, question_block, system_prompt, user_message
+from .items import Item, answer_text, question_block, system_prompt, user_message
 
 PROMPT_FORMAT = "medilora-bench-1"
 
@@ -78,26 +94,198 @@ def default_out(task: str, mode: str, model: Path, split: str) -> Path:
     return Path("runs") / "bench" / f"{task}-{mode}-{model.stem}-{split}"
 
 
+# ---- self-consistency ----------------------------------------------------------------------
+
+def majority(labels: list[str | None]) -> tuple[str | None, dict[str, int], bool]:
+    """(winner, votes, tie): the most voted label among the parsed ones (None never votes); a tie
+    between the top labels goes to the one voted first (the earliest sample), and is reported."""
+    votes: dict[str, int] = {}
+    first: dict[str, int] = {}
+    for i, lab in enumerate(labels):
+        if lab is None:
+            continue
+        votes[lab] = votes.get(lab, 0) + 1
+        first.setdefault(lab, i)
+    if not votes:
+        return None, {}, False
+    top = max(votes.values())
+    leaders = [lab for lab in votes if votes[lab] == top]
+    return min(leaders, key=first.__getitem__), votes, len(leaders) > 1
+
+
+# ---- few-shot --------------------------------------------------------------------------------
+
+def _norm_q(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def pick_shots(pool: list[Item], k: int, seed: int, flavor: str, test_items: list[Item],
+               task: str) -> tuple[list[Item], int]:
+    """K dev examples (seeded, fixed for the run; stratified by label for yes/no/maybe), none of
+    which is a test item (same question text, or the same PubMed id). Returns (shots, excluded)."""
+    import random
+
+    test_q = {_norm_q(t.question) for t in test_items}
+    test_ids = {t.id for t in test_items} if task == "pubmedqa" else set()
+    clean = [p for p in pool if _norm_q(p.question) not in test_q and p.id not in test_ids]
+    excluded = len(pool) - len(clean)
+    if k > len(clean):
+        raise UserError(f"{k} shots asked, the dev pool holds {len(clean)} usable examples "
+                        f"({excluded} excluded as test items)", field="--shots")
+    rng = random.Random(f"medilora-shots:{seed}")
+    if flavor == "pubmedqa":
+        by: dict[str, list[Item]] = {}
+        for p in clean:
+            by.setdefault(p.answer, []).append(p)
+        for lab in by:
+            rng.shuffle(by[lab])
+        order = [lab for lab in ("yes", "no", "maybe") if by.get(lab)]
+        shots: list[Item] = []
+        i = 0
+        while len(shots) < k:
+            lab = order[i % len(order)]
+            if by[lab]:
+                shots.append(by[lab].pop(0))
+            i += 1
+        rng.shuffle(shots)
+        return shots, excluded
+    return rng.sample(clean, k), excluded
+
+
+def _long_answers(path: Path) -> dict[str, str]:
+    """PubMedQA dev rows carry a LONG_ANSWER: the reasoning of a CoT shot."""
+    import json
+    out = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                try:
+                    d = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(d, dict) and isinstance(d.get("LONG_ANSWER"), str):
+                    out[str(d.get("id"))] = d["LONG_ANSWER"].strip()
+    return out
+
+
+def shot_turns(flavor: str, shots: list[Item], cot: bool, long_answers: dict[str, str]) -> list[dict]:
+    turns = []
+    for sh in shots:
+        user = user_message(flavor, sh)
+        if cot:
+            user += "\n\n" + extract.cot_instruction(flavor, list(sh.options))
+            reason = long_answers.get(sh.id, "")
+            ans = f"Answer: {sh.answer}"
+            assistant = f"{reason}\n{ans}" if reason else ans
+        else:
+            assistant = answer_text(flavor, sh.answer, sh)
+        turns += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    return turns
+
+
+# ---- resume ----------------------------------------------------------------------------------
+
+def scratch_path(out: Path, fingerprint: str) -> Path:
+    """Where the finished items of an unfinished run live: next to OUT, keyed by the run's fingerprint."""
+    return out.parent / f".{out.name}.items-{fingerprint[:16]}.jsonl"
+
+
+def _read_scratch(path: Path, items: list[Item]) -> list[dict]:
+    import json
+    rows: list[dict] = []
+    if not path.is_file():
+        return rows
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if not line.endswith("\n"):
+                break  # the line being written when the run was killed
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                break
+            if len(rows) >= len(items) or not isinstance(row, dict) or row.get("id") != items[len(rows)].id:
+                log(f"note: {path} does not match this run's items; starting from the first item")
+                return []
+            rows.append(row)
+    return rows
+
+
+# ---- the run ---------------------------------------------------------------------------------
+
 def run_bench(task: str, *, model: str | os.PathLike | None = None, data: str | os.PathLike | None = None,
               split: str = "test", limit: int | None = None, seed: int = 0, threads: int | None = None,
-              mode: str = "generate", full_answer: bool = False, max_tokens: int = 16,
+              mode: str = "generate", full_answer: bool = False, max_tokens: int | None = None,
               sampling: dict | None = None, out: str | os.PathLike | None = None, force: bool = False,
               rag: str | os.PathLike | None = None, k: int = 6, n_ctx: int = 4096, n_batch: int = 512,
-              plots: bool = True) -> Artifact:
+              plots: bool = True, n_gpu_layers: int | None = None, shots: int = 0, cot: bool = False,
+              samples: int = 1, dev: str | os.PathLike | None = None,
+              field_map: dict[str, list[str]] | None = None,
+              lora: str | os.PathLike | None = None) -> Artifact:
+    import json
+
     from tools.paths import embedded_gguf
 
+    from .items import load_items
     from .llm import SAMPLING_DEFAULTS, LlamaRunner, check_gguf, item_seed
+    from .stats import bootstrap_macro_f1, wilson
 
     if mode not in ("generate", "loglik"):
         raise UserError(f"unknown mode {mode!r} (generate or loglik)", field="--mode")
     if limit is not None and limit < 1:
         raise UserError("must be at least 1", field="--limit")
+    if max_tokens is None:
+        max_tokens = 256 if cot else 16
     if max_tokens < 1:
         raise UserError("must be at least 1", field="--max-tokens")
     if k < 1:
         raise UserError("must be at least 1", field="--k")
+    if shots < 0:
+        raise UserError("must be 0 or more", field="--shots")
+    if samples < 1:
+        raise UserError("must be at least 1", field="--samples")
+    if mode == "loglik" and (cot or samples > 1):
+        raise UserError("--cot and --samples draw answers: use them with --mode generate",
+                        field="--cot" if cot else "--samples")
     model_path = check_gguf(model) if model else embedded_gguf()
-    items, data_path = load_items(task, data, split, limit)
+    lora_path = check_gguf(lora) if lora else None
+    if task == "mcq":
+        from .mcq import load_mcq
+        if not data:
+            raise UserError("tools bench mcq needs --data FILE.jsonl", field="--data")
+        items, data_path, flavor = load_mcq(data, field_map, limit)
+        all_items = load_mcq(data, field_map)[0] if shots else items
+    else:
+        if field_map:
+            raise UserError("--map is for tools bench mcq", field="--map")
+        flavor = task
+        items, data_path = load_items(task, data, split, limit)
+        all_items = load_items(task, data, split)[0] if shots else items
+    shot_items: list[Item] = []
+    dev_path: Path | None = None
+    excluded = 0
+    long_answers: dict[str, str] = {}
+    if shots:
+        if dev is None and task == "mcq":
+            raise UserError("--shots with tools bench mcq needs --dev FILE.jsonl (the examples' split)", field="--dev")
+        if dev is None and not data and split == "dev":
+            raise UserError("--shots takes its examples from the dev split: bench the test split (or give --dev)",
+                            field="--shots")
+        if task == "mcq":
+            from .mcq import load_mcq
+            pool, dev_path, dflav = load_mcq(dev, field_map)
+            if dflav != flavor:
+                raise UserError(f"the --dev file is a {dflav} set, the bench data a {flavor} set", path=str(dev_path),
+                                field="--dev")
+        else:
+            pool, dev_path = load_items(task, dev, "dev")
+        if dev_path.resolve() == data_path.resolve():
+            raise UserError("--shots examples must come from another file than the items benched", path=str(dev_path),
+                            field="--dev")
+        shot_items, excluded = pick_shots(pool, shots, seed, flavor, all_items, task)
+        if cot and flavor == "pubmedqa":
+            long_answers = _long_answers(dev_path)
+        if excluded:
+            log(f"few-shot: {excluded} dev examples left out of the pool because they are test items")
     samp = {**SAMPLING_DEFAULTS, **{k_: v for k_, v in (sampling or {}).items() if v is not None}}
     unknown = set(samp) - set(SAMPLING_DEFAULTS)
     if unknown:
@@ -105,112 +293,141 @@ def run_bench(task: str, *, model: str | os.PathLike | None = None, data: str | 
     rag_dir = Path(rag) if rag else None
     if rag_dir is not None and not rag_dir.is_dir():
         raise UserError("RAG index folder not found", path=str(rag_dir), field="--rag")
-    out = Path(out) if out else default_out(task, mode, model_path, split)
+    if out:
+        out = Path(out)
+    elif task == "mcq":
+        out = Path("runs") / "bench" / f"mcq-{data_path.stem}-{mode}-{model_path.stem}"
+    else:
+        out = default_out(task, mode, model_path, split)
     params = {"task": task, "mode": mode, "split": split if not data else "custom", "limit": limit, "seed": seed,
               "max_tokens": max_tokens if mode == "generate" else None,
               "full_answer": full_answer if mode == "generate" else None,
               "sampling": samp if mode == "generate" else None, "n_ctx": n_ctx, "prompt_format": PROMPT_FORMAT,
               "rag": {"index": str(rag_dir), "k": k} if rag_dir else None}
-    inputs = [model_path, data_path] + ([rag_dir] if rag_dir and is_artifact(rag_dir) else [])
+    if shots or cot or samples > 1 or task == "mcq":  # new parameters; old runs keep their fingerprints
+        params.update({"shots": shots, "cot": cot, "samples": samples, "map": field_map or None})
+    if lora_path:  # a LoRA adapter GGUF applied by llama.cpp (tools convert --lora)
+        params["lora"] = lora_path.name
+    inputs = [model_path, data_path] + ([dev_path] if dev_path else []) + ([lora_path] if lora_path else []) + \
+        ([rag_dir] if rag_dir and is_artifact(rag_dir) else [])
+    resumed = 0
     with Stage(f"bench.{task}", out, params, inputs=inputs, force=force, log=log) as st:
         if st.skipped:
             return st.result
+        scratch = scratch_path(out, st.fingerprint)
+        rows: list[dict] = _read_scratch(scratch, items)
+        resumed = len(rows)
+        with open(scratch, "w", encoding="utf-8") as f:  # rewritten without a torn last line
+            for r in rows:
+                f.write(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n")
+        if resumed:
+            if resumed < len(items):
+                log(f"resuming: {resumed} of {len(items)} items already done ({scratch}); continuing from item "
+                    f"{resumed + 1} (id {items[resumed].id})")
+            else:
+                log(f"resuming: all {len(items)} items already done ({scratch}); writing the results")
         retriever = fit_context = None
         if rag_dir is not None:
             from evals.rag import Retriever, fit_context  # noqa: F811 - written by the RAG package
             retriever = Retriever(rag_dir)
-        labels = _labels(task, items)
+        labels = _labels(flavor, items)
         t0 = time.perf_counter()
-        rows: list[dict] = []
-        with LlamaRunner(model_path, n_ctx=n_ctx, n_threads=threads, n_batch=n_batch, seed=seed) as lr:
+        turns_all = shot_turns(flavor, shot_items, cot, long_answers)
+        with LlamaRunner(model_path, n_ctx=n_ctx, n_threads=threads, n_batch=n_batch, seed=seed,
+                         n_gpu_layers=n_gpu_layers, lora_path=lora_path) as lr:
             t_load = time.perf_counter() - t0
-            prefixes: dict[str, list[int]] = {}
-            n_prompt_tokens = n_gen = 0
+            lr.n_ctx = min(lr.n_ctx, n_ctx)  # llama.cpp pads the context; llama-cpp-python's buffers hold n_ctx
+            prefixes: dict[tuple, list[int]] = {}
             lr.evaluated_tokens = 0
             t1 = time.perf_counter()
-            with progress(f"{task} {mode}", total=len(items), unit="items") as advance:
-                for it in items:
-                    system = system_prompt(task, it.options)
-                    row: dict = {"id": it.id, "gold": it.answer}
-                    rag_text = ""
-                    if retriever is not None:
-                        qb = question_block(task, it)
-                        chunks = retriever.search(it.question, k)
-                        room = max_tokens if mode == "generate" else max(
-                            lr.count_tokens(answer_text(task, lab, it)) for lab in it.options)
-                        rag_text, kept = fit_context(system, qb, chunks, lr.count_tokens, lr.n_ctx, room + 24)
-                        row["chunks"] = [{"id": c.get("id"), "score": round(float(c.get("score", 0.0)), 6)} for c in kept]
-                    prompt = lr.render(system, user_message(task, it, rag_text))
-                    if system not in prefixes:
-                        prefixes[system] = lr.prefix_for(system)
-                    lr.set_prefix(prefixes[system])
-                    row["prompt_sha256"] = sha256_bytes(prompt)
-                    if mode == "loglik":
-                        opts = list(it.options)
-                        conts = []
-                        ptoks = None
-                        for lab in opts:
-                            ctx_toks, cont = lr.split_continuation(prompt, answer_text(task, lab, it))
-                            ptoks = ctx_toks
-                            conts.append(cont)
-                        scores = lr.score(ptoks, conts)
-                        ll = {lab: round(s[0], 6) for lab, s in zip(opts, scores)}
-                        norm = {lab: s[0] / max(1, len(answer_text(task, lab, it).encode("utf-8")))
-                                for lab, s in zip(opts, scores)}
-                        pred = max(opts, key=lambda lab: (ll[lab], -opts.index(lab)))
-                        pred_norm = max(opts, key=lambda lab: (norm[lab], -opts.index(lab)))
-                        row.update({"prompt_tokens": len(ptoks), "loglik": ll, "pred": pred, "pred_norm": pred_norm,
-                                    "correct": pred == it.answer, "correct_norm": pred_norm == it.answer})
-                        n_prompt_tokens += len(ptoks)
-                    else:
-                        ptoks = lr.tokenize(prompt)
-                        opts = list(it.options)
-
-                        def decided(text, _opts=opts):
-                            return extract.parse(task, text, _opts, final=False).decided
-                        text, ng, reason = lr.generate(ptoks, max_tokens=max_tokens, sampling=samp,
-                                                       seed=item_seed(seed, it.id),
-                                                       decided=None if full_answer else decided)
-                        p = extract.parse(task, text, opts, final=True)
-                        row.update({"prompt_tokens": len(ptoks), "raw": text, "parsed": p.label, "strict": p.strict,
-                                    "finish": reason, "gen_tokens": ng, "correct": p.label == it.answer})
-                        n_prompt_tokens += len(ptoks)
-                        n_gen += ng
-                    rows.append(row)
-                    advance(1)
+            sf = open(scratch, "a", encoding="utf-8")
+            try:
+                with progress(f"{task} {mode}", total=len(items), unit="items") as advance:
+                    if resumed:
+                        advance(resumed)
+                    for it in items[resumed:]:
+                        row = _run_item(lr, it, flavor, mode, seed, samples, cot, full_answer, max_tokens, samp,
+                                        turns_all, shots, retriever, fit_context, k, prefixes, item_seed)
+                        sf.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
+                        sf.flush()
+                        rows.append(row)
+                        advance(1)
+            except KeyboardInterrupt:
+                sf.close()
+                log(f"interrupted after {len(rows)} of {len(items)} items ({len(rows) - resumed} in this run); "
+                    f"they are saved in {scratch}. Run the same command again to continue from item {len(rows) + 1}.")
+                raise
+            finally:
+                sf.close()
             wall = time.perf_counter() - t1
             evaluated = lr.evaluated_tokens
             threads_used = lr.n_threads
+            ngl_used = lr.n_gpu_layers
             template = lr.template_source
+        rows = [json.loads(json.dumps(r, ensure_ascii=False, sort_keys=True)) for r in rows]  # as read back on resume
         gold = [r["gold"] for r in rows]
         n = len(rows)
         if mode == "loglik":
-            m = classification_metrics(labels, gold, [r["pred"] for r in rows])
-            extra_m = {"accuracy_norm": round(sum(r["correct_norm"] for r in rows) / n, 6),
-                       "valid_rate": 1.0, "valid_rates": {"strict": 1.0, "lenient": 1.0}}
+            preds = [r["pred"] for r in rows]
+            m = classification_metrics(labels, gold, preds)
+            n_norm = sum(r["correct_norm"] for r in rows)
+            extra_m = {"accuracy_norm": round(n_norm / n, 6), "accuracy_norm_ci95": wilson(n_norm, n),
+                       "valid_rate": 1.0, "valid_rates": {"strict": 1.0, "lenient": 1.0}, "valid_rate_ci95": wilson(n, n)}
         else:
-            m = classification_metrics(labels, gold, [r["parsed"] for r in rows])
+            preds = [r["parsed"] for r in rows]
+            m = classification_metrics(labels, gold, preds)
             strict_pred = [r["parsed"] if r["strict"] else None for r in rows]
+            n_valid = sum(p is not None for p in preds)
             extra_m = {"accuracy_strict": round(sum(g == p for g, p in zip(gold, strict_pred)) / n, 6),
-                       "valid_rate": round(sum(r["parsed"] is not None for r in rows) / n, 6),
+                       "valid_rate": round(n_valid / n, 6), "valid_rate_ci95": wilson(n_valid, n),
                        "valid_rates": {"strict": round(sum(p is not None for p in strict_pred) / n, 6),
-                                       "lenient": round(sum(r["parsed"] is not None for r in rows) / n, 6)}}
-        systems = sorted({system_prompt(task, it.options) for it in items})
+                                       "lenient": round(n_valid / n, 6)}}
+        n_right = sum(bool(r["correct"]) for r in rows)
+        ci = {"accuracy_ci95": wilson(n_right, n), "macro_f1_ci95": bootstrap_macro_f1(labels, gold, preds, seed=seed),
+              "intervals": {"level": 0.95, "proportions": "wilson",
+                            "macro_f1": f"bootstrap percentile over items, 1000 resamples, seed {seed}"}}
+        sc = None
+        if samples > 1:
+            all_samples = [s for r in rows for s in r["samples"]]
+            sc = {"samples": samples, "ties": sum(bool(r["tie"]) for r in rows), "tie_rule": "earliest sample's label",
+                  "unanimous": sum(len(r["votes"]) == 1 and max(r["votes"].values()) == samples for r in rows),
+                  "valid_sample_rate": round(sum(s["parsed"] is not None for s in all_samples) / len(all_samples), 6)}
+            if sc["ties"]:
+                log(f"self-consistency: {sc['ties']} of {n} items had a tied vote (earliest sample's label taken)")
+        fewer = [r for r in rows if shots and r.get("shots", shots) < shots]
+        if fewer:
+            log(f"few-shot: {len(fewer)} of {n} items got fewer than {shots} shots to fit n_ctx {n_ctx} "
+                "(shots are dropped, the question is never cut)")
+        systems = sorted({system_prompt(flavor, it.options) for it in items})
         results = {
             "schema": 1, "task": task, "mode": mode, "split": params["split"], "n": n, "seed": seed,
             "model": {"path": str(model_path.resolve()), "name": model_path.name, "sha256": sha256_file(model_path)},
             "data": {"path": str(data_path.resolve()), "sha256": sha256_file(data_path)},
-            **m, **extra_m,
+            **m, **extra_m, **ci,
             "sampling": samp if mode == "generate" else None,
             "max_tokens": max_tokens if mode == "generate" else None,
             "full_answer": full_answer if mode == "generate" else None,
             "n_ctx": n_ctx,
+            "n_gpu_layers": ngl_used,
             "prompt": {"template": template, "format": PROMPT_FORMAT,
                        "system_sha256": [sha256_bytes(s) for s in systems]},
-            "tokens": {"prompt_total": n_prompt_tokens, "prompt_mean": round(n_prompt_tokens / n, 3),
-                       "generated_total": n_gen},
+            "tokens": {"prompt_total": sum(r["prompt_tokens"] for r in rows),
+                       "prompt_mean": round(sum(r["prompt_tokens"] for r in rows) / n, 3),
+                       "generated_total": sum(r.get("gen_tokens", 0) for r in rows)},
             "rag": params["rag"],
         }
+        if task == "mcq":
+            results["flavor"] = flavor
+            results["map"] = field_map or None
+        if shots or cot or samples > 1:
+            results["cot"] = cot
+            results["samples"] = samples
+            results["self_consistency"] = sc
+            results["shots"] = None if not shots else {
+                "k": shots, "ids": [s.id for s in shot_items], "stratified": flavor == "pubmedqa",
+                "source": {"path": str(dev_path.resolve()), "sha256": sha256_file(dev_path)},
+                "excluded_as_test_items": excluded, "items_with_fewer_shots": len(fewer),
+                "min_shots_used": min((r.get("shots", shots) for r in rows), default=shots)}
         write_json(st.path("results.json"), results)
         write_jsonl(st.path("items.jsonl"), rows)
         from .report import render_bench_report
@@ -218,8 +435,90 @@ def run_bench(task: str, *, model: str | os.PathLike | None = None, data: str | 
         st.lineage.licenses.add("MIT")
         st.lineage.sources.add(f"{task} ({data_path.name})")
         st.extra.update({"accuracy": results["accuracy"], "valid_rate": results["valid_rate"], "n": n,
+                         "accuracy_ci95": results["accuracy_ci95"], "resumed_from_item": resumed or None,
                          "timing": {"wall_s": round(wall, 3), "load_s": round(t_load, 3),
-                                    "items_per_s": round(n / wall, 4) if wall else None,
-                                    "s_per_item": round(wall / n, 4), "evaluated_tokens": evaluated,
+                                    "items_per_s": round((n - resumed) / wall, 4) if wall and n > resumed else None,
+                                    "s_per_item": round(wall / max(1, n - resumed), 4), "evaluated_tokens": evaluated,
                                     "threads": threads_used}})
+    scratch.unlink(missing_ok=True)
     return st.result
+
+
+def _run_item(lr, it: Item, flavor: str, mode: str, seed: int, samples: int, cot: bool, full_answer: bool,
+              max_tokens: int, samp: dict, turns_all: list[dict], shots: int, retriever, fit_context, k: int,
+              prefixes: dict, item_seed) -> dict:
+    system = system_prompt(flavor, it.options)
+    row: dict = {"id": it.id, "gold": it.answer}
+    rag_text = ""
+    opts = list(it.options)
+    room = max_tokens if mode == "generate" else max(lr.count_tokens(answer_text(flavor, lab, it)) for lab in opts)
+    if retriever is not None:
+        qb = question_block(flavor, it)
+        chunks = retriever.search(it.question, k)
+        rag_text, kept = fit_context(system, qb, chunks, lr.count_tokens, lr.n_ctx, room + 24)
+        row["chunks"] = [{"id": c.get("id"), "score": round(float(c.get("score", 0.0)), 6)} for c in kept]
+    user = user_message(flavor, it, rag_text)
+    if cot:
+        user += "\n\n" + extract.cot_instruction(flavor, opts)
+    n_shots = shots
+    while True:
+        head = [{"role": "system", "content": system}, *turns_all[: 2 * n_shots]]
+        prompt = lr.render_messages([*head, {"role": "user", "content": user}])
+        # the prompt must leave room for the answer: drop shots (the last first), never cut the question
+        fits = len(lr.tokenize(prompt)) + room + 1 <= lr.n_ctx
+        if fits or n_shots == 0:
+            break
+        n_shots -= 1
+    if shots and not fits:
+        raise UserError(f"item {it.id}: the question alone needs {len(lr.tokenize(prompt))} prompt tokens + {room} for "
+                        f"the answer, more than n_ctx {lr.n_ctx} (questions are never cut)", field="--n-ctx")
+    if shots:
+        row["shots"] = n_shots
+    key = (system, n_shots)
+    if key not in prefixes:
+        prefixes[key] = lr.prefix_for_messages(head)
+    lr.set_prefix(prefixes[key])
+    row["prompt_sha256"] = sha256_bytes(prompt)
+    if mode == "loglik":
+        conts = []
+        ptoks = None
+        for lab in opts:
+            ctx_toks, cont = lr.split_continuation(prompt, answer_text(flavor, lab, it))
+            ptoks = ctx_toks
+            conts.append(cont)
+        scores = lr.score(ptoks, conts)
+        ll = {lab: round(s[0], 6) for lab, s in zip(opts, scores)}
+        norm = {lab: s[0] / max(1, len(answer_text(flavor, lab, it).encode("utf-8"))) for lab, s in zip(opts, scores)}
+        pred = max(opts, key=lambda lab: (ll[lab], -opts.index(lab)))
+        pred_norm = max(opts, key=lambda lab: (norm[lab], -opts.index(lab)))
+        row.update({"prompt_tokens": len(ptoks), "loglik": ll, "pred": pred, "pred_norm": pred_norm,
+                    "correct": pred == it.answer, "correct_norm": pred_norm == it.answer})
+        return row
+    ptoks = lr.tokenize(prompt)
+
+    def parse(text, final):
+        if cot:
+            return extract.parse_cot(flavor, text, opts, final=final)
+        return extract.parse(flavor, text, opts, final=final)
+
+    def decided(text):
+        return parse(text, False).decided
+    dec = None if full_answer else decided
+    if samples == 1:
+        text, ng, reason = lr.generate(ptoks, max_tokens=max_tokens, sampling=samp, seed=item_seed(seed, it.id),
+                                       decided=dec)
+        p = parse(text, True)
+        row.update({"prompt_tokens": len(ptoks), "raw": text, "parsed": p.label, "strict": p.strict,
+                    "finish": reason, "gen_tokens": ng, "correct": p.label == it.answer})
+        return row
+    seeds = [item_seed(seed, f"{it.id}#{j}") for j in range(samples)]
+    draws = lr.generate_samples(ptoks, seeds, max_tokens=max_tokens, sampling=samp, decided=dec)
+    parsed = [(text, ng, reason, parse(text, True)) for text, ng, reason in draws]
+    winner, votes, tie = majority([p.label for *_, p in parsed])
+    lead = next((d for d in parsed if d[3].label == winner), parsed[0])
+    row.update({"prompt_tokens": len(ptoks), "raw": lead[0], "parsed": winner,
+                "strict": any(p.strict and p.label == winner for *_, p in parsed) if winner else False,
+                "votes": dict(sorted(votes.items())), "tie": tie,
+                "samples": [{"raw": t, "parsed": p.label, "finish": r, "gen_tokens": g} for t, g, r, p in parsed],
+                "finish": lead[2], "gen_tokens": sum(g for _, g, _, _ in parsed), "correct": winner == it.answer})
+    return row

@@ -84,3 +84,37 @@ def parse(task: str, text: str, labels, final: bool = True) -> Parsed:
     if task == "pubmedqa":
         return parse_pubmedqa(text, final)
     return parse_medqa(text, labels, final)
+
+
+# ---- chain of thought: reasoning, then a final answer line ---------------------------------------
+# The fixed final form the CoT prompt asks for: a line "Answer: <label>" (PubMedQA: yes/no/maybe;
+# multiple choice: the option letter, optionally in parentheses). The last such line counts; the
+# response is valid when one parses, whatever the reasoning before it says.
+_COT_PQA = re.compile(r"(?im)^" + _LEAD + r"(?:final\s+)?answer\s*[:\-]" + _LEAD + r"[(\[]?(yes|no|maybe)(?=[^a-z0-9])")
+_COT_MQ = re.compile(r"(?m)^" + _LEAD + r"(?:final\s+)?answer\s*[:\-]" + _LEAD + r"\(?([A-Za-z])\)?(?=[^A-Za-z0-9])",
+                     re.IGNORECASE)
+
+
+def cot_instruction(task: str, labels) -> str:
+    """What the CoT prompt appends to the question: reason first, then the fixed final line."""
+    if task == "pubmedqa":
+        form = "Answer: yes, Answer: no or Answer: maybe"
+    else:
+        labs = [str(x) for x in labels]
+        form = f"Answer: X, where X is one letter from {labs[0]} to {labs[-1]}"
+    return ("Think step by step: explain your reasoning briefly, then give your final answer on its own last line "
+            f"in the form {form}.")
+
+
+def parse_cot(task: str, text: str, labels, final: bool = True) -> Parsed:
+    """The label of the last final-answer line ("Answer: X"); decided as soon as one is complete
+    (generation may stop there: the final form has been given)."""
+    t = text + (_END if final else "")
+    if task == "pubmedqa":
+        found = [m.group(1).lower() for m in _COT_PQA.finditer(t)]
+    else:
+        labs = {str(x).upper() for x in labels}
+        found = [m.group(1).upper() for m in _COT_MQ.finditer(t) if m.group(1).upper() in labs]
+    if found:
+        return Parsed(found[-1], True, True)
+    return Parsed(None, False, final)

@@ -90,19 +90,24 @@ class LlamaRunner:
     """One llama.cpp context over a GGUF, with a reusable prompt prefix."""
 
     def __init__(self, model: str | os.PathLike, *, n_ctx: int = 4096, n_threads: int | None = None,
-                 n_batch: int = 512, seed: int = 0):
+                 n_batch: int = 512, seed: int = 0, n_gpu_layers: int | None = None, lora_path=None):
         import llama_cpp
 
+        from tools.llamacpp import load
+
         self.path = check_gguf(model)
+        self.lora_path = check_gguf(lora_path) if lora_path else None
+        lora_kw = {"lora_path": str(self.lora_path)} if self.lora_path else {}
         self.n_threads = n_threads or physical_cores()
         try:
-            self.llm = llama_cpp.Llama(model_path=str(self.path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
-                                       n_threads=self.n_threads, n_threads_batch=self.n_threads, seed=seed,
-                                       logits_all=False, verbose=False)
+            self.llm = load(self.path, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
+                            n_threads=self.n_threads, n_threads_batch=self.n_threads, seed=seed, logits_all=False, **lora_kw)
         except (ValueError, RuntimeError) as e:
             raise UserError(f"llama.cpp cannot load this GGUF ({' '.join(str(e).split())})", path=str(self.path),
                             field="--model") from None
         self._lc = llama_cpp
+        self.n_gpu_layers = self.llm.medilora_load["n_gpu_layers"]
+        self.amx_guard = self.llm.medilora_load["amx_guard"]
         self.n_ctx = self.llm.n_ctx()
         self.n_batch = n_batch
         self.n_vocab = self.llm.n_vocab()
@@ -130,6 +135,19 @@ class LlamaRunner:
         if self.add_bos and bos and text.startswith(bos):
             text = text[len(bos):]  # llama.cpp adds it when tokenizing
         return text
+
+    def render_messages(self, messages: list[dict]) -> str:
+        """The chat prompt of a whole conversation (few-shot turns), ready for the assistant's turn."""
+        text = self._formatter(messages=[m for m in messages if m.get("content") or m["role"] != "system"]).prompt
+        bos = self._piece(self.llm.token_bos())
+        if self.add_bos and bos and text.startswith(bos):
+            text = text[len(bos):]
+        return text
+
+    def prefix_for_messages(self, messages: list[dict]) -> list[int]:
+        """Tokens every prompt of ``messages`` + one more user turn starts with (system and shots)."""
+        text = self.render_messages([*messages, {"role": "user", "content": SENTINEL}])
+        return self.tokenize(text[: text.index(SENTINEL)])
 
     def tokenize(self, text: str) -> list[int]:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
@@ -230,9 +248,10 @@ class LlamaRunner:
         return bool(self._lc.llama_vocab_is_eog(self.llm._model.vocab, tok))
 
     def generate(self, prompt_tokens: list[int], *, max_tokens: int, sampling: dict, seed: int,
-                 decided: Callable[[str], bool] | None = None) -> tuple[str, int, str]:
+                 decided: Callable[[str], bool] | None = None, _evaluated: bool = False) -> tuple[str, int, str]:
         """(text, generated token count, finish reason: stop|length|decided)."""
-        self.eval_prompt(prompt_tokens)
+        if not _evaluated:
+            self.eval_prompt(prompt_tokens)
         self.llm.set_seed(seed)
         s = {**SAMPLING_DEFAULTS, **(sampling or {})}
         if len(prompt_tokens) + max_tokens > self.n_ctx:
@@ -258,6 +277,28 @@ class LlamaRunner:
             gen.close()
         self._prefix_ok = self._prefix_ok and self.llm.n_tokens >= len(self._prefix)
         return self.detokenize(out), len(out), reason
+
+    def generate_samples(self, prompt_tokens: list[int], seeds: list[int], *, max_tokens: int, sampling: dict,
+                         decided: Callable[[str], bool] | None = None) -> list[tuple[str, int, str]]:
+        """One draw per seed from the same prompt, the prompt evaluated once.
+
+        The prompt up to its last token stays in the KV cache; before every draw the cache is rolled
+        back to it (``kv_cache_seq_rm``, as ``score`` does) and only the last prompt token is decoded
+        again, so that each draw starts from the same state and the sampler reads fresh logits. N
+        draws cost one prompt evaluation + N tokens, not N prompt evaluations."""
+        if len(prompt_tokens) < 2:
+            raise WorkError("prompt too short for sampling")
+        if len(prompt_tokens) + max_tokens > self.n_ctx:
+            raise WorkError(f"prompt ({len(prompt_tokens)} tokens) + {max_tokens} new tokens exceed n_ctx {self.n_ctx}")
+        head, last = prompt_tokens[:-1], prompt_tokens[-1]
+        self.eval_prompt(head)
+        out = []
+        for seed in seeds:
+            self.llm.n_tokens = len(head)   # Llama.eval drops the cache from n_tokens on
+            self._eval([last])
+            out.append(self.generate(prompt_tokens, max_tokens=max_tokens, sampling=sampling, seed=seed,
+                                     decided=decided, _evaluated=True))
+        return out
 
     # -- the floor ----------------------------------------------------------------------------
     def measure_speed(self, sample_tokens: list[int], n_pp: int = 512, n_tg: int = 64, reps: int = 2) -> dict:

@@ -80,21 +80,48 @@ def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
+def ci_pct(ci) -> str:
+    """A " [lo, hi]" suffix in percent (empty when there is no interval)."""
+    return "" if not ci else f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+
+
+def _ci(r: dict, key: str) -> str:
+    ci = r.get(key)
+    return "-" if not ci else f"{100 * ci[0]:.1f} – {100 * ci[1]:.1f}%"
+
+
 def render_bench_report(results: dict, rows: list[dict], folder: Path, plots: bool = True) -> None:
     folder = Path(folder)
     r = results
     lines = [f"# {r['task']} benchmark ({r['mode']})", "",
              f"- model: `{r['model']['name']}` (sha256 `{r['model']['sha256'][:16]}…`)",
              f"- data: split `{r['split']}`, {r['n']} items (sha256 `{r['data']['sha256'][:16]}…`)",
-             f"- seed {r['seed']}, prompt template: {r['prompt']['template']}", ""]
-    lines += ["| metric | value |", "|---|---|", f"| accuracy | {_pct(r['accuracy'])} |"]
+             f"- seed {r['seed']}, prompt template: {r['prompt']['template']}"]
+    if r.get("shots"):
+        sh = r["shots"]
+        lines.append(f"- {sh['k']}-shot from `{Path(sh['source']['path']).name}` (ids {', '.join(sh['ids'])}"
+                     + ("; stratified by label" if sh.get("stratified") else "") + ")"
+                     + (f"; {sh['items_with_fewer_shots']} items got fewer shots to fit n_ctx (down to "
+                        f"{sh['min_shots_used']})" if sh.get("items_with_fewer_shots") else ""))
+    if r.get("cot"):
+        lines.append("- chain of thought: reasoning, then a final `Answer: X` line (the only form that counts)")
+    if r.get("self_consistency"):
+        sc = r["self_consistency"]
+        lines.append(f"- self-consistency: majority of {sc['samples']} samples per item; {sc['ties']} tied votes "
+                     f"(broken by the {sc['tie_rule']}), {sc['unanimous']} unanimous items, "
+                     f"{_pct(sc['valid_sample_rate'])} of samples with a parsed answer")
+    lines += ["", "| metric | value | 95 % interval |", "|---|---|---|",
+              f"| accuracy | {_pct(r['accuracy'])} | {_ci(r, 'accuracy_ci95')} |"]
     if r["mode"] == "generate":
-        lines += [f"| accuracy (strict answers only) | {_pct(r['accuracy_strict'])} |",
-                  f"| valid-response rate, strict | {_pct(r['valid_rates']['strict'])} |",
-                  f"| valid-response rate, lenient | {_pct(r['valid_rates']['lenient'])} |"]
+        lines += [f"| accuracy (strict answers only) | {_pct(r['accuracy_strict'])} | |",
+                  f"| valid-response rate, strict | {_pct(r['valid_rates']['strict'])} | |",
+                  f"| valid-response rate, lenient | {_pct(r['valid_rates']['lenient'])} | {_ci(r, 'valid_rate_ci95')} |"]
     else:
-        lines += [f"| accuracy, length-normalised | {_pct(r['accuracy_norm'])} |"]
-    lines += [f"| macro-F1 | {r['macro_f1']:.4f} |", "",
+        lines += [f"| accuracy, length-normalised | {_pct(r['accuracy_norm'])} | {_ci(r, 'accuracy_norm_ci95')} |"]
+    mf = r.get("macro_f1_ci95")
+    lines += [f"| macro-F1 | {r['macro_f1']:.4f} | {'-' if not mf else f'{mf[0]:.4f} – {mf[1]:.4f}'} |", "",
+              "Intervals: Wilson score for proportions, a seeded bootstrap over items (1000 resamples) for macro-F1.",
+              "",
               "## Per label", "", "| label | precision | recall | F1 | support |", "|---|---|---|---|---|"]
     for lab, v in r["per_label"].items():
         lines.append(f"| {lab} | {v['precision']:.3f} | {v['recall']:.3f} | {v['f1']:.3f} | {v['support']} |")
@@ -110,12 +137,14 @@ def render_bench_report(results: dict, rows: list[dict], folder: Path, plots: bo
                   f"; max_tokens={r['max_tokens']}, full_answer={r['full_answer']}"]
         finishes: dict[str, int] = {}
         for row in rows:
-            finishes[row["finish"]] = finishes.get(row["finish"], 0) + 1
+            for smp in row.get("samples") or [row]:
+                finishes[smp["finish"]] = finishes.get(smp["finish"], 0) + 1
         lines += ["", "Generation ended: " + ", ".join(f"{k} {v}" for k, v in sorted(finishes.items()))]
     lines += ["", f"Prompt tokens: {r['tokens']['prompt_total']} in all, {r['tokens']['prompt_mean']} on average."]
     if plots:
         lines += ["", "![confusion](confusion.png)"]
-        plot_confusion(conf, folder / "confusion.png", f"{r['task']} {r['mode']}: confusion")
+        plot_confusion(conf, folder / "confusion.png", f"{r['task']} {r['mode']}: confusion\naccuracy "
+                       f"{_pct(r['accuracy'])}{ci_pct(r.get('accuracy_ci95'))}, n={r['n']}")
         if r["mode"] == "generate":
             plot_hist([row["gen_tokens"] for row in rows], folder / "lengths.png",
                       "response length", "generated tokens")

@@ -4,8 +4,11 @@ A trial copies the stage's Axolotl config, applies the trial's overrides, writes
 stage folder (``OUT/trials/NN``, validated by Axolotl's schema like any stage) and trains it with
 the same code as `tools train`. Grid sweeps try every combination; ``--optuna N`` lets Optuna's
 TPE sampler (seeded) pick N trials from the same value lists. The objective is an arithmetic
-expression over the logged metrics of a trial (``eval_loss``, ``loss``, ...), e.g. LoRAG's
-``eval_loss - 0.25*entailment``; lower is better.
+expression over the logged metrics of a trial (``eval_loss``, ``loss``, ...) and over the figures of
+the trial's own evaluation (``--eval``: a bench of the trial's model converted to GGUF, or `eval
+semantic` of a seq2seq trial), e.g. LoRAG's ``eval_loss - 0.25*entailment`` or
+``eval_loss - accuracy``; lower is better. An objective naming a metric no trial will produce is
+refused before the first trial.
 """
 from __future__ import annotations
 
@@ -24,9 +27,15 @@ _UN = {ast.USub: operator.neg, ast.UAdd: operator.pos}
 _FUNCS = {"log": math.log, "exp": math.exp, "sqrt": math.sqrt, "abs": abs, "min": min, "max": max}
 
 # Metrics a trial can report: what the HF trainer logs, and the semantic metrics of `tools eval semantic`.
-KNOWN_METRICS = {"loss", "eval_loss", "train_loss", "perplexity", "eval_perplexity", "grad_norm",
-                 "learning_rate", "epoch", "train_runtime", "train_samples_per_second",
-                 "entailment", "bertscore_f1", "semscore"}
+TRAINER_METRICS = {"loss", "train_loss", "perplexity", "grad_norm", "learning_rate", "epoch", "train_runtime",
+                   "train_samples_per_second"}
+EVAL_LOSS_METRICS = {"eval_loss", "eval_perplexity"}  # only when the stage has a validation split
+SEMANTIC_METRICS = {"entailment", "bertscore_f1", "semscore"}
+# `--eval "bench TASK ..."`: a trial's bench figures, as `accuracy` and as `TASK_accuracy`
+BENCH_TASKS = ("pubmedqa", "medqa", "mcq")
+BENCH_METRICS = {"accuracy", "valid_rate", "macro_f1", "accuracy_norm", "accuracy_strict"}
+KNOWN_METRICS = (TRAINER_METRICS | EVAL_LOSS_METRICS | SEMANTIC_METRICS | BENCH_METRICS
+                 | {f"{t}_{m}" for t in BENCH_TASKS for m in BENCH_METRICS})
 
 
 class Objective:
@@ -98,6 +107,31 @@ def parse_grid(specs: tuple[str, ...]) -> dict[str, list[Any]]:
             raise UserError(f"grid entry {spec!r} is not KEY=V1,V2,...", field="--grid")
         grid[key.strip()] = values
     return grid
+
+
+def bench_metric_names(task: str, mode: str, plain: bool = True) -> set[str]:
+    """What a trial's `bench TASK --mode MODE` evaluation exposes to the objective."""
+    names = {"accuracy", "valid_rate", "macro_f1", "accuracy_norm" if mode == "loglik" else "accuracy_strict"}
+    return {f"{task}_{m}" for m in names} | (names if plain else set())
+
+
+def bench_figures(task: str, results: dict, plain: bool = True) -> dict[str, float]:
+    out = {}
+    for m in bench_metric_names(task, results.get("mode", "generate"), plain):
+        key = m[len(task) + 1:] if m.startswith(task + "_") else m
+        if isinstance(results.get(key), (int, float)):
+            out[m] = float(results[key])
+    return out
+
+
+def check_produced(objective: Objective, produced: set[str], hints: dict[str, str]) -> None:
+    """Refuse (before any training) an objective naming a metric no trial will produce."""
+    missing = sorted(objective.names - produced)
+    if missing:
+        m = missing[0]
+        why = hints.get(m) or "no trial produces it"
+        raise UserError(f"objective needs {m!r} but {why} (trials will produce: {', '.join(sorted(produced))})",
+                        field="--objective")
 
 
 def final_metrics(history: list[dict]) -> dict[str, float]:

@@ -293,6 +293,9 @@ def _body(name, base, relation, groups, benches, compares, lin: Lineage, ack: bo
         if e.get("tensor_types"):
             mix = sorted(e["tensor_types"].items(), key=lambda kv: -kv[1]["elements"])
             line += " (tensor types: " + ", ".join(f"{k} x{v['tensors']}" for k, v in mix) + ")"
+        if len(e.get("shards", [])) > 1:
+            line += (f"; split into {len(e['shards'])} gguf-split shards (`{e['shards'][0]}` to "
+                     f"`{e['shards'][-1]}`): download all, load the first")
         if e.get("requested_type") and e.get("mostly_applied") is False:
             line += (f". Note: only {_pct(e.get('primary_type_share', 0))} of the weights are {e.get('primary_type')}; "
                      "llama.cpp fell back to other types for rows that are not a multiple of its block size")

@@ -98,6 +98,7 @@ def test_medqa_system_prompt_letters():
 
 # ---- the llama.cpp scorer -------------------------------------------------------------------
 
+@pytest.mark.native
 def test_scorer_matches_a_plain_full_evaluation(smollm2_gguf):
     """Prefix reuse + one prompt pass + KV rollback give the log-likelihoods of a from-scratch
     evaluation with logits for every token (logits_all)."""
@@ -195,6 +196,7 @@ def test_bad_model_and_data_exit_2_without_output(tools_cli, tmp_path):
     assert not list(tmp_path.glob(".o1.partial-*"))
 
 
+@pytest.mark.native
 def test_rag_context_goes_into_the_prompt(tmp_path, smollm2_gguf):
     """--rag: retrieved chunks (ids, scores) are recorded per item and change the prompt."""
     rag = pytest.importorskip("evals.rag", reason="evals.rag is written by the RAG package")

@@ -24,6 +24,7 @@ def _sft_dataset(path, n=12):
     with Stage("dataset.pubmedqa", path / "small", {"n": n}) as st:
         st.path("train.jsonl").write_text("\n".join(rows) + "\n")
         st.path("test.jsonl").write_text("\n".join(rows) + "\n")  # its own training data, on purpose
+        st.path("validation.jsonl").write_text("\n".join(rows[:4]) + "\n")  # for eval_loss (issue 16)
     return st.result.path
 
 
@@ -47,18 +48,39 @@ def test_grid_sweep_runs_real_trials_and_perplexity_falls(tiny_llama, tmp_path, 
     assert r.returncode == 0, r.stderr
     bad = tools_cli("sweep", stage, "--grid", "learning_rate=1e-3", "--objective", "eval_loss - 0.25*entailmnt")
     assert bad.returncode == 2 and "unknown metric 'entailmnt'" in bad.stderr
+    # issue 16: an objective naming a figure no trial will produce is refused before any training
+    for objective, evals, msg in [
+            ("eval_loss - 0.25*entailment", [], "needs 'entailment' but no --eval produces it"),
+            ("eval_loss - accuracy", [], "needs 'accuracy' but no --eval produces it"),
+            ("eval_loss - 0.25*entailment", ["--eval", "eval semantic --data x"], "scores a seq2seq trial"),
+            ("eval_loss - accuracy_norm", ["--eval", "bench pubmedqa --mode generate"], "needs 'accuracy_norm'"),
+            ("loss", ["--eval", "bench pubmedqa --bogus 1"], "No such option"),
+            ("loss", ["--eval", "bench pubmedqa --model m.gguf"], "--model is set by the sweep")]:
+        bad = tools_cli("sweep", stage, "--grid", "learning_rate=1e-3", "--objective", objective, *evals,
+                        "--out", tmp_path / "refused")
+        assert bad.returncode == 2 and msg in bad.stderr, (objective, bad.stderr)
+        assert len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "refused-trials").exists()
     r = tools_cli("sweep", stage, "--grid", "learning_rate=1e-3,3e-2", "--grid", "micro_batch_size=1",
-                  "--objective", "loss", "--json", "--out", tmp_path / "sweep")
+                  "--objective", "eval_loss - accuracy", "--json", "--out", tmp_path / "sweep",
+                  "--eval", "bench pubmedqa --mode loglik --split dev --limit 3 --threads 1 --n-ctx 2048")
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout)
     trials = res["trials"]
     assert len(trials) == 2
     assert sorted((t["params"]["learning_rate"], t["params"]["micro_batch_size"]) for t in trials) == \
         [(1e-3, 1), (3e-2, 1)]
+    for t in trials:  # the objective combined the trainer's eval_loss with the trial's own bench figure
+        m = t["metrics"]
+        assert 0 <= m["accuracy"] <= 1 and m["pubmedqa_accuracy"] == m["accuracy"] and "eval_loss" in m
+        assert t["objective"] == pytest.approx(m["eval_loss"] - m["accuracy"])
+        bench = json.loads((tmp_path / "sweep-trials" / f"{t['trial']:02d}" / "eval" / "bench-pubmedqa" /
+                            "results.json").read_text())
+        assert bench["n"] == 3 and bench["split"] == "dev" and bench["accuracy"] == m["accuracy"]
+    assert res["best"]["trial"] == min(trials, key=lambda t: t["objective"])["trial"]
     best = min(trials, key=lambda t: t["metrics"]["loss"])
-    assert res["best"]["trial"] == best["trial"]
     man = read_artifact(tmp_path / "sweep")
-    assert man.extra["best"]["params"] == best["params"] and man.extra["n_trials"] == 2
+    assert man.extra["best"]["trial"] == res["best"]["trial"] and man.extra["n_trials"] == 2
+    assert "accuracy" in (tmp_path / "sweep" / "report.md").read_text()
     assert (tmp_path / "sweep" / "sweep.png").read_bytes()[:4] == b"\x89PNG"
     for t in trials:  # each trial is a real, trained stage of its own
         out = read_artifact(tmp_path / "sweep-trials" / f"{t['trial']:02d}" / "output", stage="train")
