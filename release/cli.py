@@ -1,4 +1,4 @@
-"""Release verbs: merge, convert, quantize, inspect, compare-quant, card, push."""
+"""Release verbs: merge, convert, quantize, imatrix, inspect, compare-quant, card, push, export, chat."""
 from __future__ import annotations
 
 import json
@@ -113,7 +113,8 @@ def convert_cmd(model_dir, outtype, out, name, lora, base, fidelity_tokens, max_
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--q", "qtype", default="Q3_K_L", show_default=True,
               help="Any llama.cpp type name (Q4_K_M, IQ4_XS, ...); several, comma-separated, give one GGUF each + a table.")
-@click.option("--imatrix", type=click.Path(path_type=Path), help="Importance matrix (GGUF or legacy .dat).")
+@click.option("--imatrix", type=click.Path(path_type=Path),
+              help="Importance matrix: a file (GGUF or legacy .dat) or a `tools imatrix` artifact.")
 @click.option("--out", type=click.Path(path_type=Path), help="GGUF artifact folder [beside MODEL, named by type].")
 @click.option("--name", help="Output file name (default: <BaseName>-<SizeLabel>-<FineTune>-<Type>.gguf).")
 @click.option("--allow-requantize", is_flag=True, help="Quantize an already-quantized file (loses quality).")
@@ -122,19 +123,24 @@ def convert_cmd(model_dir, outtype, out, name, lora, base, fidelity_tokens, max_
               help="Several types: held-out text for the table [PubMedQA test abstracts].")
 @click.option("--ctx", default=256, show_default=True, help="Several types: window size for the table's PPL/KL.")
 @click.option("--max-tokens", type=int, default=512, show_default=True, help="Several types: tokens scored.")
+@click.option("--split-max-size", help="Cut each GGUF into llama.cpp gguf-split shards of at most this much tensor "
+              "data (50G, 500M, bytes); NAME-00001-of-0000N.gguf, load the first.")
 @click.option("--force", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
-def quantize_cmd(model, qtype, imatrix, out, name, allow_requantize, threads, text_file, ctx, max_tokens, force, as_json):
+def quantize_cmd(model, qtype, imatrix, out, name, allow_requantize, threads, text_file, ctx, max_tokens,
+                 split_max_size, force, as_json):
     """Quantize a GGUF in-process with llama.cpp; report the real tensor-type mix and bits per weight.
 
     \b
     tools quantize runs/gguf-f16 --q Q3_K_L --out runs/gguf-q3kl
     tools quantize model-F16.gguf --q Q4_K_M --imatrix imatrix.gguf
     tools quantize runs/gguf-f16 --q Q3_K_L,Q4_K_M,Q8_0 --out runs/gguf-set   # one GGUF per type + table
+    tools quantize runs/gguf-f16 --q IQ3_XXS --imatrix runs/imatrix --split-max-size 2G
     """
-    from release.ggufinfo import resolve_ftype
+    from release.ggufinfo import parse_size, resolve_ftype
     from release.quantize import describe_mix, quantize_set, quantize_stage, warning_for
 
+    split = parse_size(split_max_size) if split_max_size is not None else None
     types = [t for t in (x.strip() for x in qtype.split(",")) if t]
     if len(types) > 1:
         if name:
@@ -143,7 +149,7 @@ def quantize_cmd(model, qtype, imatrix, out, name, allow_requantize, threads, te
             parent = model if model.is_dir() else model.parent
             out = (parent.parent / f"{parent.name}-set") if model.is_dir() else parent / f"{model.stem}-set"
         art = quantize_set(model, types, out, imatrix=imatrix, allow_requantize=allow_requantize, threads=threads,
-                           text_file=text_file, ctx=ctx, max_tokens=max_tokens, force=force)
+                           text_file=text_file, ctx=ctx, max_tokens=max_tokens, split_max_size=split, force=force)
         if as_json:
             _echo_json({"out": str(art.path), **art.extra})
         else:
@@ -155,7 +161,7 @@ def quantize_cmd(model, qtype, imatrix, out, name, allow_requantize, threads, te
         parent = model if model.is_dir() else model.parent
         out = parent.parent / f"{parent.name}-{qname}" if model.is_dir() else parent / f"{model.stem}-{qname}"
     art = quantize_stage(model, qname, out, imatrix=imatrix, allow_requantize=allow_requantize, name=name,
-                         threads=threads, force=force)
+                         threads=threads, split_max_size=split, force=force)
     e = art.extra
     warn = warning_for(e)
     if warn:
@@ -166,6 +172,43 @@ def quantize_cmd(model, qtype, imatrix, out, name, allow_requantize, threads, te
         click.echo(f"{_gguf_of(art)}  {e['file_type']}  {_mib(e['size_bytes'])} (from {_mib(e['source_size_bytes'])})  "
                    f"{e['bits_per_weight']:.2f} bits/weight")
         click.echo(f"tensor types: {describe_mix(e['tensor_types'])}")
+        if len(e.get("shards", [])) > 1:
+            click.echo(f"split into {len(e['shards'])} shards: {', '.join(e['shards'])} (load the first)")
+
+
+@click.command("imatrix")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--corpus", required=True, type=click.Path(path_type=Path), help="Corpus artifact (tools build-corpus).")
+@click.option("--chunks", type=int, help="Chunks of --ctx tokens to run [all the corpus holds].")
+@click.option("--ctx", type=int, default=512, show_default=True, help="Tokens per chunk (llama-imatrix's -c).")
+@click.option("--process-output", is_flag=True, help="Also collect output.weight (llama-imatrix --process-output).")
+@click.option("--out", type=click.Path(path_type=Path), help="Imatrix artifact folder [beside MODEL, -imatrix].")
+@click.option("--threads", type=int, help="llama.cpp threads [OMP_NUM_THREADS or all cores].")
+@click.option("--n-gpu-layers", type=int, default=None,
+              help="Layers to offload to the GPU (default: all when llama.cpp has a GPU backend, else 0).")
+@click.option("--force", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
+def imatrix_cmd(model, corpus, chunks, ctx, process_output, out, threads, n_gpu_layers, force, as_json):
+    """Importance matrix of a GGUF on our own domain text, computed in-process through llama.cpp (its
+    llama-imatrix format); quantize with it: tools quantize F16 --q IQ3_XXS --imatrix OUT. Its lineage is
+    the corpus's: computed from MIMIC text it is credentialed and push refuses it.
+
+    \b
+    tools imatrix runs/gguf-f16 --corpus runs/corpus-notes --chunks 100 --out runs/imatrix
+    """
+    from release.imatrix import imatrix_stage
+
+    if out is None:
+        parent = model if model.is_dir() else model.parent
+        out = parent.parent / f"{parent.name}-imatrix" if model.is_dir() else parent / f"{model.stem}-imatrix"
+    art = imatrix_stage(model, corpus, out, chunks=chunks, ctx=ctx, process_output=process_output, threads=threads,
+                        n_gpu_layers=n_gpu_layers, force=force)
+    e = art.extra
+    if as_json:
+        _echo_json({"out": str(art.path), "imatrix": str(art.path / e["file"]), **e})
+    else:
+        click.echo(f"{art.path / e['file']}  {e['entries']} weights, {e['chunks']} chunks x {e['ctx']} tokens"
+                   f"{'  (credentialed: never leaves this machine)' if art.lineage.credentialed else ''}")
 
 
 @click.command("inspect")
@@ -371,6 +414,6 @@ def chat_cmd(model, once, system, system_task, max_tokens, temperature, top_k, t
 
 
 def register(cli: click.Group) -> None:
-    for cmd in (merge_cmd, convert_cmd, quantize_cmd, inspect_cmd, compare_quant_cmd, card_cmd, push_cmd, export_group,
-                chat_cmd):
+    for cmd in (merge_cmd, convert_cmd, quantize_cmd, imatrix_cmd, inspect_cmd, compare_quant_cmd, card_cmd, push_cmd,
+                export_group, chat_cmd):
         cli.add_command(cmd)

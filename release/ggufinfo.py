@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import sys
 from functools import lru_cache
 from pathlib import Path
@@ -222,12 +223,99 @@ def gguf_filename(meta: dict, encoding: str) -> str:
     return "-".join(parts) + ".gguf"
 
 
+# llama.cpp's split naming (llama_split_path): <prefix>-00001-of-00003.gguf; the first shard is the one to load
+SHARD_RE = re.compile(r"^(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+
+def shard_set(files: list[Path]) -> list[Path] | None:
+    """The files in shard order when they are exactly one complete gguf-split set, else None."""
+    ms = [SHARD_RE.match(f.name) for f in files]
+    if not files or not all(ms):
+        return None
+    prefixes = {m["prefix"] for m in ms}
+    counts = {int(m["count"]) for m in ms}
+    nos = sorted(int(m["no"]) for m in ms)
+    if len(prefixes) != 1 or len(counts) != 1 or nos != list(range(1, counts.pop() + 1)):
+        return None
+    return sorted(files, key=lambda f: int(SHARD_RE.match(f.name)["no"]))
+
+
 def find_gguf(target: str | os.PathLike) -> Path:
-    """A .gguf path from a file or a `gguf` artifact folder holding exactly one."""
+    """A .gguf path from a file or a `gguf` artifact folder holding exactly one (or one split set: its
+    first shard, which is what llama.cpp loads)."""
     p = Path(target)
     if p.is_dir():
         found = sorted(p.glob("*.gguf"))
+        shards = shard_set(found) if len(found) > 1 else None
+        if shards:
+            return shards[0]
         if len(found) != 1:
             raise UserError(f"expected one .gguf in the folder, found {len(found)}", path=str(p))
         return found[0]
     return p
+
+
+_UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9,
+          "T": 10**12, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str, field: str = "--split-max-size") -> int:
+    """``50G``, ``500M``, ``1.5GB``, ``2GiB`` or plain bytes -> bytes (M and G are decimal, as in gguf-split)."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
+    unit = m.group(2).upper() if m else None
+    if not m or unit not in _UNITS:
+        raise UserError(f"not a size: {text!r} (e.g. 50G, 500M, 2GiB or a number of bytes)", field=field)
+    n = int(float(m.group(1)) * _UNITS[unit])
+    if n < 1:
+        raise UserError("must be more than 0 bytes", field=field)
+    return n
+
+
+def split_gguf(src: str | os.PathLike, max_bytes: int) -> list[Path]:
+    """Cut ``src`` into llama.cpp's gguf-split format beside it (``<stem>-00001-of-0000N.gguf``; every shard
+    has ``split.no`` / ``split.count`` / ``split.tensors.count``, the first one all the metadata, tensors
+    in file order), like ``llama-gguf-split --split --split-max-size``: at most ``max_bytes`` of tensor
+    data per shard (a shard holds at least one tensor; the first also carries the metadata). ``src`` is
+    removed once the shards are written. A file whose tensors fit stays as it is: ``[src]``."""
+    src = Path(src)
+    g = gguf_module()
+    reader = g.GGUFReader(str(src), "r")
+    arch = reader.fields.get(g.Keys.General.ARCHITECTURE)
+    w = g.GGUFWriter(src, arch=arch.contents() if arch else "llama", split_max_size=max_bytes)
+    w.data_alignment = reader.alignment
+    for field in reader.fields.values():
+        if field.name == g.Keys.General.ARCHITECTURE or field.name.startswith(("GGUF.", "split.")):
+            continue
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == g.GGUFValueType.ARRAY else None
+        w.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
+    for t in reader.tensors:
+        w.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+    if len(w.tensors) == 1:
+        return [src]
+    names = w.format_shard_names(src)
+    try:
+        w.write_header_to_file()  # opens every shard (the shard names differ from src)
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for t in reader.tensors:
+            w.write_tensor_data(t.data, tensor_endianess=reader.endianess)
+        w.close()
+    except BaseException:
+        for n in names:
+            n.unlink(missing_ok=True)
+        raise
+    n_tensors = len(reader.tensors)
+    del reader
+    seen = 0
+    for i, n in enumerate(names):
+        r = g.GGUFReader(str(n), "r")
+        sizes = [int(t.n_bytes) for t in r.tensors]
+        seen += len(sizes)
+        if (int(r.fields["split.no"].contents()) != i or int(r.fields["split.count"].contents()) != len(names)
+                or (len(sizes) > 1 and sum(sizes) > max_bytes)):
+            raise WorkError(f"gguf-split wrote an inconsistent shard {n.name}")
+    if seen != n_tensors:
+        raise WorkError(f"the shards hold {seen} tensors, the source {n_tensors}")
+    src.unlink()
+    return names

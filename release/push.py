@@ -24,7 +24,8 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_mo
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt")
 MERGE_SUFFIXES = (".safetensors", ".json", ".model", ".jinja", ".txt")
-DATA_STAGES = ("corpus", "dataset", "build-corpus", "build-dataset", "split", "decontaminate")
+# data, and statistics of data (an importance matrix holds per-feature activation sums over the corpus text)
+DATA_STAGES = ("corpus", "dataset", "build-corpus", "build-dataset", "split", "decontaminate", "imatrix")
 
 
 def _files_for(art: Artifact, *, adapter_prefix: str) -> list[tuple[Path, str]]:
@@ -40,13 +41,15 @@ def _files_for(art: Artifact, *, adapter_prefix: str) -> list[tuple[Path, str]]:
         return [(art.path / o, o) for o in outs if o.endswith(MERGE_SUFFIXES)]
     if st in ("gguf", "gguf.lora"):
         return [(art.path / o, o) for o in outs if o.endswith(".gguf")]
-    if st == "gguf.set":  # every type (TYPE/<name>-TYPE.gguf) at the repository's top level
-        files = [(art.path / f, f.split("/")[-1]) for f in art.extra.get("files", [])]
+    if st == "gguf.set":  # every type (TYPE/<name>-TYPE.gguf, every shard of a split one) at the top level
+        files = [(art.path / f, f.split("/")[-1]) for f in art.extra.get("shard_files") or art.extra.get("files", [])]
         if not files:
             raise UserError("gguf.set artifact lists no files", path=str(art.path))
         return files
     if st == "card":
         return [(art.path / "README.md", "README.md")]
+    if st == "imatrix":  # one computed from open text may go up beside the GGUFs (llama-imatrix's own format)
+        return [(art.path / o, o) for o in outs if o.endswith((".gguf", ".dat"))]
     raise UserError(f"push uploads train (adapter), merge, gguf and card artifacts, not {st!r}", path=str(art.path))
 
 

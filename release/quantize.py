@@ -24,11 +24,27 @@ from .ggufinfo import (
     primary_tensor_type,
     read_gguf,
     resolve_ftype,
+    split_gguf,
     type_share,
 )
 
 MOSTLY_APPLIED = 0.5
 LOG_LINES: list[str] = []  # warn when less than half the weight-matrix elements got the requested type
+# llama.cpp's tensor_requires_imatrix (src/llama-quant.cpp): these tensor types are not made without an
+# importance matrix; for some file types llama.cpp throws, for others (IQ3_XXS) it silently substitutes
+# Q3_K / IQ3_S, so the file would be named IQ3_XXS and hold none. Refused up front, with what to do.
+IMATRIX_TENSOR_TYPES = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS")
+IMATRIX_FILE_TYPES = ("Q2_K_S",)
+
+
+def needs_imatrix(qname: str) -> bool:
+    return qname in IMATRIX_FILE_TYPES or primary_tensor_type(qname) in IMATRIX_TENSOR_TYPES
+
+
+def refuse_without_imatrix(qname: str) -> None:
+    raise UserError(f"{qname} needs an importance matrix (llama.cpp does not make {primary_tensor_type(qname)} "
+                    "weights without one): compute it on our own text with `tools imatrix F16.gguf --corpus CORPUS "
+                    "--out DIR` and pass --imatrix DIR", field="--imatrix")
 
 
 def load_imatrix(path: str | os.PathLike) -> dict[str, list[float]]:
@@ -144,9 +160,16 @@ def _expected_bytes(info: dict, qtype: str) -> int:
 
 def quantize_stage(src: str | os.PathLike, qtype: str, out: str | os.PathLike, *,
                    imatrix: str | os.PathLike | None = None, allow_requantize: bool = False,
-                   name: str | None = None, threads: int | None = None, force: bool = False):
-    """Quantize ``src`` (.gguf or a ``gguf`` artifact) into artifact ``out`` (stage ``gguf``)."""
+                   name: str | None = None, threads: int | None = None, split_max_size: int | None = None,
+                   force: bool = False):
+    """Quantize ``src`` (.gguf or a ``gguf`` artifact) into artifact ``out`` (stage ``gguf``). ``imatrix``: a
+    file or an ``imatrix`` artifact (its lineage flows on). ``split_max_size``: bytes of tensor data per
+    file, written in llama.cpp's gguf-split format (``extra.file`` is then the first shard)."""
+    from .imatrix import resolve_imatrix
+
     qname, ftype = resolve_ftype(qtype)
+    if needs_imatrix(qname) and not imatrix:
+        refuse_without_imatrix(qname)
     target = Path(src)
     gpath = find_gguf(target)
     info = read_gguf(gpath)  # bad/truncated input -> UserError before anything is written
@@ -155,10 +178,15 @@ def quantize_stage(src: str | os.PathLike, qtype: str, out: str | os.PathLike, *
                         "start from the f16/bf16/f32 GGUF or pass --allow-requantize", path=str(gpath))
     if name is not None and (not name.endswith(".gguf") or "/" in name):
         raise UserError("--name must be a file name ending in .gguf", field="--name")
-    imat = load_imatrix(imatrix) if imatrix else None
+    imatrix_file, imatrix_input = resolve_imatrix(imatrix) if imatrix else (None, None)
+    imat = load_imatrix(imatrix_file) if imatrix else None
+    if split_max_size is not None and split_max_size < 1:
+        raise UserError("must be more than 0 bytes", field="--split-max-size")
     threads = threads or max(1, min(os.cpu_count() or 1, int(os.environ.get("OMP_NUM_THREADS", "0")) or 64))
-    inputs = [target if is_artifact(target) else gpath] + ([Path(imatrix)] if imatrix else [])
+    inputs = [target if is_artifact(target) else gpath] + ([imatrix_input] if imatrix else [])
     params = {"q": qname, "imatrix": bool(imatrix), "allow_requantize": allow_requantize, "name": name}
+    if split_max_size:
+        params["split_max_size"] = split_max_size
     with Stage("gguf", out, params, inputs=inputs, force=force, log=log) as st:
         if st.skipped:
             return st.result
@@ -187,7 +215,14 @@ def quantize_stage(src: str | os.PathLike, qtype: str, out: str | os.PathLike, *
                     done = now
             advance(max(0, total - done))
         if "error" in result or result.get("rc") != 0 or not dst.is_file():
-            said = [ln.strip() for ln in "".join(LOG_LINES).splitlines() if ln.strip()][-1:]
+            logtext = "".join(LOG_LINES)
+            said = [ln.strip() for ln in logtext.splitlines() if ln.strip()][-1:]
+            needs = [ln.split(":", 1)[1].strip() for ln in logtext.splitlines() if "offending tensor" in ln]
+            if "requires an importance matrix" in logtext and not imatrix:
+                raise UserError(f"{qname} needs an importance matrix (llama.cpp refuses to quantize "
+                                f"{needs[0] if needs else 'a weight'} without one): compute one with "
+                                "`tools imatrix F16.gguf --corpus CORPUS --out DIR` and pass --imatrix DIR",
+                                field="--imatrix")
             raise WorkError(f"llama_model_quantize failed on {gpath} "
                             f"({result.get('error') or 'rc=' + str(result.get('rc'))}{': ' + said[0] if said else ''})")
         fallbacks = sum(1 for ln in "".join(LOG_LINES).splitlines() if "falling back" in ln)
@@ -206,6 +241,14 @@ def quantize_stage(src: str | os.PathLike, qtype: str, out: str | os.PathLike, *
         })
         if qinfo["chat_template"] != info["chat_template"]:
             raise WorkError("quantization changed or dropped the chat template")
+        shards = [dst]
+        if split_max_size and qinfo["size_bytes"] > split_max_size:
+            shards = split_gguf(dst, split_max_size)
+        st.extra["shards"] = [p.name for p in shards]
+        st.extra["file"] = shards[0].name
+        if len(shards) > 1:
+            log(f"split into {len(shards)} shards of at most {split_max_size} bytes of tensor data "
+                f"(llama.cpp loads {shards[0].name})")
         st.extra["seconds"] = round(time.monotonic() - t0, 2)
     return st.result
 
@@ -260,7 +303,7 @@ def table_markdown(rows: list[dict], ref_name: str, tokens: int | None) -> str:
 def quantize_set(src: str | os.PathLike, qtypes: list[str], out: str | os.PathLike, *,
                  imatrix: str | os.PathLike | None = None, allow_requantize: bool = False, threads: int | None = None,
                  text_file: str | os.PathLike | None = None, ctx: int = 256, max_tokens: int | None = 512,
-                 n_gpu_layers: int | None = None, force: bool = False):
+                 n_gpu_layers: int | None = None, split_max_size: int | None = None, force: bool = False):
     """Several types in one call: artifact ``out`` (stage ``gguf.set``) holding one ``gguf`` artifact per
     type (``out/<TYPE>/<name>-<TYPE>.gguf``), a ``compare-quant`` artifact per type (``out/compare/<TYPE>``)
     and ``quant-table.json`` / ``quant-table.md``: size, bits/weight, the real tensor mix, perplexity
@@ -269,12 +312,15 @@ def quantize_set(src: str | os.PathLike, qtypes: list[str], out: str | os.PathLi
     from tools.io import write_json
 
     from .compare import compare_quant, heldout_text, read_text
+    from .imatrix import resolve_imatrix
 
     names = []
     for q in qtypes:
         n, _ = resolve_ftype(q)
         if n in names:
             raise UserError(f"type {n} given twice", field="--q")
+        if needs_imatrix(n) and not imatrix:
+            refuse_without_imatrix(n)
         names.append(n)
     if not names:
         raise UserError("no quantization type given", field="--q")
@@ -283,10 +329,12 @@ def quantize_set(src: str | os.PathLike, qtypes: list[str], out: str | os.PathLi
     info = read_gguf(gpath, tensors=False)
     if text_file is not None:
         read_text(text_file)
-    inputs = [target if is_artifact(target) else gpath] + ([Path(imatrix)] if imatrix else []) + \
+    inputs = [target if is_artifact(target) else gpath] + ([resolve_imatrix(imatrix)[1]] if imatrix else []) + \
         ([Path(text_file)] if text_file else [])
     params = {"q": names, "imatrix": bool(imatrix), "allow_requantize": allow_requantize, "ctx": ctx,
               "max_tokens": max_tokens, "text": Path(text_file).name if text_file else "pubmedqa-test-heldout"}
+    if split_max_size:
+        params["split_max_size"] = split_max_size
     with Stage("gguf.set", out, params, inputs=inputs, force=force, log=log) as st:
         if st.skipped:
             return st.result
@@ -296,7 +344,7 @@ def quantize_set(src: str | os.PathLike, qtypes: list[str], out: str | os.PathLi
         arts, comps = {}, {}
         for q in names:
             arts[q] = quantize_stage(gpath, q, st.path(q), imatrix=imatrix, allow_requantize=allow_requantize,
-                                     threads=threads)
+                                     threads=threads, split_max_size=split_max_size)
             warn = warning_for(arts[q].extra)
             if warn:
                 log(warn)
@@ -308,6 +356,8 @@ def quantize_set(src: str | os.PathLike, qtypes: list[str], out: str | os.PathLi
                                                  "source_size_bytes": info["size_bytes"], "tokens_scored": tokens,
                                                  "rows": rows})
         st.path("quant-table.md").write_text(table_markdown(rows, gpath.name, tokens), encoding="utf-8")
-        st.extra.update({"files": [r["file"] for r in rows], "types": names, "table": rows, "source_file": gpath.name,
-                         "source": "quantize", "tokens_scored": tokens})
+        st.extra.update({"files": [r["file"] for r in rows], "types": names,
+                         "shard_files": [f"{q}/{f}" for q in names
+                                         for f in arts[q].extra.get("shards", [arts[q].extra["file"]])],
+                         "table": rows, "source_file": gpath.name, "source": "quantize", "tokens_scored": tokens})
     return st.result

@@ -13,7 +13,6 @@ import pytest
 
 from tools.errors import UserError
 
-
 # -- helpers ---------------------------------------------------------------------------------------
 
 def make_adapter(base: Path, out: Path, seed: int = 1) -> Path:

@@ -157,3 +157,25 @@ def test_lora_gguf_answers_like_the_merged_gguf(tiny_llama, tmp_path):
             base_diffs.append(abs(rc_["loglik"][lab] - rb["loglik"][lab]))
     assert max(diffs) < 0.02, max(diffs)          # runtime adapter == merged weights (f16 rounding only)
     assert max(base_diffs) > 10 * max(diffs)      # and the adapter really changes the model
+
+
+def test_report_includes_the_quant_table_and_the_modelfile(tools_cli, tmp_path):
+    """The demo's report step appends quants/quant-table.md (as Markdown) and ollama/Modelfile (fenced)."""
+    from test_bench_stats import _fake_bench
+
+    gold = ["yes", "no", "yes", "maybe"] * 3
+    a = _fake_bench(tmp_path, "base", [i % 2 == 0 for i in range(12)], gold)
+    b = _fake_bench(tmp_path, "tuned", [i % 3 != 0 for i in range(12)], gold)
+    (tmp_path / "quants").mkdir()
+    (tmp_path / "quants" / "quant-table.md").write_text("| type | file |\n|---|---|\n| Q8_0 | `m-Q8_0.gguf` |\n")
+    (tmp_path / "ollama").mkdir()
+    (tmp_path / "ollama" / "Modelfile").write_text("FROM ./m-Q3_K_L.gguf\nPARAMETER top_k 40\n")
+    p = tools_cli("report", a, b, "--include", tmp_path / "quants" / "quant-table.md",
+                  "--include", tmp_path / "ollama" / "Modelfile", "--out", tmp_path / "rep")
+    assert p.returncode == 0, p.stderr
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "## quants/quant-table.md\n\n| type | file |\n|---|---|\n| Q8_0 | `m-Q8_0.gguf` |" in md
+    assert "## ollama/Modelfile\n\n```\nFROM ./m-Q3_K_L.gguf\nPARAMETER top_k 40\n```" in md
+    assert md.index("## Paired tests") < md.index("## quants/quant-table.md") < md.index("## ollama/Modelfile")
+    p = tools_cli("report", a, b, "--include", tmp_path / "missing.md", "--out", tmp_path / "rep2")
+    assert p.returncode == 2 and not (tmp_path / "rep2").exists()
