@@ -9,7 +9,10 @@ PIP := $(PY) -m pip
 # tests, examples, server, curl.
 LLAMA_VERSION := 0.3.36
 LLAMA_SDIST := $(VENV)/share/medilora/llama_cpp_python-$(LLAMA_VERSION).tar.gz
-LLAMA_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_CURL=OFF
+# ggml's own thread pool instead of OpenMP: torch loads its bundled libgomp.so.1 first and llama.cpp
+# would share it; a GNU OpenMP pool used before a fork hangs the child (seen in the test suite's
+# forked native tests), and llama.cpp's pool needs nothing from OpenMP.
+LLAMA_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_CURL=OFF -DGGML_OPENMP=OFF
 # GPU=cpu (default): llama.cpp's own CPU detection (AVX2/AVX-512/VNNI and weight repacking kept,
 # whatever this CPU has) with AMX always left out: llama.cpp's AMX path segfaults on the first decode
 # on Sapphire Rapids class Xeons (llama.cpp issue 20824). Explicit -mno-amx-* flags win over the
@@ -35,7 +38,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install lint llama-cpp smoke system-deps test demo bench bench-llama bench-corpus bench-eval clean
+.PHONY: install lint llama-cpp smoke system-deps test demo bench bench-llama bench-corpus bench-eval bench-imatrix clean
 
 install: $(STAMP)
 
@@ -62,7 +65,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	touch $(STAMP)
 
 # llama-cpp-python from its sdist, rebuilt only when the sdist, the flavour or these flags change.
-LLAMA_STAMP := $(VENV)/.llama-cpp-$(LLAMA_VERSION)-$(GPU)
+LLAMA_STAMP := $(VENV)/.llama-cpp-$(LLAMA_VERSION)-$(GPU)-$(shell echo '$(LLAMA_CMAKE_ARGS) $(NO_AMX_FLAGS)' | md5sum | cut -c1-8)
 llama-cpp: $(LLAMA_STAMP)
 $(LLAMA_STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -89,12 +92,14 @@ demo: install
 	echo "demo finished in $$(( $$(date +%s) - start )) s" && \
 	echo "report: runs/demo/report/report.md (plot: runs/demo/report/compare.png)" && \
 	echo "GGUF:   $$(ls runs/demo/q3kl/*.gguf)" && \
+	echo "quant types (size, bits/weight, PPL/KL vs f16, top-1): runs/demo/quants/quant-table.md" && \
+	echo "Ollama: runs/demo/ollama/Modelfile (cd runs/demo/ollama && ollama create medilora-demo -f Modelfile)" && \
 	echo "status: $(VENV)/bin/tools status runs/demo"
 
 lint: install
 	$(VENV)/bin/ruff check .
 
-bench: bench-llama bench-corpus bench-eval
+bench: bench-llama bench-corpus bench-eval bench-imatrix
 
 bench-llama: install
 	$(PY) bench/bench_llama.py
@@ -104,6 +109,9 @@ bench-corpus: install
 
 bench-eval: install
 	$(PY) bench/bench_eval.py
+
+bench-imatrix: install
+	$(PY) bench/bench_imatrix.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

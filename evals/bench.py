@@ -336,7 +336,6 @@ def run_bench(task: str, *, model: str | os.PathLike | None = None, data: str | 
         with LlamaRunner(model_path, n_ctx=n_ctx, n_threads=threads, n_batch=n_batch, seed=seed,
                          n_gpu_layers=n_gpu_layers, lora_path=lora_path) as lr:
             t_load = time.perf_counter() - t0
-            lr.n_ctx = min(lr.n_ctx, n_ctx)  # llama.cpp pads the context; llama-cpp-python's buffers hold n_ctx
             prefixes: dict[tuple, list[int]] = {}
             lr.evaluated_tokens = 0
             t1 = time.perf_counter()

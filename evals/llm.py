@@ -108,7 +108,8 @@ class LlamaRunner:
         self._lc = llama_cpp
         self.n_gpu_layers = self.llm.medilora_load["n_gpu_layers"]
         self.amx_guard = self.llm.medilora_load["amx_guard"]
-        self.n_ctx = self.llm.n_ctx()
+        # llama.cpp pads the context (800 -> 1024) but llama-cpp-python's buffers hold what was asked for
+        self.n_ctx = min(self.llm.n_ctx(), n_ctx)
         self.n_batch = n_batch
         self.n_vocab = self.llm.n_vocab()
         tpl = self.llm.metadata.get("tokenizer.chat_template")

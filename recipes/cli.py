@@ -14,6 +14,8 @@ def _common(f):
         click.option("--device", type=click.Choice(["gpu", "cpu"]), default=None,
                      help="gpu (default) or cpu: the CPU profile for small local runs."),
         click.option("--gpus", type=int, default=None, help="GPUs per node (default 1)."),
+        click.option("--procs", type=int, default=None,
+                     help="Processes per node (default: --gpus on GPU, 1 on CPU; >1 on CPU trains DDP over gloo)."),
         click.option("--nodes", type=int, default=None, help="Nodes (default 1; >1 writes torchrun rendezvous + sbatch)."),
         click.option("--shard", type=click.Choice(["none", "zero1", "zero2", "zero3", "fsdp2"]), default=None,
                      help="Sharding (default: none on 1 GPU, zero2 on several)."),
@@ -55,6 +57,12 @@ def _options(kw: dict) -> dict:
     return opts
 
 
+def _check_device(device, gpus) -> None:
+    if device == "cpu" and gpus is not None:
+        from tools.errors import UserError
+        raise UserError("--device cpu has no GPUs: ask for several processes with --procs N", field="--gpus")
+
+
 def _report(art, as_json: bool) -> None:
     from tools.progress import out
 
@@ -63,7 +71,7 @@ def _report(art, as_json: bool) -> None:
         return
     e = art.extra
     out.print(f"{art.stage}: {art.path}")
-    for k in ("base_model", "mode", "launcher", "sequence_len", "sample_packing"):
+    for k in ("base_model", "mode", "launcher", "world_size", "sequence_len", "sample_packing"):
         if k in e:
             out.print(f"  {k}: {e[k]}")
 
@@ -73,7 +81,8 @@ def _report(art, as_json: bool) -> None:
 @click.option("--corpus", "corpora", multiple=True, required=True, type=click.Path(),
               help="Corpus artifact folder (corpus.jsonl); repeat for several.")
 @_common
-def stage_completion(base_model, corpora, out, device, gpus, nodes, shard, mode, set_items, force, as_json, **kw):
+def stage_completion(base_model, corpora, out, device, gpus, procs, nodes, shard, mode, set_items, force, as_json,
+                     **kw):
     """Stage one: continued pre-training (Axolotl `type: completion`) on corpora.
 
     \b
@@ -84,8 +93,10 @@ def stage_completion(base_model, corpora, out, device, gpus, nodes, shard, mode,
     """
     from .stage import write_stage
 
+    _check_device(device, gpus)
     art = write_stage("completion", out, base_model=base_model, data=list(corpora), device=device, gpus=gpus,
-                      nodes=nodes, shard=shard, mode=mode, options=_options(kw), set_items=set_items, force=force)
+                      nodes=nodes, shard=shard, mode=mode, options=_options(kw), set_items=set_items, force=force,
+                      procs=procs)
     _report(art, as_json)
 
 
@@ -100,8 +111,8 @@ def stage_completion(base_model, corpora, out, device, gpus, nodes, shard, mode,
 @click.option("--arch", type=click.Choice(["causal", "seq2seq"]), default="causal", show_default=True,
               help="causal (Axolotl) or seq2seq (the seq2seq recipes).")
 @_common
-def stage_sft(base_model, from_stage, merged, datasets, arch, out, device, gpus, nodes, shard, mode, set_items, force,
-              as_json, **kw):
+def stage_sft(base_model, from_stage, merged, datasets, arch, out, device, gpus, procs, nodes, shard, mode, set_items,
+              force, as_json, **kw):
     """Stage two: supervised fine-tuning on ChatML data, loss on assistant turns only.
 
     \b
@@ -123,6 +134,8 @@ def stage_sft(base_model, from_stage, merged, datasets, arch, out, device, gpus,
             raise UserError("--from is for causal stages", field="--from")
         if not base_model:
             raise UserError("--base-model is required", field="--base-model")
+        if procs is not None:
+            raise UserError("--procs is for causal (Axolotl) stages", field="--procs")
         params = {"device": device, "gpus": gpus, "nodes": nodes, "shard": shard, "mode": mode, "options": opts,
                   "set": list(set_items)}
         art = seq2seq.write_stage(out, base_model, list(datasets), params, force)
@@ -130,9 +143,10 @@ def stage_sft(base_model, from_stage, merged, datasets, arch, out, device, gpus,
         return
     from .stage import write_stage
 
+    _check_device(device, gpus)
     art = write_stage("sft", out, base_model=base_model, data=list(datasets), from_stage=from_stage, merged=merged,
                       device=device, gpus=gpus, nodes=nodes, shard=shard, mode=mode, options=opts,
-                      set_items=set_items, force=force)
+                      set_items=set_items, force=force, procs=procs)
     _report(art, as_json)
 
 
@@ -140,15 +154,23 @@ def stage_sft(base_model, from_stage, merged, datasets, arch, out, device, gpus,
 @click.argument("stage_dir", type=click.Path())
 @click.option("--dry-run", is_flag=True, help="Print exactly what would run, run nothing.")
 @click.option("--force", is_flag=True, help="Train again even if output/ is up to date.")
+@click.option("--restart", is_flag=True,
+              help="Discard the checkpoints of an earlier killed or failed run and train from step 0.")
 @click.option("--adopt", is_flag=True, help="Record an output/ written by launch.sh/sbatch as the artifact.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def train_cmd(stage_dir, dry_run, force, adopt, as_json):
+def train_cmd(stage_dir, dry_run, force, restart, adopt, as_json):
     """Run Axolotl on a stage folder: preprocess, then train; output/ becomes an artifact.
+
+    Checkpoints live in STAGE_DIR/checkpoints (mode 0700) while training. A run that failed or was
+    killed keeps them, and running `tools train` again resumes from the last complete checkpoint
+    ("resuming from step N"); --restart starts over. Several processes (tools stage --procs N)
+    run through the stage's launcher; a stage of several nodes runs launch.sh on each node.
 
     \b
     Example:
       tools train runs/stage1 --dry-run
       tools train runs/stage1
+      tools train runs/stage1 --restart
     """
     import shlex
 
@@ -156,7 +178,7 @@ def train_cmd(stage_dir, dry_run, force, adopt, as_json):
 
     from .train import train_stage
 
-    res = train_stage(stage_dir, dry_run=dry_run, force=force, adopt=adopt)
+    res = train_stage(stage_dir, dry_run=dry_run, force=force, adopt=adopt, restart=restart)
     if isinstance(res, dict):
         if as_json:
             click.echo(json.dumps(res, indent=2, sort_keys=True))
@@ -171,7 +193,7 @@ def train_cmd(stage_dir, dry_run, force, adopt, as_json):
         return
     e = res.extra
     out.print(f"train: {res.path}")
-    for k in ("base_model", "adapter", "steps", "final_loss"):
+    for k in ("base_model", "adapter", "steps", "world_size", "resumed_from_step", "final_loss"):
         out.print(f"  {k}: {e.get(k)}")
 
 

@@ -39,10 +39,13 @@ MEDILORA_DEFAULTS: dict[str, Any] = {
     "num_epochs": 2,
     "seed": 42,
     "logging_steps": 1,
-    # a checkpoint at the end of every epoch and at the last step (save_strategy "steps"): its
-    # trainer_state.json is where `tools train` reads the trainer's log history
-    "saves_per_epoch": 1,
-    "save_total_limit": 1,
+    # checkpoints every 5 % of the run's optimizer steps (a ratio: the HF Trainer turns it into
+    # ceil(0.05 x total steps)) and at the last step; the two newest are kept. A killed or failed
+    # `tools train` resumes from the last complete one (recipes/train.py), so a crash loses at most
+    # 1/20 of the run. The last checkpoint's trainer_state.json is where `tools train` reads the
+    # trainer's log history.
+    "save_steps": 0.05,
+    "save_total_limit": 2,
     "val_set_size": 0.0,
     "train_on_inputs": False,
     "strict": False,
@@ -321,9 +324,8 @@ def capabilities(device: str, world_size: int) -> tuple[dict, dict]:
 
 def validate(config: dict, device: str, world_size: int, where: str = "axolotl.yaml") -> list[str]:
     """Validate with Axolotl's own config model; return Axolotl's warnings. Raise UserError if refused."""
-    from pydantic import ValidationError
-
     from axolotl.utils.schemas.config import AxolotlConfigWCapabilities
+    from pydantic import ValidationError
 
     caps, env = capabilities(device, world_size)
     handler = _Collect()
@@ -355,19 +357,26 @@ def dump_yaml(config: dict, header: str) -> str:
     return "".join(f"# {line}\n" if line else "#\n" for line in header.splitlines()) + body
 
 
-def env_for_axolotl(seed: int | None = None) -> dict[str, str]:
-    """The environment every Axolotl process gets: offline, no telemetry, the venv's bin first;
-    with ``seed``, every process is seeded at start-up (recipes/seeding/sitecustomize.py)."""
+def env_for_axolotl(seed: int | None = None, preset=None) -> dict[str, str]:
+    """The environment every Axolotl process gets: offline, no telemetry, the venv's bin first, the
+    start-up shim (recipes/seeding/sitecustomize.py) on PYTHONPATH; with ``seed``, every process is
+    seeded at start-up; with a ``preset`` of several CPU processes, the CPU/DDP switches and the
+    threads per process (recipes.presets.launch_env)."""
     import sys
 
+    from .presets import SHIM_DIR, cpu_threads, launch_env
     from .profiles import AXOLOTL_ENV
 
     env = dict(os.environ)
     env.update(AXOLOTL_ENV)
+    env["PYTHONPATH"] = os.pathsep.join([str(SHIM_DIR)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     if seed is not None:
-        seeding = str(Path(__file__).resolve().parent / "seeding")
-        env["PYTHONPATH"] = os.pathsep.join([seeding] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
         env["MEDILORA_SEED"] = str(int(seed))
+    if preset is not None:
+        env.update(launch_env(preset))
+        threads = cpu_threads(preset)
+        if threads is not None:
+            env.setdefault("OMP_NUM_THREADS", str(threads))
     bindir = str(Path(sys.executable).parent)
     env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
     return env

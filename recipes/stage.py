@@ -155,6 +155,10 @@ def build(kind: str, out: Path, base_model: str, train_files: list[Path], val_fi
                                 "DIR (stage one merged) to train a new adapter", field=k)
     R.apply_overrides(cfg, named)
     R.apply_overrides(cfg, overrides)
+    # checkpoints: the default save_steps gives way to a save schedule the user asked for
+    if "save_steps" not in overrides and ("saves_per_epoch" in overrides or
+                                          overrides.get("save_strategy") not in (None, "steps")):
+        cfg.pop("save_steps", None)
     if cfg.get("sample_packing") and preset.device == "cpu":
         cfg.setdefault("attn_implementation", "sdpa")
     if preset.deepspeed_file:
@@ -180,7 +184,7 @@ def write_stage(kind: str, out: str | os.PathLike, *, base_model: str | None = N
                 from_stage: str | None = None, merged: str | None = None, device: str | None = None,
                 gpus: int | None = None, nodes: int | None = None, shard: str | None = None,
                 mode: str | None = None, options: dict | None = None, set_items: list[str] | tuple = (),
-                force: bool = False) -> Artifact:
+                force: bool = False, procs: int | None = None) -> Artifact:
     """Write a completion or SFT stage folder; return its artifact."""
     if kind not in STAGE_NAMES:
         raise UserError(f"unknown stage kind {kind!r}", field="kind")
@@ -204,8 +208,10 @@ def write_stage(kind: str, out: str | os.PathLike, *, base_model: str | None = N
         inputs += start["inputs"]
         inh = start["inherit"]
         ip = inh.get("preset") or {}
-        if device is None and gpus is None and nodes is None and shard is None and ip:
+        if device is None and gpus is None and nodes is None and shard is None and procs is None and ip:
             device, gpus, nodes, shard = ip.get("device"), ip.get("gpus"), ip.get("nodes"), ip.get("shard")
+        elif device is None and ip:
+            device = ip.get("device")  # e.g. --procs 4 on stage one's CPU
         if mode is None:
             mode = inh.get("mode") if start["start"] == "adapter" else None
         if start["start"] == "adapter" and mode == "full":
@@ -218,7 +224,7 @@ def write_stage(kind: str, out: str | os.PathLike, *, base_model: str | None = N
     base_model = R.check_base_model(base_model)
     if is_artifact(base_model) and Path(base_model) not in [Path(i).resolve() for i in inputs]:
         inputs.append(Path(base_model))
-    preset = P.make_preset(device or "gpu", gpus, nodes or 1, shard)
+    preset = P.make_preset(device or "gpu", gpus, nodes or 1, shard, procs)
     mode = mode or "qlora"
     if mode not in R.ADAPTER_MODES:
         raise UserError(f"unknown adapter mode {mode!r}", field="--mode")
@@ -243,20 +249,19 @@ def write_stage(kind: str, out: str | os.PathLike, *, base_model: str | None = N
         warnings = R.validate(check_cfg, preset.device, preset.world_size, where=str(out / "axolotl.yaml"))
         for w in warnings:
             log(f"axolotl: {w}")
-        where = ("cpu, one process" if preset.device == "cpu" else
-                 f"{preset.gpus} GPU(s) x {preset.nodes} node(s), shard {preset.shard}")
         header = (f"MediLoRA {name} for {base_model}\n"
-                  f"preset: {where}; launcher {preset.launcher}\n"
+                  f"preset: {preset.describe()}; launcher {preset.launcher}\n"
                   "Written by `tools stage` and validated with Axolotl's config schema; run with `tools train`.")
         st.path("axolotl.yaml").write_text(R.dump_yaml(cfg, header), encoding="utf-8")
         launch = st.path("launch.sh")
-        launch.write_text(P.launch_script(preset, str(out), name), encoding="utf-8")
+        launch.write_text(P.launch_script(preset, str(out), name, seed=cfg.get("seed")), encoding="utf-8")
         launch.chmod(0o755)
         if preset.nodes > 1:
             st.path("slurm.sbatch").write_text(P.sbatch_script(preset, str(out), f"medilora-{kind}"), encoding="utf-8")
         st.extra.update({
             "arch": "causal", "kind": kind, "base_model": base_model, "adapter": mode != "full", "mode": mode,
-            "preset": preset.to_dict(), "launcher": preset.launcher, "sequence_len": cfg.get("sequence_len"),
+            "preset": preset.to_dict(), "world_size": preset.world_size, "launcher": preset.launcher,
+            "sequence_len": cfg.get("sequence_len"),
             "sample_packing": bool(cfg.get("sample_packing")), "token_stats": decided["token_stats"],
             "axolotl_warnings": warnings, "start": ({k: v for k, v in start.items() if k not in ("inputs", "inherit")}
                                                     if start else None),

@@ -1,12 +1,27 @@
 """`tools train STAGE_DIR`: run Axolotl (preprocess, then train through the preset's launcher).
 
-Axolotl trains into a hidden staging folder beside ``STAGE_DIR/output`` (``--output-dir`` on its
-command line; everything else is the stage's ``axolotl.yaml``). On success the staging folder
-gets ``log_history.json`` (the trainer's log history, from the last checkpoint's
+Axolotl trains into ``STAGE_DIR/checkpoints`` (``--output-dir`` on its command line; everything
+else is the stage's ``axolotl.yaml``), a folder of mode 0700 that holds the ``checkpoint-N``
+folders (``save_steps``/``save_total_limit``: recipes/recipe.py) and, at the end, the final adapter
+or model. On success the final files move into a hidden staging folder that gets
+``log_history.json`` (the trainer's log history, from the last checkpoint's
 ``trainer_state.json``, without the wall-clock figures), ``loss.png`` and the manifest (stage
-``train``, extra ``base_model``, ``adapter``, ``log_history``, ``final_loss``, ``arch``), and is
-swapped in as ``STAGE_DIR/output``. A failed run exits 1 with Axolotl's last error line and leaves
-no manifest there; Axolotl's whole output is in ``STAGE_DIR/train.log`` either way.
+``train``, extra ``base_model``, ``adapter``, ``log_history``, ``final_loss``, ``arch``,
+``world_size``, ``resumed_from_step``), and is swapped in as ``STAGE_DIR/output``; then the
+checkpoints are deleted. A failed run exits 1 with Axolotl's last error line and leaves no
+manifest there; Axolotl's whole output is in ``STAGE_DIR/train.log`` either way.
+
+Resume: a run that failed or was killed (SIGKILL of its process group included) keeps its
+checkpoints. The next `tools train` on the same stage (same axolotl.yaml and world size, recorded
+in ``checkpoints/medilora-run.json``) resumes from the newest *whole* checkpoint
+(:func:`checkpoint_problem`; newer ones cut off mid-write are skipped and removed) and says
+"resuming from step N"; it skips ``axolotl preprocess`` when ``prepared/`` was prepared for this
+very stage. ``--restart`` discards the checkpoints. The HF Trainer restores weights, optimizer,
+scheduler, the RNG state of every process and the data position, so the log history runs on
+without a gap and the final adapter is byte for byte the uninterrupted run's (measured on CPU, 1
+and 2 processes: tests/test_train_distributed.py). Only one `tools train` runs a stage at a time
+(``STAGE_DIR/.train.lock``). Every Axolotl process dies with its launcher (the start-up shim:
+recipes/seeding/sitecustomize.py), so a killed `tools train` leaves no orphan writing checkpoints.
 
 CPU note (measured on the 2-core machine, tiny test Llama, 6 steps of 2 x 256 tokens, shared
 load): LoRA fp32 + adamw_torch 5.9 s / 522 tok/s vs QLoRA (4-bit + adamw_bnb_8bit) 6.7 s /
@@ -14,9 +29,14 @@ load): LoRA fp32 + adamw_torch 5.9 s / 522 tok/s vs QLoRA (4-bit + adamw_bnb_8bi
 Axolotl's start-up (preprocess ~55 s, train ~45 s). Sample packing adds ~20-30 s on CPU (Numba
 compiles the multipack sampler twice), so short CPU runs are faster with ``--no-packing``.
 
-Several nodes cannot be driven from one process: ``tools train`` refuses them (``--dry-run``
-shows the commands; submit ``slurm.sbatch``), and ``--adopt`` records an ``output/`` that such a
-run wrote as the artifact.
+Several processes on one machine run through the preset's launcher (``accelerate launch``; on
+CPU DDP over gloo). Several nodes cannot be driven from one process: ``tools train`` refuses them
+(``--dry-run`` shows the commands; submit ``slurm.sbatch`` or run ``launch.sh`` on every node), and
+``--adopt`` records an ``output/`` that such a run wrote as the artifact (checkpoint folders are
+left out). ``launch.sh`` resumes such a run itself: before training it asks
+``python -m recipes.train --last-checkpoint OUTPUT_DIR WORLD_SIZE`` for the newest whole checkpoint
+(measured: 2 torchrun "nodes" on loopback, both killed after checkpoint-2 and started again, end
+with log-history steps 1..8 and the uninterrupted adapter, byte for byte).
 """
 from __future__ import annotations
 
@@ -31,7 +51,6 @@ import sys
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any
 
 from tools.artifact import Artifact, Stage, read_artifact
 from tools.errors import UserError, WorkError
@@ -44,6 +63,9 @@ from . import recipe as R
 # wall-clock and memory figures: they differ run to run, so they stay out of log_history.json
 VOLATILE = re.compile(r"(runtime|per_second|per_sec|memory/|_flos$|^total_flos$)")
 STEP_RE = re.compile(r"^\s*\d+%\|[^|]*\|\s*(\d+)/(\d+) \[")  # the trainer's bar (no description)
+CHECKPOINTS = "checkpoints"  # Axolotl's output_dir under `tools train`: checkpoint-N/ folders, then the final model
+RUN_MARKER = "medilora-run.json"  # in checkpoints/: which stage configuration and world size wrote them
+PREPARED_MARKER = ".medilora-prepared.json"  # in prepared/: the stage fingerprint its data was prepared for
 ERROR_RE = re.compile(r"^\s*(?:[\w.]+(?:Error|Exception|Interrupt)|AssertionError|KeyError|OSError)\b.*")
 
 
@@ -62,8 +84,11 @@ def _load_yaml(path: Path) -> dict:
     return cfg
 
 
-def plan(stage_dir: str | os.PathLike, work: str | None = None) -> dict:
-    """What `tools train` runs for this stage: commands, environment additions, output folder."""
+def plan(stage_dir: str | os.PathLike, work: str | None = None, resume: str | None = None) -> dict:
+    """What `tools train` runs for this stage: commands, environment additions, output folder.
+
+    ``work`` is Axolotl's output_dir (default ``STAGE_DIR/checkpoints``), ``resume`` a checkpoint
+    folder to resume from."""
     stage_dir = Path(stage_dir).resolve()
     art = _stage(stage_dir)
     cfg_file = stage_dir / "axolotl.yaml"
@@ -71,14 +96,145 @@ def plan(stage_dir: str | os.PathLike, work: str | None = None) -> dict:
     preset = P.Preset(**art.extra.get("preset", art.params.get("preset") or {}))
     bindir = Path(sys.executable).parent
     axolotl = str(bindir / "axolotl") if (bindir / "axolotl").exists() else "axolotl"
-    overrides = {"output_dir": work or "<STAGE_DIR/.output.partial-*>"}
+    overrides = {"output_dir": work or str(stage_dir / CHECKPOINTS)}
+    if resume:
+        overrides["resume_from_checkpoint"] = resume
     pre, train = P.axolotl_commands(preset, str(cfg_file), axolotl, overrides)
+    full = R.env_for_axolotl(seed=cfg.get("seed"), preset=preset)
     from .profiles import AXOLOTL_ENV
+    env = {k: full[k] for k in full if k in AXOLOTL_ENV or k.startswith(("MEDILORA_", "ACCELERATE_"))
+           or k in ("PYTHONPATH", "OMP_NUM_THREADS")}
     return {"stage_dir": str(stage_dir), "stage": art.stage, "preset": preset.to_dict(), "config": str(cfg_file),
-            "base_model": cfg.get("base_model"), "adapter": bool(cfg.get("adapter")),
-            "output": str(stage_dir / "output"), "log": str(stage_dir / "train.log"),
-            "env": dict(sorted(AXOLOTL_ENV.items())), "path_prepend": str(bindir),
+            "world_size": preset.world_size, "base_model": cfg.get("base_model"), "adapter": bool(cfg.get("adapter")),
+            "output": str(stage_dir / "output"), "checkpoints": overrides["output_dir"],
+            "log": str(stage_dir / "train.log"), "env": dict(sorted(env.items())), "path_prepend": str(bindir),
             "commands": [pre, train], "max_steps": cfg.get("max_steps")}
+
+
+# -- checkpoints -----------------------------------------------------------------------------------
+
+def _step_of(p: Path) -> int | None:
+    tail = p.name.rsplit("-", 1)[-1]
+    return int(tail) if p.name.startswith("checkpoint-") and tail.isdigit() else None
+
+
+def _safetensors_problem(f: Path) -> str | None:
+    """A safetensors file is whole when its header parses and its data ends where the file ends."""
+    try:
+        with open(f, "rb") as fh:
+            raw = fh.read(8)
+            if len(raw) < 8:
+                return "shorter than its header"
+            n = int.from_bytes(raw, "little")
+            header = json.loads(fh.read(n))
+        end = max([v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"] or [0])
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return "unreadable header"
+    if f.stat().st_size != 8 + n + end:
+        return f"{f.stat().st_size} bytes, its header needs {8 + n + end}"
+    return None
+
+
+def _torch_file_problem(f: Path) -> str | None:
+    """torch.save writes a zip whose central directory comes last: a file cut off has none."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(f) as z:
+            size = f.stat().st_size
+            if any(i.header_offset + i.compress_size > size for i in z.infolist()):
+                return "truncated"
+    except (OSError, zipfile.BadZipFile):
+        return "not a whole torch file"
+    return None
+
+
+def checkpoint_problem(ckpt: Path, world_size: int = 1) -> str | None:
+    """Why the trainer cannot resume from ``ckpt`` (a ``checkpoint-N`` folder), or None if it is whole.
+
+    The HF Trainer writes a checkpoint in this order: weights (adapter or model), optimizer and
+    scheduler, one RNG state per process, then ``trainer_state.json`` (by the main process only, with
+    no barrier). Whole means: ``trainer_state.json`` readable and at step N, every weight and torch
+    file whole (safetensors size matches its header; torch zips have their central directory), the
+    optimizer state present, and one RNG state per process of the run."""
+    step = _step_of(ckpt)
+    state_f = ckpt / "trainer_state.json"
+    if not state_f.is_file():
+        return "no trainer_state.json"
+    try:
+        state = json.loads(state_f.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "unreadable trainer_state.json"
+    if not isinstance(state, dict) or state.get("global_step") != step:
+        return f"trainer_state.json is not at step {step}"
+    files = [f for f in ckpt.iterdir() if f.is_file()]
+    names = {f.name for f in files}
+    weights = [f for f in files if f.name.endswith(".safetensors") or f.name in ("pytorch_model.bin",
+                                                                                 "adapter_model.bin")]
+    if not weights and not any(f.name.endswith(".index.json") for f in files):
+        return "no model or adapter weights"
+    for f in files:
+        why = (_safetensors_problem(f) if f.name.endswith(".safetensors") else
+               _torch_file_problem(f) if f.suffix in (".pt", ".pth", ".bin") else None)
+        if why:
+            return f"{f.name}: {why}"
+    if not ({"optimizer.pt", "optimizer.bin"} & names or (ckpt / "latest").is_file()
+            or any(p.name.startswith("optimizer") for p in ckpt.iterdir())):
+        return "no optimizer state"
+    want = ["rng_state.pth"] if world_size <= 1 else [f"rng_state_{r}.pth" for r in range(world_size)]
+    missing = [w for w in want if w not in names]
+    if missing:
+        return f"no {', '.join(missing)}"
+    return None
+
+
+def last_checkpoint(work: Path, world_size: int = 1, drop_broken: bool = True) -> tuple[int, Path] | None:
+    """The newest whole checkpoint in ``work``; newer ones cut off mid-write are skipped (and removed,
+    so neither the trainer's rotation nor a later run can mistake them for the newest)."""
+    found = sorted(((_step_of(p), p) for p in work.glob("checkpoint-*") if p.is_dir() and _step_of(p) is not None),
+                   reverse=True)
+    for step, p in found:
+        why = checkpoint_problem(p, world_size)
+        if why is None:
+            return step, p
+        log(f"skipping {p.name}: cut off mid-write ({why})")
+        if drop_broken:
+            shutil.rmtree(p, ignore_errors=True)
+    return None
+
+
+def _prepare_checkpoints(stage_dir: Path, art: Artifact, preset: P.Preset, restart: bool) -> Path:
+    """``STAGE_DIR/checkpoints`` (mode 0700), emptied when --restart or when it belongs to another
+    configuration of this stage (a re-staged axolotl.yaml, another world size)."""
+    work = stage_dir / CHECKPOINTS
+    want = {"stage_fingerprint": art.manifest.get("fingerprint"), "world_size": preset.world_size}
+    if work.exists():
+        try:
+            had = json.loads((work / RUN_MARKER).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            had = None
+        if restart:
+            log(f"--restart: removing {work}")
+            shutil.rmtree(work)
+        elif had != want:
+            log(f"{work} holds a run of another configuration of this stage: starting over")
+            shutil.rmtree(work)
+    work.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(work, 0o700)  # credentialed data (MIMIC) may sit in the weights and the optimizer state
+    write_json(work / RUN_MARKER, want)
+    return work
+
+
+def _prepared_marker(stage_dir: Path, cfg: dict) -> Path:
+    return Path(cfg.get("dataset_prepared_path") or stage_dir / "prepared") / PREPARED_MARKER
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _run(cmd: list[str], env: dict, logf, tail: deque, advance_to, cwd: Path) -> int:
@@ -177,9 +333,18 @@ def _num(v) -> float | None:
         return None
 
 
+def _collect(src: Path, dest: Path) -> None:
+    """Move what Axolotl wrote at the top of ``src`` (final adapter or model, tokenizer, configs) into
+    the staging folder; checkpoint folders and our run marker stay behind."""
+    for f in sorted(src.iterdir()):
+        if (f.is_dir() and _step_of(f) is not None) or f.name == RUN_MARKER:
+            continue
+        shutil.move(str(f), str(dest / f.name))
+
+
 def _record(st: Stage, work: Path, cfg: dict, art: Artifact, streamed: list[dict], extra: dict,
-            summary: dict | None = None) -> None:
-    hist_raw, source = read_log_history(work, streamed)
+            summary: dict | None = None, history_dir: Path | None = None) -> None:
+    hist_raw, source = read_log_history(history_dir or work, streamed)
     hist = clean_history(hist_raw)
     write_json(work / "log_history.json", hist)
     plot_loss(hist, work / "loss.png", f"{art.stage}: {Path(str(cfg.get('base_model'))).name}")
@@ -196,7 +361,7 @@ def _record(st: Stage, work: Path, cfg: dict, art: Artifact, streamed: list[dict
     st.extra.update({
         "base_model": cfg.get("base_model"), "adapter": adapter, "arch": "causal", "log_history": hist,
         "log_history_from": source, "final_loss": final_loss(hist),
-        "steps": max([h.get("step", 0) for h in hist] or [0]), "stage_dir": str(work.parent.resolve()),
+        "steps": max([h.get("step", 0) for h in hist] or [0]), "stage_dir": str(Path(art.path).resolve()),
         "axolotl_config": str((Path(art.path) / "axolotl.yaml").resolve()), "timing": timing,
         "quantized_base": "4bit" if cfg.get("load_in_4bit") else "8bit" if cfg.get("load_in_8bit") else None,
         "lora_model_dir": cfg.get("lora_model_dir"), **extra,
@@ -204,9 +369,13 @@ def _record(st: Stage, work: Path, cfg: dict, art: Artifact, streamed: list[dict
 
 
 def train_stage(stage_dir: str | os.PathLike, dry_run: bool = False, force: bool = False,
-                adopt: bool = False) -> Artifact | dict:
+                adopt: bool = False, restart: bool = False) -> Artifact | dict:
     """Train a stage folder; return the ``train`` artifact (``STAGE_DIR/output``) or, with
-    ``dry_run``, the plan (a dict: commands, environment, output). Raises UserError / WorkError."""
+    ``dry_run``, the plan (a dict: commands, environment, output). Raises UserError / WorkError.
+
+    Axolotl trains into ``STAGE_DIR/checkpoints`` (mode 0700); a run that failed or was killed leaves
+    its checkpoints there and the next call resumes from the last whole one ("resuming from step N"
+    on stderr); ``restart`` discards them and starts from step 0."""
     stage_dir = Path(stage_dir).resolve()
     art = _stage(stage_dir)
     if art.extra.get("arch") == "seq2seq" or art.params.get("arch") == "seq2seq":
@@ -234,39 +403,106 @@ def train_stage(stage_dir: str | os.PathLike, dry_run: bool = False, force: bool
     out = stage_dir / "output"
     params = {"stage_fingerprint": art.manifest.get("fingerprint"), "launcher": preset.launcher,
               "adopted": bool(adopt)}
-    with Stage("train", out, params, inputs=[stage_dir], force=force, log=log) as st:
+    ckpts = stage_dir / CHECKPOINTS
+    lock = _lock(stage_dir)  # noqa: F841 - held until this function returns
+    with Stage("train", out, params, inputs=[stage_dir], force=force or restart, log=log) as st:
         if st.skipped:
+            _drop_leftover(ckpts, art, preset)
             return st.result
         work = st.work
         assert work is not None
         if adopt:
             if not out.is_dir() or not any(out.iterdir()):
                 raise UserError("nothing to adopt: output/ is empty or missing", path=str(out))
-            for f in sorted(out.iterdir()):
-                shutil.move(str(f), str(work / f.name))
-            _record(st, work, cfg, art, [], {"adopted": True})
+            _collect(out, work)
+            _record(st, work, cfg, art, [], {"adopted": True, "world_size": preset.world_size,
+                                              "resumed_from_step": None}, history_dir=out)
         else:
-            _train(st, work, stage_dir, cfg, art, preset)
+            _train(st, work, stage_dir, cfg, art, preset, restart)
+    if not adopt:
+        shutil.rmtree(ckpts, ignore_errors=True)  # output/ is recorded: the checkpoints have served
     return _finish(st.result)
 
 
-def _train(st: Stage, work: Path, stage_dir: Path, cfg: dict, art: Artifact, preset: P.Preset) -> None:
-    env = R.env_for_axolotl(seed=cfg.get("seed", 42))
-    pre, train = plan(stage_dir, str(work))["commands"]
+def _lock(stage_dir: Path):
+    """One `tools train` a stage at a time (they would share checkpoints/); then clear the staging
+    folders of killed runs (the artifact contract never reads them)."""
+    import fcntl
+
+    f = open(stage_dir / ".train.lock", "a+")  # noqa: SIM115 - the lock lives as long as the file object
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise UserError("another `tools train` is running on this stage", path=str(stage_dir)) from None
+    for d in list(stage_dir.glob(".output.partial-*")) + list(stage_dir.glob(".output.old-*")):
+        shutil.rmtree(d, ignore_errors=True)
+    return f
+
+
+def _drop_leftover(ckpts: Path, art: Artifact, preset: P.Preset) -> None:
+    """Checkpoints left by a run killed after output/ was recorded (same configuration): not needed."""
+    try:
+        had = json.loads((ckpts / RUN_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if had == {"stage_fingerprint": art.manifest.get("fingerprint"), "world_size": preset.world_size}:
+        shutil.rmtree(ckpts, ignore_errors=True)
+
+
+def _train(st: Stage, work: Path, stage_dir: Path, cfg: dict, art: Artifact, preset: P.Preset,
+           restart: bool) -> None:
+    ckpts = _prepare_checkpoints(stage_dir, art, preset, restart)
+    last = last_checkpoint(ckpts, preset.world_size)
+    env = R.env_for_axolotl(seed=cfg.get("seed", 42), preset=preset)
+    env["MEDILORA_DIE_WITH_PARENT"] = "1"  # killed with `tools train` (recipes/seeding/sitecustomize.py)
+    the_plan = plan(stage_dir, str(ckpts), str(last[1]) if last else None)
+    pre, train = the_plan["commands"]
+    from tools.io import sha256_file
+    prepared_for = {"stage_fingerprint": art.manifest.get("fingerprint"),
+                    "axolotl_yaml": sha256_file(stage_dir / "axolotl.yaml")}
+    marker = _prepared_marker(stage_dir, cfg)
+    try:
+        prepared = json.loads(marker.read_text(encoding="utf-8")) == prepared_for
+    except (OSError, ValueError):
+        prepared = False
+    try:
+        _run_axolotl(st, work, stage_dir, cfg, art, preset, ckpts, last, env, pre, train, prepared, prepared_for,
+                     marker)
+    except BaseException:
+        if not any(_step_of(p) is not None for p in ckpts.iterdir()):
+            shutil.rmtree(ckpts, ignore_errors=True)  # nothing to resume from
+        raise
+
+
+def _run_axolotl(st: Stage, work: Path, stage_dir: Path, cfg: dict, art: Artifact, preset: P.Preset, ckpts: Path,
+                 last: tuple[int, Path] | None, env: dict, pre: list[str], train: list[str], prepared: bool,
+                 prepared_for: dict, marker: Path) -> None:
+    resumed = last[0] if last else None
     tail: deque = deque(maxlen=400)
     streamed: list[dict] = []
     t0 = time.time()
     log_path = stage_dir / "train.log"
-    with open(log_path, "w", encoding="utf-8") as logf:
-        log(f"preprocess: {shlex.join(pre)}")
-        rc = _run(pre, env, logf, tail, lambda *_: None, stage_dir)
-        if rc != 0:
-            raise WorkError(f"axolotl preprocess failed (exit {rc}): {error_line(tail)} (log: {log_path})")
+    with open(log_path, "a" if resumed else "w", encoding="utf-8") as logf:
+        if resumed:
+            logf.write(f"# resuming from step {resumed} ({last[1]})\n")
+            log(f"resuming from step {resumed} ({last[1].name} in {ckpts})")
+        if prepared:
+            log(f"preprocess: skipped (the data in {marker.parent} was prepared for this stage)")
+        else:
+            log(f"preprocess: {shlex.join(pre)}")
+            marker.unlink(missing_ok=True)
+            rc = _run(pre, env, logf, tail, lambda *_: None, stage_dir)
+            if rc != 0:
+                raise WorkError(f"axolotl preprocess failed (exit {rc}): {error_line(tail)} (log: {log_path})")
+            write_json(marker, prepared_for)
         t1 = time.time()
-        log(f"train ({preset.launcher}): {shlex.join(train)}")
+        log(f"train ({preset.launcher}, world size {preset.world_size}): {shlex.join(train)}")
         total = int(cfg.get("max_steps") or 0) or None
         with progress("training", total=total, unit="steps") as advance:
-            seen = {"n": 0, "total": total}
+            seen = {"n": resumed or 0, "total": total}
+            if resumed:
+                advance(resumed)
 
             def advance_to(n, bar_total):
                 if seen["total"] is None:
@@ -276,7 +512,10 @@ def _train(st: Stage, work: Path, stage_dir: Path, cfg: dict, art: Artifact, pre
                     seen["n"] = n
             rc = _run(train, env, logf, tail, advance_to, stage_dir)
         if rc != 0:
-            raise WorkError(f"axolotl train failed (exit {rc}): {error_line(tail)} (log: {log_path})")
+            kept = last_checkpoint(ckpts, preset.world_size, drop_broken=False)
+            where = (f"checkpoint-{kept[0]} kept in {ckpts}: `tools train` again resumes from it, --restart starts "
+                     "over" if kept else "no checkpoint was written")
+            raise WorkError(f"axolotl train failed (exit {rc}): {error_line(tail)} (log: {log_path}; {where})")
         t2 = time.time()
     summary: dict = {}
     for s in tail:
@@ -292,12 +531,35 @@ def _train(st: Stage, work: Path, stage_dir: Path, cfg: dict, art: Artifact, pre
                 sink.append(d)
             else:
                 summary = d
+    _collect(ckpts, work)
     _record(st, work, cfg, art, streamed, {"wall_seconds": {"preprocess": round(t1 - t0, 1),
-                                                            "train": round(t2 - t1, 1)}}, summary)
+                                                            "train": round(t2 - t1, 1)},
+                                           "world_size": preset.world_size, "resumed_from_step": resumed},
+            summary, history_dir=ckpts)
 
 
 def _finish(res: Artifact) -> Artifact:
     e = res.extra
+    resumed = f", resumed from step {e['resumed_from_step']}" if e.get("resumed_from_step") else ""
     log(f"train: {res.path} ({'adapter' if e.get('adapter') else 'full model'}, {e.get('steps')} steps, "
-        f"final loss {e.get('final_loss')})")
+        f"world size {e.get('world_size', 1)}{resumed}, final loss {e.get('final_loss')})")
     return res
+
+
+def _main(argv: list[str]) -> int:
+    """``python -m recipes.train --last-checkpoint DIR WORLD_SIZE``: print the newest whole checkpoint
+    in DIR (nothing if none); launch.sh resumes from it. Broken ones are reported, not removed (other
+    nodes read the same folder)."""
+    if len(argv) != 3 or argv[0] != "--last-checkpoint":
+        sys.stderr.write("usage: python -m recipes.train --last-checkpoint DIR WORLD_SIZE\n")
+        return 2
+    d = Path(argv[1])
+    found = last_checkpoint(d, int(argv[2]), drop_broken=False) if d.is_dir() else None
+    if found:
+        log(f"resuming from step {found[0]} ({found[1]})")
+        print(found[1])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main(sys.argv[1:]))

@@ -3,8 +3,9 @@
 A segfault (or any signal) inside llama.cpp then fails that one test with a clear message, and the
 suite goes on; without it the whole pytest process dies and no other result is reported. Fixtures
 are set up in the parent (so session fixtures stay shared); only the test function runs in the
-child. The child uses one torch thread (GNU OpenMP pools do not survive a fork), and a child that
-hangs is killed after ``MEDILORA_NATIVE_TIMEOUT`` seconds (default 900).
+child. The child uses one torch thread (a GNU OpenMP pool the parent used does not survive a fork:
+that is also why llama.cpp is built with its own thread pool, not OpenMP), and a child that hangs
+is killed after ``@pytest.mark.native(timeout=S)`` or ``MEDILORA_NATIVE_TIMEOUT`` seconds (900).
 """
 from __future__ import annotations
 
@@ -70,7 +71,8 @@ def pytest_pyfunc_call(pyfuncitem):
         os.close(r)
         _child(pyfuncitem, w)
     os.close(w)
-    timeout = float(os.environ.get("MEDILORA_NATIVE_TIMEOUT", "900"))
+    marker = pyfuncitem.get_closest_marker("native")
+    timeout = float(marker.kwargs.get("timeout") or os.environ.get("MEDILORA_NATIVE_TIMEOUT", "900"))
     deadline = time.monotonic() + timeout
     status = None
     while status is None:

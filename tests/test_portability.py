@@ -94,6 +94,7 @@ def test_installed_llama_cpp_has_no_amx_and_keeps_repacking():
     info = system_info()
     assert not built_with_amx(info), info
     assert "REPACK = 1" in info, info  # the CPU weight-repacking speed-ups stay
+    assert "OPENMP = 1" not in info, info  # ggml's own thread pool: nothing shared with torch's libgomp
 
 
 @pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler")
@@ -119,6 +120,29 @@ def test_the_build_log_shows_every_cpu_file_compiled_without_amx():
     lines = [ln for ln in log.read_text(errors="replace").splitlines() if "ggml-cpu" in ln and " -c " in ln]
     assert lines, "no ggml-cpu compile line in the build log"
     assert all("-mno-amx-int8" in ln and "-march=native" in ln for ln in lines)
+
+
+@pytest.fixture
+def torch_pool_used_in_parent():
+    """torch's OpenMP pool started with 2 threads in the pytest process, before the fork."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    torch.mm(torch.ones(512, 512), torch.ones(512, 512))
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.native(timeout=120)
+def test_llama_in_a_forked_child_after_torch_threads(torch_pool_used_in_parent, smollm2_gguf):
+    """An OpenMP llama.cpp would share torch's libgomp and hang here at its first barrier."""
+    from evals.llm import LlamaRunner
+
+    with LlamaRunner(smollm2_gguf, n_ctx=256, n_threads=2) as lr:
+        toks = lr.tokenize(lr.render("You are a doctor.", "Is aspirin an antiplatelet drug?"))
+        (lp, _), = lr.score(toks, [lr.llm.tokenize(b"yes", add_bos=False, special=False)])
+    assert -1e4 < lp < 0
 
 
 @pytest.mark.native

@@ -13,7 +13,6 @@ from tools.artifact import Stage, is_artifact, read_artifact
 from tools.io import write_jsonl
 from tools.paths import bundled_data, system_prompts_file
 
-
 # -- artifact folders the corpora code would write (made here: tests don't import corpora.*) --------
 
 def pubmedqa_rows(n: int, start: int = 0) -> list[dict]:
@@ -134,19 +133,69 @@ def test_hardware_presets_pass_axolotl_schema(tmp_path, tiny_llama, data):
     assert plan["commands"][1][1:5] == ["train", str(n2 / "axolotl.yaml"), "--launcher", "torchrun"]
 
 
-def test_zero3_with_4bit_refused(tmp_path, tiny_llama, data):
+def test_cpu_processes_and_nodes_write_launch_lines(tmp_path, tiny_llama, data):
+    """Several CPU processes: DDP over gloo through the same launchers as the GPU presets (trained for
+    real in test_train_distributed.py)."""
+    r = cli("stage", "completion", "--base-model", tiny_llama, "--corpus", data["corpus"], "--out", tmp_path / "p2",
+            "--device", "cpu", "--lora", "--procs", "2", "--json")
+    assert r.exit_code == 0, r.output
+    man = json.loads(r.output[r.output.index("{"):])
+    assert man["extra"]["world_size"] == 2 and man["extra"]["launcher"] == "accelerate"
+    launch = (tmp_path / "p2" / "launch.sh").read_text()
+    assert "--launcher accelerate -- --multi_gpu --num_processes 2 --num_machines 1" in launch
+    for line in ("export ACCELERATE_USE_CPU=true", "export MEDILORA_DEVICE=cpu", "export MEDILORA_SEED=42",
+                 "recipes/seeding", "OMP_NUM_THREADS"):
+        assert line in launch, line
+    cfg = yaml.safe_load((tmp_path / "p2" / "axolotl.yaml").read_text())
+    assert cfg["bf16"] is False and "deepspeed" not in cfg and "fsdp_version" not in cfg
+    schema_check(tmp_path / "p2" / "axolotl.yaml", 2, gpu=False)
+    r = cli("stage", "completion", "--base-model", tiny_llama, "--corpus", data["corpus"], "--out", tmp_path / "n2",
+            "--device", "cpu", "--lora", "--nodes", "2", "--procs", "2")
+    assert r.exit_code == 0, r.output
+    launch = (tmp_path / "n2" / "launch.sh").read_text()
+    assert "--launcher torchrun -- --nnodes 2 --nproc_per_node 2 --rdzv_backend c10d" in launch
+    assert "ACCELERATE_USE_CPU=true" in launch and (tmp_path / "n2" / "slurm.sbatch").is_file()
+    r = cli("train", tmp_path / "n2", "--dry-run", "--json")
+    plan = json.loads(r.output)
+    assert plan["world_size"] == 4 and plan["env"]["ACCELERATE_USE_CPU"] == "true"
+    # one process stays the plain python launcher, without the multi-process switches
+    r = cli("stage", "completion", "--base-model", tiny_llama, "--corpus", data["corpus"], "--out", tmp_path / "p1",
+            "--device", "cpu", "--lora")
+    launch = (tmp_path / "p1" / "launch.sh").read_text()
+    assert r.exit_code == 0 and "--launcher python" in launch and "ACCELERATE_USE_CPU" not in launch
+    for args, msg in ((["--device", "cpu", "--gpus", "2"], "--procs"), (["--gpus", "2", "--procs", "4"], "differs"),
+                      (["--device", "cpu", "--procs", "0"], "at least 1")):
+        r = cli("stage", "completion", "--base-model", tiny_llama, "--corpus", data["corpus"], "--out",
+                tmp_path / "bad", *args)
+        assert r.exit_code == 2 and msg in r.output, (args, r.output)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_zero3_with_quantized_base(tmp_path, tiny_llama, data):
+    """ZeRO-3 + QLoRA is written with bf16 (Axolotl 0.19 stores 4-bit weights in bf16: recipes/presets.py);
+    without bf16, or with an 8-bit base, it is refused with the reason."""
     out = tmp_path / "z3"
     r = cli("stage", "completion", "--base-model", tiny_llama, "--corpus", data["corpus"], "--out", out,
             "--gpus", "4", "--shard", "zero3")
-    assert r.exit_code == 2
-    assert "ZeRO-3 with a 4-bit base" in r.output and "zero2" in r.output and "fsdp2" in r.output
-    assert not out.exists()
-    # without quantization ZeRO-3 is fine, and its JSON is stage 3
-    r = cli("stage", "completion", "--base-model", tiny_llama, "--corpus", data["corpus"], "--out", out,
+    assert r.exit_code == 0, r.output
+    cfg = yaml.safe_load((out / "axolotl.yaml").read_text())
+    assert (cfg["adapter"], cfg["load_in_4bit"], cfg["bf16"]) == ("qlora", True, True)
+    assert json.loads((out / "deepspeed_zero3.json").read_text())["zero_optimization"]["stage"] == 3
+    assert cfg["deepspeed"] == str(out / "deepspeed_zero3.json")
+    schema_check(out / "axolotl.yaml", 4)
+    bad = tmp_path / "z3-fp16"
+    r = cli("stage", "completion", "--base-model", tiny_llama, "--corpus", data["corpus"], "--out", bad,
+            "--gpus", "4", "--shard", "zero3", "--set", "bf16=false", "--set", "fp16=true")
+    assert r.exit_code == 2 and "ZeRO-3 + QLoRA needs bf16" in r.output and "zero2" in r.output
+    r = cli("stage", "completion", "--base-model", tiny_llama, "--corpus", data["corpus"], "--out", bad,
+            "--gpus", "4", "--shard", "zero3", "--lora", "--set", "load_in_8bit=true", "--set", "adapter=lora")
+    assert r.exit_code == 2 and "ZeRO-3 with an 8-bit base" in r.output
+    assert not bad.exists()
+    # without quantization ZeRO-3 keeps bf16 "auto"
+    r = cli("stage", "completion", "--base-model", tiny_llama, "--corpus", data["corpus"], "--out", tmp_path / "z3l",
             "--gpus", "4", "--shard", "zero3", "--lora")
     assert r.exit_code == 0, r.output
-    assert json.loads((out / "deepspeed_zero3.json").read_text())["zero_optimization"]["stage"] == 3
-    schema_check(out / "axolotl.yaml", 4)
+    assert yaml.safe_load((tmp_path / "z3l" / "axolotl.yaml").read_text())["bf16"] == "auto"
 
 
 def test_axolotl_refusal_is_exit_2_with_its_message(tmp_path, tiny_llama, data):

@@ -9,8 +9,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from test_recipes import make_corpus, make_dataset
+
 from tools.artifact import is_artifact, read_artifact
 
 pytestmark = pytest.mark.slow
@@ -133,4 +133,5 @@ def test_failed_run_exits_1_and_leaves_no_manifest(tmp_path, tiny_llama, tools_c
     msg = [ln for ln in r.stderr.splitlines() if ln.startswith("failed:")]
     assert msg and "axolotl preprocess failed" in msg[0] and str(s / "train.log") in msg[0]
     assert not is_artifact(s / "output") and not list(s.glob(".output.partial-*"))
+    assert not (s / "checkpoints").exists()  # nothing was checkpointed: nothing kept to resume from
     assert "Traceback" in (s / "train.log").read_text()

@@ -11,7 +11,8 @@ artifact (``push --dry-run``).
 A step is *done* when its output folder has a manifest and the step's command and the digests of
 the steps it reads are what they were when it ran; done steps are skipped without starting a
 process. A step killed or failed half-way left no manifest (the artifact contract), so the next
-`tools run` re-runs exactly that step and what follows.
+`tools run` re-runs exactly that step and what follows; a `train` step re-run that way resumes
+from its last whole checkpoint (kept in ``STAGE/checkpoints``), not from step 0.
 """
 from __future__ import annotations
 
@@ -153,6 +154,17 @@ def step_status(plan: Plan, state: dict, name: str) -> str:
     return "done"
 
 
+def resume_note(argv: list[str]) -> str:
+    """A `train STAGE` step whose last run was killed or failed kept its checkpoints in
+    ``STAGE/checkpoints`` (recipes/train.py): re-running it resumes from the last whole one, not
+    from step 0. Say so (the newest checkpoint with a trainer state; `tools train` checks it)."""
+    if len(argv) < 2 or argv[0] != "train" or "--restart" in argv:
+        return ""
+    steps = [int(p.parent.name.rsplit("-", 1)[-1]) for p in (Path(argv[1]) / "checkpoints").glob(
+        "checkpoint-*/trainer_state.json") if p.parent.name.rsplit("-", 1)[-1].isdigit()]
+    return f" (resumes from its checkpoint at step {max(steps)})" if steps else ""
+
+
 def _file_stats(out: Path) -> dict:
     """Size and mtime of the plain-file inputs recorded in a step's manifest."""
     stats = {}
@@ -222,7 +234,9 @@ def run_pipeline(pipeline: str, run_dir: str, *, until: str | None = None, start
     if dry_run:
         for i, n in enumerate(names):
             mark = "" if first <= i <= last else "  (not selected)"
-            echo(f"[{step_status(plan, state, n)}] {n}: tools {shlex.join(plan.argv[n])}{mark}")
+            st = step_status(plan, state, n)
+            note = resume_note(plan.argv[n]) if st != "done" else ""
+            echo(f"[{st}] {n}: tools {shlex.join(plan.argv[n])}{note}{mark}")
         return state
     rd.mkdir(parents=True, exist_ok=True)
     state["pipeline"] = str(Path(pipeline).resolve())
@@ -236,7 +250,7 @@ def run_pipeline(pipeline: str, run_dir: str, *, until: str | None = None, start
         if st == "done":
             echo(f"[done] {n} (skipped: same command and inputs)", err=True)
             continue
-        echo(f"[run ] {n}: tools {shlex.join(plan.argv[n])}", err=True)
+        echo(f"[run ] {n}: tools {shlex.join(plan.argv[n])}{resume_note(plan.argv[n])}", err=True)
         t0 = time.time()
         r = subprocess.run(_tools_argv() + plan.argv[n], env=env)
         secs = time.time() - t0
@@ -322,7 +336,9 @@ def status_cmd(run_dir, pipeline):
         t.add_column(c)
     for n in plan.names():
         rec = state["steps"].get(n, {})
-        t.add_row(n, step_status(plan, state, n), str(rec.get("seconds", "")), _figures(plan.outs[n]))
+        st = step_status(plan, state, n)
+        t.add_row(n, st + (resume_note(plan.argv[n]) if st != "done" else ""), str(rec.get("seconds", "")),
+                  _figures(plan.outs[n]))
     out.print(t)
 
 
