@@ -193,14 +193,31 @@ def last_checkpoint(work: Path, world_size: int = 1, drop_broken: bool = True) -
     so neither the trainer's rotation nor a later run can mistake them for the newest)."""
     found = sorted(((_step_of(p), p) for p in work.glob("checkpoint-*") if p.is_dir() and _step_of(p) is not None),
                    reverse=True)
+    whole = []
     for step, p in found:
         why = checkpoint_problem(p, world_size)
         if why is None:
-            return step, p
+            whole.append((step, p))
+            if not _finished(p):
+                break
+            continue
         log(f"skipping {p.name}: cut off mid-write ({why})")
         if drop_broken:
             shutil.rmtree(p, ignore_errors=True)
-    return None
+    # The final checkpoint of a max_steps run is not resumed from when an earlier one exists: the HF
+    # Trainer resumed at global_step == max_steps takes one more (lr 0) step and logs it, so the log
+    # history would differ from the uninterrupted run. Redoing the last step from the one before is exact.
+    return whole[-1] if whole else None
+
+
+def _finished(ckpt: Path) -> bool:
+    """True for the checkpoint a max_steps run writes at its very last step."""
+    try:
+        state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    max_steps = state.get("max_steps") or 0
+    return bool(max_steps) and int(state.get("global_step") or 0) >= int(max_steps)
 
 
 def _prepare_checkpoints(stage_dir: Path, art: Artifact, preset: P.Preset, restart: bool) -> Path:

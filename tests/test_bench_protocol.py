@@ -134,7 +134,9 @@ def _scratch_lines(out: Path) -> int:
 
 
 def _run_until(args, out: Path, lines: int, sig) -> subprocess.CompletedProcess:
-    p = subprocess.Popen(_tools() + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a shell running us in the background hands SIGINT down ignored; Ctrl-C must reach the bench
+    p = subprocess.Popen(_tools() + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     t = time.monotonic()
     while _scratch_lines(out) < lines and p.poll() is None and time.monotonic() - t < 300:
         time.sleep(0.01)
