@@ -53,13 +53,13 @@ def dev_corpus(out: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from evals.llm import physical_cores
     from release.compare import compare_quant
     from release.convert import convert_hf_to_gguf
     from release.ggufinfo import read_gguf, resolve_ftype
     from release.imatrix import imatrix_stage
     from release.quantize import _quantize_call, describe_mix, quantize_stage
     from tools.hfmodels import gguf_to_hf
+    from tools.llm import physical_cores
     from tools.paths import embedded_gguf
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -33,7 +33,7 @@ Few-shot (``--shots K``): K dev examples (never test items; seeded, fixed for th
 by label for yes/no/maybe) as prior ChatML turns; they are part of the cached prompt prefix. An item
 whose prompt would not fit n_ctx drops shots, never its question. ``--cot`` asks for reasoning and
 a final "Answer: X" line (the only form that counts); ``--samples N`` draws N answers from one
-prompt evaluation (evals.llm.LlamaRunner.generate_samples) and takes the majority.
+prompt evaluation (tools.llm.LlamaRunner.generate_samples) and takes the majority.
 
 Resume: every finished item is appended (and flushed) to ``.OUT.items-<fingerprint>.jsonl`` beside
 OUT; the same run started again continues after the last finished item and writes the same files
@@ -223,10 +223,10 @@ def run_bench(task: str, *, model: str | os.PathLike | None = None, data: str | 
               lora: str | os.PathLike | None = None) -> Artifact:
     import json
 
+    from tools.llm import SAMPLING_DEFAULTS, LlamaRunner, check_gguf, item_seed
     from tools.paths import embedded_gguf
 
     from .items import load_items
-    from .llm import SAMPLING_DEFAULTS, LlamaRunner, check_gguf, item_seed
     from .stats import bootstrap_macro_f1, wilson
 
     if mode not in ("generate", "loglik"):

@@ -161,9 +161,9 @@ def _included(files) -> list[str]:
 
 
 def _plot(table: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from tools.plotting import pyplot, save_png
+
+    plt = pyplot()
 
     metrics = [("accuracy", "accuracy"), ("valid_rate", "valid (lenient)"), ("valid_strict", "valid (strict)")]
     fig, ax = plt.subplots(figsize=(7, 3.8), dpi=100)
@@ -182,5 +182,4 @@ def _plot(table: list[dict], path: Path, title: str) -> None:
     ax.set_title(title, fontsize=10)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, format="png", metadata={"Software": None})
-    plt.close(fig)
+    save_png(fig, path)

@@ -1,33 +1,18 @@
 """Markdown reports and PNG plots rendered from the results JSON (never the other way round).
 
-Plots are written with matplotlib's Agg backend and no timestamp metadata, so the same results
-give byte-identical files.
+Plots go through tools.plotting (Agg backend, no timestamp metadata), so the same results give
+byte-identical files.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 from tools.io import atomic_write
-
-PNG_META = {"Software": None}
-
-
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    plt.rcParams["svg.hashsalt"] = "medilora"
-    return plt
-
-
-def _save(fig, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100, metadata=PNG_META)
-    tmp.replace(path)
+from tools.plotting import pyplot, save_png
 
 
 def plot_confusion(conf: dict, path: Path, title: str) -> None:
-    plt = _plt()
+    plt = pyplot()
     labels, cols, mat = conf["labels"], conf["columns"], conf["matrix"]
     fig, ax = plt.subplots(figsize=(1.2 * len(cols) + 2, 1.0 * len(labels) + 1.6))
     ax.imshow(mat, cmap="Blues")
@@ -41,24 +26,22 @@ def plot_confusion(conf: dict, path: Path, title: str) -> None:
             ax.text(j, i, str(v), ha="center", va="center", color="white" if hi and v > hi / 2 else "black")
     ax.set_title(title)
     fig.tight_layout()
-    _save(fig, path)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def plot_hist(values: list[float], path: Path, title: str, xlabel: str) -> None:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.hist(values, bins=min(30, max(5, len(set(values)))), color="#4477aa")
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("items")
     fig.tight_layout()
-    _save(fig, path)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def plot_bars(names: list[str], values: list[float], path: Path, title: str, ref: float | None = None) -> None:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 0.35 * len(names) + 1.5))
     ax.barh(range(len(names)), values, color="#4477aa")
     ax.set_yticks(range(len(names)), names)
@@ -72,8 +55,7 @@ def plot_bars(names: list[str], values: list[float], path: Path, title: str, ref
     ax.set_title(title)
     ax.set_xlabel("accuracy")
     fig.tight_layout()
-    _save(fig, path)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def _pct(x) -> str:

@@ -264,9 +264,9 @@ def score_pairs(pairs: list[dict], *, bertscore_model: str | None = None, semsco
 
 
 def _plot(items: list[dict], metrics: dict, out_png: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from tools.plotting import pyplot, save_png
+
+    plt = pyplot()
 
     names = [m for m in METRICS if m in metrics] or ["(none)"]
     fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.2), squeeze=False)
@@ -283,8 +283,7 @@ def _plot(items: list[dict], metrics: dict, out_png: Path) -> None:
         ax.set_xlabel("score")
         ax.set_ylabel("items")
     fig.tight_layout()
-    fig.savefig(out_png, format="png", metadata={"Software": None})
-    plt.close(fig)
+    save_png(fig, out_png)
 
 
 def _report(res: dict, source: str) -> str:

@@ -181,9 +181,9 @@ def grid_combos(grid: dict[str, list]) -> list[dict]:
 
 def plot_sweep(rows: list[dict], out_png: str | Path, x: str = "learning_rate", series: str = "micro_batch_size",
                metric: str = "loss") -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from tools.plotting import pyplot, save_png
+
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     groups: dict[Any, list] = {}
@@ -200,5 +200,4 @@ def plot_sweep(rows: list[dict], out_png: str | Path, x: str = "learning_rate", 
     if groups:
         ax.legend()
     fig.tight_layout()
-    fig.savefig(out_png, format="png", metadata={"Software": None})
-    plt.close(fig)
+    save_png(fig, out_png)

@@ -130,9 +130,9 @@ def compare_quant(ref: str | os.PathLike, quant: str | os.PathLike, text_file: s
 
 
 def _plot(kl, results: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from tools.plotting import pyplot, save_png
+
+    plt = pyplot()
     import numpy as np
 
     fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
@@ -147,8 +147,7 @@ def _plot(kl, results: dict, path: Path) -> None:
                  f"{results['ref']['perplexity']:.2f} -> {results['quant']['perplexity']:.2f}", fontsize=10)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, metadata={"Software": None})
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def heldout_text(n_items: int = 6) -> str:

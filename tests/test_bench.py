@@ -104,7 +104,7 @@ def test_scorer_matches_a_plain_full_evaluation(smollm2_gguf):
     evaluation with logits for every token (logits_all)."""
     import llama_cpp
 
-    from evals.llm import LlamaRunner, log_softmax
+    from tools.llm import LlamaRunner, log_softmax
     system = "You are a careful doctor."
     users = ["Is aspirin an antiplatelet drug? Answer yes or no.", "Does insulin raise blood glucose?"]
     conts_text = ["yes", "no", "(B) It depends on the dose"]
@@ -216,7 +216,7 @@ def test_rag_context_goes_into_the_prompt(tmp_path, smollm2_gguf):
                     plots=False)
     row = json.loads((art.path / "items.jsonl").read_text().splitlines()[0])
     from evals.items import load_items, system_prompt, user_message
-    from evals.llm import LlamaRunner
+    from tools.llm import LlamaRunner
     item = load_items("pubmedqa", limit=1)[0][0]
     with LlamaRunner(smollm2_gguf, n_ctx=2048, n_threads=1) as lr:
         plain_prompt = lr.render(system_prompt("pubmedqa"), user_message("pubmedqa", item))

@@ -93,7 +93,7 @@ def test_shots_drop_to_fit_n_ctx_and_come_from_dev(tools_cli, tmp_path):
 @pytest.mark.native
 def test_samples_reuse_the_prompt(smollm2_gguf, tmp_path):
     from evals.bench import majority, run_bench
-    from evals.llm import LlamaRunner
+    from tools.llm import LlamaRunner
 
     with LlamaRunner(smollm2_gguf, n_ctx=512, n_threads=1) as lr:
         system = "You are a careful doctor."

@@ -27,9 +27,9 @@ def llama_cpp_rendering(template: str, messages: list[dict]) -> str:
 
 def test_ollama_modelfile_renders_like_llama_cpp(tools_cli, smollm2_gguf, tmp_path):
     from corpora.sft import system_prompt
-    from evals.llm import SAMPLING_DEFAULTS
     from release.export import parse_modelfile, render_go
     from release.ggufinfo import read_gguf
+    from tools.llm import SAMPLING_DEFAULTS
 
     out = tmp_path / "ollama"
     tools_cli("export", "ollama", smollm2_gguf, "--out", out, check=True)

@@ -47,8 +47,8 @@ def test_gguf_backend_scores_like_the_bench_scorer(tools_cli, tmp_path, smollm2_
     assert (out / "subjects.png").is_file() and "| anatomy | 4 |" in (out / "report.md").read_text()
 
     # recompute anatomy's 4 answers with the scorer directly, on lm-eval's prompt
-    from evals.llm import LlamaRunner
     from evals.lm_eval_tasks.utils import load_mmlu
+    from tools.llm import LlamaRunner
     docs = load_mmlu("anatomy")["test"]
     head = "The following are multiple choice questions (with answers) about anatomy.\n\n"
     right = 0

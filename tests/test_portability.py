@@ -137,7 +137,7 @@ def torch_pool_used_in_parent():
 @pytest.mark.native(timeout=120)
 def test_llama_in_a_forked_child_after_torch_threads(torch_pool_used_in_parent, smollm2_gguf):
     """An OpenMP llama.cpp would share torch's libgomp and hang here at its first barrier."""
-    from evals.llm import LlamaRunner
+    from tools.llm import LlamaRunner
 
     with LlamaRunner(smollm2_gguf, n_ctx=256, n_threads=2) as lr:
         toks = lr.tokenize(lr.render("You are a doctor.", "Is aspirin an antiplatelet drug?"))
@@ -149,7 +149,7 @@ def test_llama_in_a_forked_child_after_torch_threads(torch_pool_used_in_parent, 
 def test_guarded_load_scores_like_the_plain_load(smollm2_gguf, monkeypatch):
     """The guard's path (no extra buffer types) loads and scores the same as the default path."""
     import tools.llamacpp as lc
-    from evals.llm import LlamaRunner
+    from tools.llm import LlamaRunner
 
     def scores(guard: bool):
         monkeypatch.setattr(lc, "amx_guard_needed", lambda info, flags, env=None: guard)

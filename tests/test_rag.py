@@ -229,8 +229,8 @@ def test_query_success_path_through_the_cli(index_dir, tools_cli):
 def test_bench_rag_puts_the_retrieved_text_in_the_prompt(index_dir, tmp_path, monkeypatch):
     """bench --rag: the user message of every item holds the text of the chunks recorded for it."""
     from evals.bench import run_bench
-    from evals.llm import LlamaRunner
     from tools.io import read_jsonl, write_jsonl
+    from tools.llm import LlamaRunner
 
     data = tmp_path / "items.jsonl"
     write_jsonl(data, [{"id": "q1", "question": "Are thiazide diuretics a first-line treatment for stage 1 "
