@@ -124,7 +124,7 @@ def register(cli):
     group("analyze").add_command(errors_cmd)
     cli.add_command(memory_cmd)
     cli.add_command(plot_cmd)
-    from evals.compare import report_cmd
+    from evals.paired import report_cmd
     cli.add_command(report_cmd)
     from evals.sweep_cli import sweep_cmd
     cli.add_command(sweep_cmd)

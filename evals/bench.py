@@ -429,7 +429,7 @@ def run_bench(task: str, *, model: str | os.PathLike | None = None, data: str | 
                 "min_shots_used": min((r.get("shots", shots) for r in rows), default=shots)}
         write_json(st.path("results.json"), results)
         write_jsonl(st.path("items.jsonl"), rows)
-        from .report import render_bench_report
+        from .render import render_bench_report
         render_bench_report(results, rows, st.path("report.md").parent, plots=plots)
         st.lineage.licenses.add("MIT")
         st.lineage.sources.add(f"{task} ({data_path.name})")

@@ -223,7 +223,7 @@ def run_mmlu(model: str | os.PathLike | None = None, *, shots: int = 0, subjects
                    "data": {"sha256": sha256_bytes("".join(f"{p.name}:{sha256_file(p)}" for p in csvs))},
                    "lm_eval_version": lm_eval.__version__ if hasattr(lm_eval, "__version__") else _lm_eval_version()}
         write_json(st.path("results.json"), results)
-        from .report import render_mmlu_report
+        from .render import render_mmlu_report
         render_mmlu_report(results, st.path("report.md").parent, plots=plots)
         st.lineage.licenses.add("MIT")
         st.lineage.sources.add("MMLU (medical subjects)")

@@ -31,7 +31,7 @@ from tools.artifact import Artifact, Stage, is_artifact, read_artifact
 from tools.errors import UserError
 from tools.progress import log
 
-from . import presets as P
+from . import hardware as P
 from . import recipe as R
 
 STAGE_NAMES = {"completion": "stage.completion", "sft": "stage.sft"}

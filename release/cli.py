@@ -268,8 +268,8 @@ def compare_quant_cmd(ref, quant, text_file, out, ctx, max_tokens, threads, n_gp
     \b
     tools compare-quant --ref runs/gguf-f16 --quant runs/gguf-q3kl --text notes.txt --out runs/qgap
     """
-    from release.compare import compare_quant
     from release.ggufinfo import find_gguf
+    from release.quantgap import compare_quant
 
     art = compare_quant(find_gguf(ref), find_gguf(quant), text_file, out, ctx=ctx, max_tokens=max_tokens,
                         threads=threads, n_gpu_layers=n_gpu_layers, force=force)

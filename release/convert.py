@@ -193,7 +193,7 @@ def fidelity_check(model_dir: str | os.PathLike, gguf: str | os.PathLike, *, max
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .compare import _load, _window_logprobs, heldout_text
+    from .quantgap import _load, _window_logprobs, heldout_text
 
     given = text is not None
     text = text if given else heldout_text(2)[: 12 * max_tokens]

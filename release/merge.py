@@ -173,7 +173,7 @@ def merge_stage_dir(stage_dir: str | os.PathLike, out: str | os.PathLike, *, for
     with Stage("merge", out, params, inputs=[output, cfg_file], force=force, log=log) as st:
         if st.skipped:
             return st.result
-        from recipes.profiles import AXOLOTL_ENV
+        from recipes.axolotl_cpu import AXOLOTL_ENV
 
         env = dict(os.environ)
         env.update(AXOLOTL_ENV)

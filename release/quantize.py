@@ -311,8 +311,8 @@ def quantize_set(src: str | os.PathLike, qtypes: list[str], out: str | os.PathLi
     the source once per type (``llama_model_quantize`` takes a path)."""
     from tools.io import write_json
 
-    from .compare import compare_quant, heldout_text, read_text
     from .imatrix import resolve_imatrix
+    from .quantgap import compare_quant, heldout_text, read_text
 
     names = []
     for q in qtypes:

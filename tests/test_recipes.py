@@ -172,7 +172,7 @@ def test_cpu_processes_and_nodes_write_launch_lines(tmp_path, tiny_llama, data):
 
 
 def test_zero3_with_quantized_base(tmp_path, tiny_llama, data):
-    """ZeRO-3 + QLoRA is written with bf16 (Axolotl 0.19 stores 4-bit weights in bf16: recipes/presets.py);
+    """ZeRO-3 + QLoRA is written with bf16 (Axolotl 0.19 stores 4-bit weights in bf16: recipes/hardware.py);
     without bf16, or with an 8-bit base, it is refused with the reason."""
     out = tmp_path / "z3"
     r = cli("stage", "completion", "--base-model", tiny_llama, "--corpus", data["corpus"], "--out", out,
@@ -215,7 +215,7 @@ def test_axolotl_refusal_is_exit_2_with_its_message(tmp_path, tiny_llama, data):
 
 
 def test_overrides_cpu_profile_and_determinism(tmp_path, tiny_llama, data):
-    from recipes.profiles import CPU_KEYS
+    from recipes.axolotl_cpu import CPU_KEYS
     from recipes.stage import write_stage
 
     kw = dict(base_model=str(tiny_llama), data=[str(data["dataset"])], device="cpu", mode="lora",

@@ -222,7 +222,7 @@ def test_merge_keeps_bf16_base_dtype(tiny_llama, tmp_path):
 def test_axolotl_merge_of_a_stage_folder_matches_peft(tiny_llama, tmp_path, tools_cli):
     import yaml
 
-    from recipes.profiles import CPU_KEYS
+    from recipes.axolotl_cpu import CPU_KEYS
     from release.merge import merge_peft
     from tools.artifact import Stage
 

@@ -5,7 +5,7 @@ One place decides how a stage runs on a machine:
 ==========================  ================================================================
 preset                      what it writes
 ==========================  ================================================================
-``--device cpu``            CPU keys (``recipes.profiles.CPU_KEYS``), one process
+``--device cpu``            CPU keys (``recipes.axolotl_cpu.CPU_KEYS``), one process
                             (``axolotl train --launcher python``: no second interpreter)
 ``--device cpu --procs N``  plain DDP over gloo: ``accelerate launch --multi_gpu
                             --num_processes N`` with ``ACCELERATE_USE_CPU=true`` and the
@@ -73,7 +73,7 @@ from pathlib import Path
 
 from tools.errors import UserError
 
-from .profiles import AXOLOTL_ENV, device_keys
+from .axolotl_cpu import AXOLOTL_ENV, device_keys
 
 SHARDS = ("none", "zero1", "zero2", "zero3", "fsdp2")
 DEEPSPEED_DIR = Path(__file__).resolve().parent / "deepspeed"
