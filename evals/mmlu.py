@@ -235,3 +235,9 @@ def run_mmlu(model: str | os.PathLike | None = None, *, shots: int = 0, subjects
 def _lm_eval_version() -> str:
     from importlib.metadata import version
     return version("lm_eval")
+
+
+def summary_lines(res: dict) -> list[str]:
+    """Accuracy per subject, then the macro average."""
+    lines = [f"{s:24s} {v['n']:5d}  {100 * v['accuracy']:5.1f}%" for s, v in res["subjects"].items()]
+    return lines + [f"{'average (macro)':24s} {res['n']:5d}  {100 * res['accuracy_macro']:5.1f}%"]

@@ -4,9 +4,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import click
-
+from tools.artifact import Artifact
 from tools.errors import UserError
+
+DEFAULT_TITLE = "MediLoRA: base vs fine-tuned under the MediLoRA protocol"
 
 
 def _load(d: str) -> tuple[dict, list[dict], dict]:
@@ -69,24 +70,11 @@ def paired(a: tuple, b: tuple, seed: int = 0) -> dict:
                                              f"(95 % interval {f1['ci95'][0]:+.4f} to {f1['ci95'][1]:+.4f}, {f1_word})."}
 
 
-@click.command("report")
-@click.argument("bench_dirs", nargs=-1, required=True, type=click.Path())
-@click.option("--label", "labels", multiple=True, help="Column label per run (default: folder names).")
-@click.option("--title", default="MediLoRA: base vs fine-tuned under the MediLoRA protocol", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the paired bootstrap.")
-@click.option("--out", type=click.Path(), required=True, help="Report artifact folder (report.md + compare.png).")
-@click.option("--include", "includes", multiple=True, type=click.Path(exists=True, dir_okay=False),
-              help="A file to append as a section (Markdown as is, others as a code block), e.g. a quant table.")
-@click.option("--force", is_flag=True)
-def report_cmd(bench_dirs, labels, title, seed, out, force, includes=()):
-    """Put bench runs side by side on the same items: accuracy, valid-response rate, macro-F1, each
-    with its 95 % interval; every run after the first is tested against the first on the shared items
-    (exact McNemar on accuracy, paired bootstrap on macro-F1) and the report says whether it beats it.
-
-    \b
-    Example:
-      tools report runs/demo/bench_base runs/demo/bench_tuned --label base --label tuned --out runs/demo/report
-    """
+def run_report(bench_dirs, out, *, labels=(), title: str = DEFAULT_TITLE, seed: int = 0, includes=(),
+               force: bool = False) -> Artifact:
+    """`tools report`: put bench runs side by side on the same items: accuracy, valid-response rate,
+    macro-F1, each with its 95 % interval; every run after the first is tested against the first on the
+    shared items (exact McNemar on accuracy, paired bootstrap on macro-F1). Artifact ``report.compare``."""
     from tools.artifact import Stage
     from tools.io import write_json
 
@@ -144,7 +132,7 @@ def report_cmd(bench_dirs, labels, title, seed, out, force, includes=()):
             st.extra["runs"] = {r["run"]: {"accuracy": r["accuracy"], "valid_rate": r["valid_rate"],
                                            "s_per_item": r["s_per_item"]} for r in table}
             st.extra["majority_rate"] = gold.count(maj) / len(gold)
-    click.echo(Path(out, "report.md").read_text())
+    return st.result
 
 
 def _included(files) -> list[str]:

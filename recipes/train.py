@@ -563,3 +563,12 @@ def _main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(_main(sys.argv[1:]))
+
+
+def dry_run_lines(plan: dict) -> list[str]:
+    """`tools train --dry-run`: the header and each command, with the environment it runs in."""
+    import shlex
+
+    env = " ".join(f"{k}={shlex.quote(v)}" for k, v in plan.get("env", {}).items())
+    return [f"# {plan.get('stage')} {plan.get('stage_dir')} -> {plan.get('output')} (log {plan.get('log')})"] + [
+        f"PATH={shlex.quote(plan['path_prepend'])}:$PATH {env} {shlex.join(cmd)}" for cmd in plan["commands"]]

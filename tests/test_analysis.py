@@ -54,7 +54,7 @@ def test_error_classes_and_histogram(tmp_path, tools_cli):
     bench = _bench_artifact(tmp_path, rows)
     p = tools_cli("analyze", "errors", bench, "--json", "--out", tmp_path / "err")
     assert p.returncode == 0, p.stderr
-    res = json.loads(p.stdout)
+    res = json.loads(p.stdout)["results"]
     assert res["counts"] == {"correct": 1, "underspecified": 1, "incorrect": 2}
     full = json.loads((tmp_path / "err" / "errors.json").read_text())
     assert sorted(full["incorrect_lengths"]) == [1, 8]

@@ -139,7 +139,7 @@ def test_bench_pubmedqa_generate_artifact_and_determinism(tools_cli, tmp_path):
     out = tmp_path / "pq"
     p = tools_cli("bench", "pubmedqa", "--limit", "2", "--threads", "1", "--seed", "7", "--out", out, "--json")
     assert p.returncode == 0, p.stderr
-    res = json.loads(p.stdout)
+    res = json.loads(p.stdout)["results"]
     for f in FILES + ("lengths.png", "manifest.json"):
         assert (out / f).is_file(), f
     assert res["task"] == "pubmedqa" and res["n"] == 2 and res["mode"] == "generate"
@@ -171,7 +171,7 @@ def test_bench_medqa_loglik(tools_cli, tmp_path):
     out = tmp_path / "mq"
     p = tools_cli("bench", "medqa", "--mode", "loglik", "--limit", "2", "--threads", "1", "--out", out, "--json")
     assert p.returncode == 0, p.stderr
-    res = json.loads(p.stdout)
+    res = json.loads(p.stdout)["results"]
     assert res["task"] == "medqa" and res["n"] == 2 and res["valid_rate"] == 1.0
     rows = [json.loads(x) for x in (out / "items.jsonl").read_text().splitlines()]
     for r in rows:

@@ -74,7 +74,7 @@ def test_bench_mcq_loglik_with_map(tools_cli, tmp_path):
     p = tools_cli("bench", "mcq", "--data", f, "--map", "id=n", "--map", "question=q", "--map", "options=choices",
                   "--map", "answer=key", "--mode", "loglik", "--threads", "1", "--out", out, "--json")
     assert p.returncode == 0, p.stderr
-    res = json.loads(p.stdout)
+    res = json.loads(p.stdout)["results"]
     assert res["task"] == "mcq" and res["flavor"] == "medqa" and res["n"] == 2
     assert res["map"]["options"] == ["choices"] and res["confusion"]["labels"] == ["A", "B", "C"]
     assert len(res["accuracy_ci95"]) == 2 and res["accuracy_ci95"][0] <= res["accuracy"] <= res["accuracy_ci95"][1]

@@ -72,7 +72,7 @@ def test_shots_drop_to_fit_n_ctx_and_come_from_dev(tools_cli, tmp_path):
     p = tools_cli("bench", "pubmedqa", "--mode", "loglik", "--limit", "1", "--shots", "3", "--n-ctx", "768",
                   "--threads", "1", "--out", out, "--json")
     assert p.returncode == 0, p.stderr
-    res = json.loads(p.stdout)
+    res = json.loads(p.stdout)["results"]
     rows = [json.loads(x) for x in (out / "items.jsonl").read_text().splitlines()]
     assert res["shots"]["k"] == 3 and len(res["shots"]["ids"]) == 3 and res["shots"]["stratified"]
     from tools.paths import bundled_data

@@ -90,7 +90,7 @@ def test_guidelines_filter_by_source_and_record_licenses(tmp_path, tools_cli):
     lic = art.lineage.licenses
     assert any("CDC" in x for x in lic) and any("WHO" in x for x in lic) and not any("WikiDoc" in x for x in lic)
     assert any("Common Crawl" in x for x in lic)
-    assert res["extra"]["per_source"] == {"cdc": 1, "who": 1}
+    assert res["manifest"]["extra"]["per_source"] == {"cdc": 1, "who": 1}
     assert art.manifest["extra"]["stats"]["dropped_source"] == 1 and art.manifest["extra"]["stats"]["dropped_short"] == 1
     # a missing field names file, line and field
     bad = tmp_path / "bad.jsonl"

@@ -55,7 +55,7 @@ def test_ollama_modelfile_renders_like_llama_cpp(tools_cli, smollm2_gguf, tmp_pa
 
     # --system replaces the MediLoRA prompt; an artifact folder is accepted where a file is asked
     p = tools_cli("export", "ollama", out, "--out", tmp_path / "o2", "--system", "Be terse.", "--json", check=True)
-    assert json.loads(p.stdout)["stop"] == ["<|im_end|>", "<|im_start|>"]
+    assert json.loads(p.stdout)["manifest"]["extra"]["stop"] == ["<|im_end|>", "<|im_start|>"]
     assert parse_modelfile((tmp_path / "o2" / "Modelfile").read_text())["SYSTEM"] == "Be terse."
 
 

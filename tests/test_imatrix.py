@@ -126,7 +126,7 @@ def test_imatrix_cli_iq3_xxs_lineage_and_push(tools_cli, smollm2_gguf, tmp_path)
     imx = tmp_path / "imx"
     p = tools_cli("imatrix", smollm2_gguf, "--corpus", corpus, "--chunks", "2", "--ctx", "64", "--threads", "1",
                   "--out", imx, "--json", check=True)
-    res = json.loads(p.stdout)
+    res = json.loads(p.stdout)["manifest"]["extra"]
     assert res["entries"] == 30 * 7 and res["tokens"] == 128
     _, tensors = read_imatrix_gguf(imx / "imatrix.gguf")
     weights = [t["name"] for t in read_gguf(smollm2_gguf)["tensors"]
@@ -144,7 +144,7 @@ def test_imatrix_cli_iq3_xxs_lineage_and_push(tools_cli, smollm2_gguf, tmp_path)
     q = tmp_path / "iq3"
     p = tools_cli("quantize", smollm2_gguf, "--q", "IQ3_XXS", "--allow-requantize", "--imatrix", imx / "imatrix.gguf",
                   "--threads", "1", "--out", q, "--json", check=True)
-    e = json.loads(p.stdout)
+    e = json.loads(p.stdout)["manifest"]["extra"]
     assert e["imatrix"] is True and e["file_type"] == "IQ3_XXS"
     assert e["tensor_types"]["IQ3_XXS"]["tensors"] == 30  # ffn_down: the rows that are multiples of 256
     man = json.loads((q / "manifest.json").read_text())

@@ -105,7 +105,7 @@ def test_mimic_iv_cli_and_version_flag(tmp_path, tools_cli):
     p = tools_cli("build-corpus", "mimic", "--csv", src, "--out", tmp_path / "out", "--json", "--workers", "2")
     assert p.returncode == 0, p.stderr
     res = json.loads(p.stdout)
-    assert res["extra"]["version"] == "iv" and res["extra"]["stats"]["kept"] == 3
+    assert res["manifest"]["extra"]["version"] == "iv" and res["manifest"]["extra"]["stats"]["kept"] == 3
     # told it is MIMIC-III, the file is refused on its columns
     p = tools_cli("build-corpus", "mimic", "--csv", src, "--version", "iii", "--out", tmp_path / "o3")
     err = one_error_line(p, f"error: {src}:1 [ROW_ID]: missing column 'ROW_ID'")
@@ -705,6 +705,6 @@ def test_convert_and_inspect_offline(tiny_llama, tmp_path, tools_cli):
     assert len(ggufs) == 1 and ggufs[0].read_bytes()[:4] == b"GGUF"
     p = tools_cli("inspect", ggufs[0], "--json", env=env)
     assert p.returncode == 0, p.stderr[-3000:]
-    info = json.loads(p.stdout)
+    info = json.loads(p.stdout)["results"]
     assert info["architecture"] == "llama"
     assert not any(cache.rglob("*")), "nothing downloaded or cached at run time"

@@ -39,7 +39,7 @@ def test_gguf_backend_scores_like_the_bench_scorer(tools_cli, tmp_path, smollm2_
     p = tools_cli("eval", "mmlu-medical", "--subjects", "anatomy,virology", "--limit", "4", "--threads", "1",
                   "--out", out, "--json")
     assert p.returncode == 0, p.stderr
-    res = json.loads(p.stdout)
+    res = json.loads(p.stdout)["results"]
     assert res["task"] == "mmlu-medical" and res["n"] == 8 and res["shots"] == 0
     assert set(res["subjects"]) == {"anatomy", "virology"} and all(v["n"] == 4 for v in res["subjects"].values())
     acc = {s: v["accuracy"] for s, v in res["subjects"].items()}

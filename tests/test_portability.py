@@ -187,4 +187,4 @@ def test_gguf_verbs_take_n_gpu_layers(verb):
 def test_bench_records_gpu_layers(tmp_path, tools_cli):
     p = tools_cli("bench", "pubmedqa", "--limit", "2", "--mode", "loglik", "--out", tmp_path / "b", "--json",
                   check=True)
-    assert json.loads(p.stdout)["n_gpu_layers"] == 0  # no GPU backend in this build
+    assert json.loads(p.stdout)["results"]["n_gpu_layers"] == 0  # no GPU backend in this build

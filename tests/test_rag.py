@@ -49,7 +49,7 @@ def index_dir(tmp_path_factory, ):
     out = base / "index"
     p = run_tools("rag", "index", "--corpus", corpus, "--chunk-tokens", "24", "--overlap", "6", "--out", out, "--json",
                   check=True, timeout=600)
-    summary = json.loads(p.stdout)
+    summary = json.loads(p.stdout)["manifest"]["extra"]
     assert summary["n_docs"] == 4, "the blank document is not indexed"
     return out
 
@@ -219,7 +219,7 @@ def test_query_with_another_embedder_is_refused(index_dir, tmp_path, tools_cli):
 def test_query_success_path_through_the_cli(index_dir, tools_cli):
     p = tools_cli("rag", "query", index_dir, "What is the first-line drug treatment for stage 1 hypertension?",
                   "--k", "2", "--json", check=True)
-    hits = json.loads(p.stdout)
+    hits = json.loads(p.stdout)["results"]
     assert [h["rank"] for h in hits] == [0, 1]
     assert hits[0]["doc_id"] == "htn" and "thiazide" in hits[0]["text"]
     assert hits[0]["score"] >= hits[1]["score"]

@@ -79,13 +79,13 @@ def schema_check(yaml_file: Path, n_gpu: int, gpu: bool = True):
 # -- presets ------------------------------------------------------------------------------------
 
 def test_hardware_presets_pass_axolotl_schema(tmp_path, tiny_llama, data):
-    from recipes.stage import write_stage
+    from recipes.stage import StageSpec, write_stage
 
     cases = {"gpu1": ({}, 1), "gpu4_zero2": ({"gpus": 4, "shard": "zero2"}, 4),
              "gpu8_fsdp2": ({"gpus": 8, "shard": "fsdp2"}, 8), "nodes2x4": ({"gpus": 4, "nodes": 2}, 8)}
     arts = {}
     for name, (kw, world) in cases.items():
-        art = write_stage("completion", tmp_path / name, base_model=str(tiny_llama), data=[str(data["corpus"])], **kw)
+        art = write_stage(StageSpec("completion", tmp_path / name, base_model=str(tiny_llama), data=[str(data["corpus"])], **kw))
         arts[name] = art
         m = schema_check(art.path / "axolotl.yaml", world)
         assert m.base_model == str(tiny_llama)
@@ -129,7 +129,7 @@ def test_hardware_presets_pass_axolotl_schema(tmp_path, tiny_llama, data):
     assert r.exit_code == 2 and "sbatch" in r.output and not (n2 / "output").exists()
     r = cli("train", n2, "--dry-run", "--json")
     assert r.exit_code == 0, r.output
-    plan = json.loads(r.output)
+    plan = json.loads(r.output)["results"]
     assert plan["commands"][1][1:5] == ["train", str(n2 / "axolotl.yaml"), "--launcher", "torchrun"]
 
 
@@ -139,7 +139,7 @@ def test_cpu_processes_and_nodes_write_launch_lines(tmp_path, tiny_llama, data):
     r = cli("stage", "completion", "--base-model", tiny_llama, "--corpus", data["corpus"], "--out", tmp_path / "p2",
             "--device", "cpu", "--lora", "--procs", "2", "--json")
     assert r.exit_code == 0, r.output
-    man = json.loads(r.output[r.output.index("{"):])
+    man = json.loads(r.output[r.output.index("{"):])["manifest"]
     assert man["extra"]["world_size"] == 2 and man["extra"]["launcher"] == "accelerate"
     launch = (tmp_path / "p2" / "launch.sh").read_text()
     assert "--launcher accelerate -- --multi_gpu --num_processes 2 --num_machines 1" in launch
@@ -156,7 +156,7 @@ def test_cpu_processes_and_nodes_write_launch_lines(tmp_path, tiny_llama, data):
     assert "--launcher torchrun -- --nnodes 2 --nproc_per_node 2 --rdzv_backend c10d" in launch
     assert "ACCELERATE_USE_CPU=true" in launch and (tmp_path / "n2" / "slurm.sbatch").is_file()
     r = cli("train", tmp_path / "n2", "--dry-run", "--json")
-    plan = json.loads(r.output)
+    plan = json.loads(r.output)["results"]
     assert plan["world_size"] == 4 and plan["env"]["ACCELERATE_USE_CPU"] == "true"
     # one process stays the plain python launcher, without the multi-process switches
     r = cli("stage", "completion", "--base-model", tiny_llama, "--corpus", data["corpus"], "--out", tmp_path / "p1",
@@ -216,17 +216,17 @@ def test_axolotl_refusal_is_exit_2_with_its_message(tmp_path, tiny_llama, data):
 
 def test_overrides_cpu_profile_and_determinism(tmp_path, tiny_llama, data):
     from recipes.axolotl_cpu import CPU_KEYS
-    from recipes.stage import write_stage
+    from recipes.stage import StageSpec, write_stage
 
     kw = dict(base_model=str(tiny_llama), data=[str(data["dataset"])], device="cpu", mode="lora",
-              options={"lora_r": 16, "epochs": 3, "lr": 1e-3, "max_steps": 7, "packing": False},
+              lora_r=16, epochs=3, lr=1e-3, max_steps=7, packing=False,
               set_items=["fsdp_config.offload_params=true", "lora_target_modules=[q_proj, k_proj, v_proj]",
                          "warmup_steps=null"])
     with pytest.raises(Exception) as ei:  # fsdp keys on CPU are refused
-        write_stage("sft", tmp_path / "x", **kw)
+        write_stage(StageSpec("sft", tmp_path / "x", **kw))
     assert "NCCL" in str(ei.value) or "FSDP" in str(ei.value)
     kw["set_items"] = kw["set_items"][1:]
-    art = write_stage("sft", tmp_path / "s", **kw)
+    art = write_stage(StageSpec("sft", tmp_path / "s", **kw))
     cfg = yaml.safe_load((art.path / "axolotl.yaml").read_text())
     for k, v in CPU_KEYS.items():
         assert cfg[k] == v, k
@@ -247,9 +247,9 @@ def test_overrides_cpu_profile_and_determinism(tmp_path, tiny_llama, data):
     schema_check(art.path / "axolotl.yaml", 1, gpu=False)
     # same inputs -> same bytes; re-running is a no-op
     first = (art.path / "axolotl.yaml").read_bytes()
-    again = write_stage("sft", tmp_path / "s", **kw)
+    again = write_stage(StageSpec("sft", tmp_path / "s", **kw))
     assert again.manifest["finished"] == art.manifest["finished"]
-    again = write_stage("sft", tmp_path / "s", force=True, **kw)
+    again = write_stage(StageSpec("sft", tmp_path / "s", force=True, **kw))
     assert (again.path / "axolotl.yaml").read_bytes() == first
 
 
@@ -285,7 +285,7 @@ def test_train_dry_run_prints_exact_commands(tmp_path, tiny_llama, data, tools_c
     r = tools_cli("stage", "completion", "--base-model", tiny_llama, "--corpus", data["corpus"], "--out", s,
                   "--device", "cpu", "--lora", "--json")
     assert r.returncode == 0, r.stderr
-    man = json.loads(r.stdout)
+    man = json.loads(r.stdout)["manifest"]
     assert man["stage"] == "stage.completion" and read_artifact(s).manifest["fingerprint"] == man["fingerprint"]
     r = tools_cli("train", s, "--dry-run")
     assert r.returncode == 0, r.stderr

@@ -141,7 +141,7 @@ def test_requantize_refused_unless_allowed(tools_cli, tiny_f16, tmp_path):
     assert "already quantized (Q8_0)" in line and "--allow-requantize" in line
     assert not (tmp_path / "q4").exists()
     p = tools_cli("quantize", q8, "--q", "Q4_0", "--allow-requantize", "--out", tmp_path / "q4", "--json", check=True)
-    assert json.loads(p.stdout)["file_type"] == "Q4_0"
+    assert json.loads(p.stdout)["manifest"]["extra"]["file_type"] == "Q4_0"
 
 
 # -- tiny Llama end to end -------------------------------------------------------------------------
@@ -168,12 +168,13 @@ def test_tiny_llama_lora_merge_convert_quantize_generate(tools_cli, tiny_llama, 
     assert (merged / "tokenizer.model").is_file() and (merged / "chat_template.jinja").is_file()
 
     p = tools_cli("convert", merged, "--outtype", "f16", "--out", tmp_path / "f16", "--json", check=True)
-    conv = json.loads(p.stdout)
-    assert conv["file_type"] == "F16" and Path(conv["gguf"]).name.endswith("-F16.gguf")
+    conv = json.loads(p.stdout)["manifest"]["extra"]
+    assert conv["file_type"] == "F16" and conv["file"].endswith("-F16.gguf")
 
     p = tools_cli("quantize", tmp_path / "f16", "--q", "Q3_K_L", "--out", tmp_path / "q3", "--json", check=True)
-    q = json.loads(p.stdout)
-    gguf = Path(q["gguf"])
+    d = json.loads(p.stdout)
+    q = d["manifest"]["extra"]
+    gguf = Path(d["path"]) / q["file"]
     assert gguf.name.endswith("-Q3_K_L.gguf") and gguf.is_file()
     assert q["file_type"] == "Q3_K_L"
     # hidden size 64: no row is a multiple of 256, so llama.cpp put no Q3_K tensor in: we must say so
@@ -181,7 +182,7 @@ def test_tiny_llama_lora_merge_convert_quantize_generate(tools_cli, tiny_llama, 
     assert "warning: requested Q3_K_L" in p.stderr and "bits per weight" in p.stderr
     assert q["size_bytes"] < q["source_size_bytes"]
 
-    info = json.loads(tools_cli("inspect", gguf, "--json", check=True).stdout)
+    info = json.loads(tools_cli("inspect", gguf, "--json", check=True).stdout)["results"]
     template = (merged / "chat_template.jinja").read_text()
     assert info["chat_template"] == template
     assert info["architecture"] == "llama" and info["file_type"] == "Q3_K_L"
@@ -195,7 +196,8 @@ def test_tiny_llama_lora_merge_convert_quantize_generate(tools_cli, tiny_llama, 
 
     # same input + type -> byte-identical output
     again = tools_cli("quantize", tmp_path / "f16", "--q", "Q3_K_L", "--out", tmp_path / "q3b", "--json", check=True)
-    assert Path(json.loads(again.stdout)["gguf"]).read_bytes() == gguf.read_bytes()
+    d = json.loads(again.stdout)
+    assert (Path(d["path"]) / d["manifest"]["extra"]["file"]).read_bytes() == gguf.read_bytes()
     # up to date: a second run does nothing
     p = tools_cli("quantize", tmp_path / "f16", "--q", "Q3_K_L", "--out", tmp_path / "q3")
     assert p.returncode == 0 and "up to date" in p.stderr
@@ -247,7 +249,7 @@ def test_axolotl_merge_of_a_stage_folder_matches_peft(tiny_llama, tmp_path, tool
     p = tools_cli("merge", stage, "--json")
     assert p.returncode == 0, p.stderr[-3000:]
     out = json.loads(p.stdout)
-    assert out["method"] == "axolotl" and Path(out["out"]) == stage / "merged"
+    assert out["manifest"]["extra"]["method"] == "axolotl" and Path(out["path"]) == stage / "merged"
     ref = merge_peft(tiny_llama, adapter, tmp_path / "peft-merged")
     a, b = load_safetensors(stage / "merged"), load_safetensors(ref.path)
     assert set(a) == set(b)
@@ -276,7 +278,7 @@ def test_smollm2_f16_to_q3_k_l(smol_ggufs, smollm2_hf, tools_cli):
 
     f16, q3 = smol_ggufs
     gguf = q3.path / q3.extra["file"]
-    info = json.loads(tools_cli("inspect", gguf, "--json", check=True).stdout)
+    info = json.loads(tools_cli("inspect", gguf, "--json", check=True).stdout)["results"]
     assert info["file_type"] == "Q3_K_L" and info["architecture"] == "llama"
     assert info["chat_template"] == hf_chat_template(smollm2_hf) and "<|im_start|>" in info["chat_template"]
     # hidden 576 is not a multiple of 256: measured mix, no Q3_K at all, ~5.7 bits per weight
@@ -312,7 +314,7 @@ def test_compare_quant_gap(smol_ggufs, tools_cli, tmp_path):
     ref, quant = f16.path / f16.extra["file"], q3.path / q3.extra["file"]
     p = tools_cli("compare-quant", "--ref", ref, "--quant", quant, "--text", text, "--out", tmp_path / "gap",
                   "--ctx", "64", "--max-tokens", "128", "--json", check=True)
-    r = json.loads(p.stdout)
+    r = json.loads(p.stdout)["results"]
     assert r["tokens_scored"] == 126 and r["windows"] == 2  # two windows of 64 tokens, 63 predictions each
     assert 1.0 < r["ref"]["perplexity"] < 200 and 1.0 < r["quant"]["perplexity"] < 400
     assert 0.0 < r["mean_kl"] < 2.0 and 0.3 < r["top1_agreement"] <= 1.0
@@ -320,7 +322,7 @@ def test_compare_quant_gap(smol_ggufs, tools_cli, tmp_path):
     # the reference against itself: no gap at all
     p = tools_cli("compare-quant", "--ref", ref, "--quant", ref, "--text", text, "--out", tmp_path / "self",
                   "--ctx", "64", "--max-tokens", "64", "--json", check=True)
-    s = json.loads(p.stdout)
+    s = json.loads(p.stdout)["results"]
     assert s["mean_kl"] < 1e-6 and s["top1_agreement"] == 1.0
     assert s["ref"]["perplexity"] == s["quant"]["perplexity"]
 

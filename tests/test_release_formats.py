@@ -72,7 +72,7 @@ def test_several_quant_types_one_call_table_card_push(tools_cli, sharp_f16, tmp_
     out = tmp_path / "set"
     p = tools_cli("quantize", sharp_f16.path, "--q", "Q4_K_M,Q8_0", "--out", out, "--max-tokens", "128",
                   "--json", check=True)
-    res = json.loads(p.stdout)
+    res = json.loads(p.stdout)["manifest"]["extra"]
     assert res["types"] == ["Q4_K_M", "Q8_0"]
     for q in ("Q4_K_M", "Q8_0"):
         files = list((out / q).glob("*.gguf"))
@@ -96,7 +96,7 @@ def test_several_quant_types_one_call_table_card_push(tools_cli, sharp_f16, tmp_
     assert "## Quantization types" in text and "| Q8_0 |" in text
     assert str(tmp_path) not in text and "/tmp/" not in text
     p = tools_cli("push", out, card, "--repo-id", "medilora/tiny-test", "--dry-run", "--json", check=True)
-    pushed = sorted(f["path"] for f in json.loads(p.stdout)["files"])
+    pushed = sorted(f["path"] for f in json.loads(p.stdout)["results"]["files"])
     assert [f for f in pushed if f.endswith(".gguf")] == sorted(f.split("/")[-1] for f in res["files"])
 
 

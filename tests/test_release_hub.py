@@ -241,7 +241,7 @@ def test_push_uploads_adapter_gguf_and_card_to_loopback_hub(tmp_path, hub, tools
     p = tools_cli("push", a["train"], a["gguf"], tmp_path / "card", "--repo-id", "org/medilora", "--private", "--json",
                   env=push_env(hub))
     assert p.returncode == 0, p.stderr
-    out = json.loads(p.stdout)
+    out = json.loads(p.stdout)["results"]
     files = hub.committed_files()
     assert sorted(files) == ["MediLoRA-135M-pubmedqa-Q3_K_L.gguf", "README.md", "adapter_config.json",
                              "adapter_model.safetensors", "tokenizer_config.json"]

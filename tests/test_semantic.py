@@ -169,7 +169,7 @@ def test_cli_on_a_results_folder_names_models_and_skips_with_reason(tmp_path, to
     env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(tmp_path / "hf" / "hub"), "HF_HUB_OFFLINE": "1"}
     p = tools_cli("eval", "semantic", res_dir, "--json", env=env, timeout=600)
     assert p.returncode == 0, p.stderr
-    res = json.loads(p.stdout)
+    res = json.loads(p.stdout)["results"]
     assert res["n"] == 8
     for m in ("bertscore_f1", "semscore"):
         assert res["metrics"][m]["model"] == "all-MiniLM-L6-v2 (packaged)"

@@ -142,7 +142,7 @@ def test_tiny_t5_trains_lora_on_attention(tiny_t5, tmp_path):
                                  "none", "--semscore-model", str(embedded_embedder()), "--out", str(tmp_path / "sem"),
                                  "--json"])
     assert r.exit_code == 0, r.output
-    res = json.loads(r.stdout[r.stdout.index("{"):])
+    res = json.loads(r.stdout[r.stdout.index("{"):])["results"]
     assert res["n"] == 4 and set(res["metrics"]) == {"semscore"} and set(res["skipped"]) == {"bertscore_f1", "nli_entailment"}
     assert (tmp_path / "sem-predictions" / "items.jsonl").is_file()
 
@@ -199,8 +199,27 @@ def test_memory_works_on_a_seq2seq_stage(tiny_t5, tmp_path, tools_cli):
     stage = write_stage(tmp_path / "stage", tiny_t5, [str(data)], {"lora_r": 4, "max_steps": 1})
     p = tools_cli("memory", stage.path, "--regime", "full", "--regime", "lora", "--seq-len", "16", "--json")
     assert p.returncode == 0, p.stderr
-    full, lora = json.loads(p.stdout)
+    full, lora = json.loads(p.stdout)["results"]
     cfg = json.loads((tiny_t5 / "config.json").read_text())
     assert lora["trainable_params"] == expected_lora_params(cfg, 4, ffn=False)
     assert lora["trainable_mb"] < full["trainable_mb"] / 5 and lora["activation_mb"] > 0
     assert lora["frozen_mb"] + lora["trainable_mb"] == pytest.approx(lora["total_param_mb"])
+
+
+def test_stage_sft_arch_seq2seq_through_the_cli(tiny_t5, tmp_path):
+    """`tools stage sft --arch seq2seq`: the stage options reach the seq2seq config; a GPU preset is refused."""
+    from click.testing import CliRunner
+
+    from tools.cli import cli
+
+    data = make_dataset(tmp_path / "data")
+    args = ["stage", "sft", "--arch", "seq2seq", "--base-model", str(tiny_t5), "--dataset", str(data)]
+    r = CliRunner().invoke(cli, [*args, "--lora-r", "4", "--max-steps", "1", "--lr", "0.01", "--out",
+                                 str(tmp_path / "s"), "--json"])
+    assert r.exit_code == 0, r.output
+    man = json.loads(r.stdout)["manifest"]
+    assert man["stage"] == "stage.sft" and man["extra"]["arch"] == "seq2seq"
+    cfg = json.loads((tmp_path / "s" / "seq2seq.json").read_text())
+    assert (cfg["lora_r"], cfg["max_steps"], cfg["learning_rate"]) == (4, 1, 0.01)
+    r = CliRunner().invoke(cli, [*args, "--gpus", "2", "--out", str(tmp_path / "g")])
+    assert r.exit_code == 2 and "one process" in r.output and not (tmp_path / "g").exists()

@@ -65,7 +65,7 @@ def test_grid_sweep_runs_real_trials_and_perplexity_falls(tiny_llama, tmp_path, 
                   "--eval", "bench pubmedqa --mode loglik --split dev --limit 3 --threads 1 --n-ctx 2048")
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout)
-    trials = res["trials"]
+    trials = res["results"]
     assert len(trials) == 2
     assert sorted((t["params"]["learning_rate"], t["params"]["micro_batch_size"]) for t in trials) == \
         [(1e-3, 1), (3e-2, 1)]
@@ -76,10 +76,10 @@ def test_grid_sweep_runs_real_trials_and_perplexity_falls(tiny_llama, tmp_path, 
         bench = json.loads((tmp_path / "sweep-trials" / f"{t['trial']:02d}" / "eval" / "bench-pubmedqa" /
                             "results.json").read_text())
         assert bench["n"] == 3 and bench["split"] == "dev" and bench["accuracy"] == m["accuracy"]
-    assert res["best"]["trial"] == min(trials, key=lambda t: t["objective"])["trial"]
+    assert res["manifest"]["extra"]["best"]["trial"] == min(trials, key=lambda t: t["objective"])["trial"]
     best = min(trials, key=lambda t: t["metrics"]["loss"])
     man = read_artifact(tmp_path / "sweep")
-    assert man.extra["best"]["trial"] == res["best"]["trial"] and man.extra["n_trials"] == 2
+    assert man.extra["best"]["trial"] == res["manifest"]["extra"]["best"]["trial"] and man.extra["n_trials"] == 2
     assert "accuracy" in (tmp_path / "sweep" / "report.md").read_text()
     assert (tmp_path / "sweep" / "sweep.png").read_bytes()[:4] == b"\x89PNG"
     for t in trials:  # each trial is a real, trained stage of its own
@@ -91,6 +91,6 @@ def test_grid_sweep_runs_real_trials_and_perplexity_falls(tiny_llama, tmp_path, 
     p = tools_cli("eval", "perplexity", "--model", tiny_llama, "--model", best_out, "--data", data,
                   "--split", "test", "--json")
     assert p.returncode == 0, p.stderr
-    base, tuned = json.loads(p.stdout)
+    base, tuned = json.loads(p.stdout)["results"]
     assert base["n_tokens"] == tuned["n_tokens"] > 0
     assert tuned["perplexity"] < 0.9 * base["perplexity"], (base, tuned)

@@ -25,7 +25,7 @@ def _adapter(path: Path) -> dict:
 
 
 def test_completion_then_sft_from_it(tmp_path, tiny_llama, tools_cli):
-    from recipes.stage import write_stage
+    from recipes.stage import StageSpec, write_stage
     from recipes.train import train_stage
 
     corpus = make_corpus(tmp_path / "corpus", n=16)
@@ -56,8 +56,8 @@ def test_completion_then_sft_from_it(tmp_path, tiny_llama, tools_cli):
     # stage two: SFT named by stage one's manifest, trained through the Python API
     s2 = tmp_path / "s2"
     opts = {"max_steps": 2, "micro_batch": 2, "grad_accum": 1, "packing": False, "warmup_steps": 0, "lr": 1e-2}
-    st = write_stage("sft", s2, from_stage=str(s1), data=[str(dataset)], options=opts,
-                     set_items=["optimizer=adamw_torch"])
+    st = write_stage(StageSpec("sft", s2, from_stage=str(s1), data=[str(dataset)], **opts,
+                                set_items=["optimizer=adamw_torch"]))
     assert st.extra["start"]["start"] == "adapter" and st.extra["preset"]["device"] == "cpu"  # inherited
     assert st.extra["mode"] == "lora"
     assert any(i["stage"] == "train" for i in st.manifest["inputs"])
@@ -110,12 +110,12 @@ def test_completion_then_sft_from_it(tmp_path, tiny_llama, tools_cli):
                     shutil.copy(f, mst.path(f.name))
         return out
     m1 = fake_merge(tmp_path / "merged1", s1 / "output")
-    s3 = write_stage("sft", tmp_path / "s3", from_stage=str(s1), merged=str(m1), data=[str(dataset)], options=opts)
+    s3 = write_stage(StageSpec("sft", tmp_path / "s3", from_stage=str(s1), merged=str(m1), data=[str(dataset)], **opts))
     cfg3 = yaml.safe_load((s3.path / "axolotl.yaml").read_text())
     assert cfg3["base_model"] == str(m1) and "lora_model_dir" not in cfg3 and s3.extra["start"]["start"] == "merged"
     m2 = fake_merge(tmp_path / "merged2", s2 / "output")
     with pytest.raises(UserError, match="not made from stage one"):
-        write_stage("sft", tmp_path / "s4", from_stage=str(s1), merged=str(m2), data=[str(dataset)])
+        write_stage(StageSpec("sft", tmp_path / "s4", from_stage=str(s1), merged=str(m2), data=[str(dataset)]))
 
 
 def test_failed_run_exits_1_and_leaves_no_manifest(tmp_path, tiny_llama, tools_cli):

@@ -349,10 +349,10 @@ def test_checkpoint_completeness_and_lock(tmp_path, tiny_llama):
     # a second `tools train` on a stage being trained is refused before it touches anything
     import fcntl
 
-    from recipes.stage import write_stage
+    from recipes.stage import StageSpec, write_stage
     data = make_dataset(tmp_path / "data", n=4)
-    st = write_stage("sft", tmp_path / "s", base_model=str(tiny_llama), data=[str(data)], device="cpu", mode="lora",
-                     options={"max_steps": 1}, procs=2)
+    st = write_stage(StageSpec("sft", tmp_path / "s", base_model=str(tiny_llama), data=[str(data)], device="cpu",
+                               mode="lora", max_steps=1, procs=2))
     assert st.extra["world_size"] == 2 and st.extra["launcher"] == "accelerate"
     with open(tmp_path / "s" / ".train.lock", "a+") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
