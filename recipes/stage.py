@@ -233,10 +233,12 @@ class StageSpec:
         """The spec that wrote a stage, from its manifest's params (``changes`` applied on top)."""
         preset = params.get("preset") or {}
         sets = params.get("set") or {}
+        cpu = preset.get("device") == "cpu"  # a stored CPU preset names its processes per node `gpus`
         return replace(cls(kind=params["kind"], out=out, data=tuple(params["data"]),
                            base_model=None if params.get("from") else params["base_model"],
                            from_stage=params.get("from"), merged=params.get("merged"), device=preset.get("device"),
-                           gpus=preset.get("gpus"), nodes=preset.get("nodes"), shard=preset.get("shard"),
+                           gpus=None if cpu else preset.get("gpus"), procs=preset.get("gpus") if cpu else None,
+                           nodes=preset.get("nodes"), shard=preset.get("shard"),
                            mode=params.get("mode"), **(params.get("options") or {}),
                            set_items=tuple(f"{k}={json.dumps(v)}" for k, v in sorted(sets.items()))), **changes)
 

@@ -1,4 +1,4 @@
-"""Issue 7: memory footprint, error classes, loss plots, sweep objective (CPU, tiny Llama)."""
+"""Memory footprint, error classes, loss plots, sweep objective (CPU, tiny Llama)."""
 from __future__ import annotations
 
 import json

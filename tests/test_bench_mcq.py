@@ -1,4 +1,4 @@
-"""Issue 16: `tools bench mcq --data FILE` for any multiple-choice or yes/no/maybe JSONL."""
+"""`tools bench mcq --data FILE` for any multiple-choice or yes/no/maybe JSONL."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,4 @@
-"""Issue 16: few-shot (no leakage, n_ctx), chain of thought with self-consistency (majority, ties,
+"""Few-shot (no leakage, n_ctx), chain of thought with self-consistency (majority, ties,
 one prompt evaluation for N samples) and benches that resume after a kill."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 16: intervals on every bench figure and `tools report A B`'s paired tests (McNemar, bootstrap)."""
+"""Intervals on every bench figure and `tools report A B`'s paired tests (McNemar, bootstrap)."""
 from __future__ import annotations
 
 import json
@@ -6,8 +6,9 @@ import math
 
 import numpy as np
 import pytest
+from helpers import fake_bench
 
-from tools.artifact import Stage, read_artifact
+from tools.artifact import read_artifact
 
 
 def _wilson_by_hand(k: int, n: int) -> tuple[float, float]:
@@ -64,34 +65,13 @@ def test_exact_mcnemar_by_hand():
     assert (m["a_right_b_wrong"], m["a_wrong_b_right"], m["both_right"], m["both_wrong"]) == (1, 2, 2, 0)
 
 
-def _fake_bench(path, name, correct: list[bool], gold: list[str]):
-    """A bench artifact as `tools bench` writes it (results.json + items.jsonl), without a model."""
-    rows = []
-    for i, (c, g) in enumerate(zip(correct, gold)):
-        wrong = "no" if g == "yes" else "yes"
-        rows.append({"id": f"q{i}", "gold": g, "parsed": g if c else wrong, "strict": True, "correct": c,
-                     "finish": "decided", "gen_tokens": 1, "raw": g if c else wrong, "prompt_tokens": 10})
-    from evals.bench import classification_metrics
-    from evals.stats import bootstrap_macro_f1, wilson
-    labels = ["yes", "no", "maybe"]
-    m = classification_metrics(labels, gold, [r["parsed"] for r in rows])
-    res = {"task": "pubmedqa", "mode": "generate", "split": "test", "n": len(rows), "model": {"name": name},
-           **m, "accuracy_ci95": wilson(sum(correct), len(rows)), "valid_rate": 1.0,
-           "valid_rate_ci95": wilson(len(rows), len(rows)), "valid_rates": {"strict": 1.0, "lenient": 1.0},
-           "macro_f1_ci95": bootstrap_macro_f1(labels, gold, [r["parsed"] for r in rows])}
-    with Stage("bench.pubmedqa", path / name, {"name": name}) as st:
-        st.path("results.json").write_text(json.dumps(res))
-        st.path("items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return st.result.path
-
-
 def test_report_runs_mcnemar_on_the_shared_items(tools_cli, tmp_path):
     n = 30
     gold = ["yes" if i % 3 else "no" for i in range(n)]
     a = [i < 12 for i in range(n)]                    # A right on q0..q11
     b = [i < 2 or 10 <= i < 25 for i in range(n)]     # B right on q0,q1 and q10..q24
     # discordant: A right/B wrong = q2..q9 (8); A wrong/B right = q12..q24 (13)
-    da, db = _fake_bench(tmp_path, "base", a, gold), _fake_bench(tmp_path, "tuned", b, gold)
+    da, db = fake_bench(tmp_path, "base", a, gold), fake_bench(tmp_path, "tuned", b, gold)
     p = tools_cli("report", da, db, "--out", tmp_path / "rep")
     assert p.returncode == 0, p.stderr
     doc = json.loads((tmp_path / "rep" / "compare.json").read_text())
@@ -104,7 +84,7 @@ def test_report_runs_mcnemar_on_the_shared_items(tools_cli, tmp_path):
     f1 = doc["comparisons"][0]["macro_f1_paired_bootstrap"]
     assert f1["ci95"][0] <= f1["diff"] <= f1["ci95"][1]
     # a clear gain: B right wherever A is, and on 12 more items -> significant
-    dc = _fake_bench(tmp_path, "better", [i < 24 for i in range(n)], gold)
+    dc = fake_bench(tmp_path, "better", [i < 24 for i in range(n)], gold)
     p = tools_cli("report", da, dc, "--label", "base", "--label", "better", "--out", tmp_path / "rep2")
     assert p.returncode == 0, p.stderr
     doc = json.loads((tmp_path / "rep2" / "compare.json").read_text())
@@ -117,7 +97,7 @@ def test_report_runs_mcnemar_on_the_shared_items(tools_cli, tmp_path):
 def test_card_prints_the_intervals(tmp_path):
     from release.card import _body, read_bench
     from tools.artifact import Lineage
-    d = _fake_bench(tmp_path, "tuned", [i < 15 for i in range(40)], ["yes"] * 40)
+    d = fake_bench(tmp_path, "tuned", [i < 15 for i in range(40)], ["yes"] * 40)
     art = read_artifact(d)
     b = read_bench(art)
     assert b["accuracy_ci95"] == pytest.approx([0.2422, 0.5297], abs=1e-4)

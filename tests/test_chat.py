@@ -7,7 +7,7 @@ import select
 import subprocess
 import time
 
-from conftest import VENV_BIN
+from helpers import VENV_BIN
 
 
 class Terminal:

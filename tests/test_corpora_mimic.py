@@ -7,10 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
-from pgserver import PgServer, find_bindir
 
 from corpora.mimic import LICENSE, NoteOptions, build_corpus, redact_dsn
 from tools.errors import UserError
+from tools.pgserver import PgServer, find_bindir
 
 HEADER = ["ROW_ID", "SUBJECT_ID", "HADM_ID", "CHARTDATE", "CHARTTIME", "STORETIME", "CATEGORY",
           "DESCRIPTION", "CGID", "ISERROR", "TEXT"]
@@ -190,7 +190,7 @@ def test_postgres_and_csv_give_identical_corpora(pg, notes_csv, tmp_path):
 
 
 def test_unreachable_dsn_is_one_line_without_password(tools_cli, tmp_path):
-    from pgserver import free_port
+    from tools.pgserver import free_port
 
     port = free_port()
     dsn = f"host=127.0.0.1 port={port} dbname=mimic user=alice password=s3cr3t-pw connect_timeout=3"

@@ -1,4 +1,4 @@
-"""Issue 9: a reduced demo pipeline end to end on the tiny Llama, then a run SIGKILLed in the middle
+"""A reduced demo pipeline end to end on the tiny Llama, then a run SIGKILLed in the middle
 of a training step, resumed by the next `tools run`, finishing with outputs identical to the
 uninterrupted run (same seed)."""
 from __future__ import annotations

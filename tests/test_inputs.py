@@ -1,4 +1,4 @@
-"""The data users really have, and the inputs that go wrong (issue 18): MIMIC-IV-Note from CSV(.gz)
+"""The data users really have, and the inputs that go wrong: MIMIC-IV-Note from CSV(.gz)
 and PostgreSQL, damaged .gz / oversized fields, exact line numbers, duplicate ids, repeated JSON
 keys, upstream nulls, one-line textbooks, an existing path as --out, the upstream exports of
 PubMedQA / MedQA, and no network at run time."""
@@ -150,7 +150,7 @@ def test_duplicate_ids_kept_first_or_refused(tmp_path, version, block, workers):
 # -- MIMIC in PostgreSQL: mimiciv_note, and identifiers as the DDL scripts write them -------------
 @pytest.fixture(scope="module")
 def pg_iv(tmp_path_factory):
-    from pgserver import PgServer, find_bindir
+    from tools.pgserver import PgServer, find_bindir
 
     if find_bindir() is None:
         pytest.skip("no PostgreSQL server binaries (make system-deps installs Debian's postgresql)")

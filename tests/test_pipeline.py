@@ -1,4 +1,4 @@
-"""Issue 9: `tools run` over real verbs — skip done steps, detect stale ones, resume after a failure."""
+"""`tools run` over real verbs — skip done steps, detect stale ones, resume after a failure."""
 from __future__ import annotations
 
 import json

@@ -8,49 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
+from helpers import chatml_row, make_corpus, make_dataset, pubmedqa_rows
 
-from tools.artifact import Stage, is_artifact, read_artifact
-from tools.io import write_jsonl
-from tools.paths import bundled_data, system_prompts_file
-
-# -- artifact folders the corpora code would write (made here: tests don't import corpora.*) --------
-
-def pubmedqa_rows(n: int, start: int = 0) -> list[dict]:
-    rows = []
-    with open(bundled_data() / "pubmedqa" / "dev.jsonl", encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            if i < start:
-                continue
-            if len(rows) >= n:
-                break
-            rows.append(json.loads(line))
-    return rows
-
-
-def make_corpus(out: Path, n: int = 24) -> Path:
-    with Stage("corpus.test", out, {"n": n}) as st:
-        if not st.skipped:
-            write_jsonl(st.path("corpus.jsonl"), [{"id": d["id"], "text": " ".join(d["CONTEXTS"]),
-                                                   "source": "pubmedqa"} for d in pubmedqa_rows(n)])
-    return out
-
-
-def chatml_row(d: dict, system: str) -> dict:
-    return {"id": d["id"], "messages": [
-        {"role": "system", "content": system},
-        {"role": "user", "content": f"{d['QUESTION']}\n{' '.join(d['CONTEXTS'])[:400]}"},
-        {"role": "assistant", "content": d["final_decision"]}], "meta": {"answer": d["final_decision"]}}
-
-
-def make_dataset(out: Path, n: int = 24, n_val: int = 0, rows: list[dict] | None = None) -> Path:
-    system = yaml.safe_load(system_prompts_file().read_text(encoding="utf-8"))["pubmedqa"]
-    with Stage("dataset.test", out, {"n": n, "n_val": n_val, "custom": rows is not None}) as st:
-        if not st.skipped:
-            write_jsonl(st.path("train.jsonl"), rows if rows is not None else
-                        [chatml_row(d, system) for d in pubmedqa_rows(n)])
-            if n_val:
-                write_jsonl(st.path("validation.jsonl"), [chatml_row(d, system) for d in pubmedqa_rows(n_val, n)])
-    return out
+from tools.artifact import is_artifact, read_artifact
 
 
 @pytest.fixture(scope="module")

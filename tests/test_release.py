@@ -10,25 +10,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers import make_adapter
 
 from tools.errors import UserError
 
 # -- helpers ---------------------------------------------------------------------------------------
-
-def make_adapter(base: Path, out: Path, seed: int = 1) -> Path:
-    """A LoRA adapter on ``base`` whose B matrices are random (non-zero), so merging changes weights."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base)
-    cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"],
-                     init_lora_weights=False, task_type="CAUSAL_LM")
-    get_peft_model(model, cfg).save_pretrained(out)
-    AutoTokenizer.from_pretrained(base).save_pretrained(out)
-    return out
-
 
 def load_safetensors(folder: Path) -> dict:
     from safetensors.torch import load_file

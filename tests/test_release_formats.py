@@ -131,7 +131,7 @@ def test_card_traces_base_model_to_the_hub_id(tmp_path, smollm2_gguf):
 
 @pytest.mark.native
 def test_lora_gguf_answers_like_the_merged_gguf(tiny_llama, tmp_path):
-    from test_release import make_adapter
+    from helpers import make_adapter
 
     from evals.bench import run_bench
     from release.convert import convert_lora_stage, convert_stage
@@ -161,11 +161,11 @@ def test_lora_gguf_answers_like_the_merged_gguf(tiny_llama, tmp_path):
 
 def test_report_includes_the_quant_table_and_the_modelfile(tools_cli, tmp_path):
     """The demo's report step appends quants/quant-table.md (as Markdown) and ollama/Modelfile (fenced)."""
-    from test_bench_stats import _fake_bench
+    from helpers import fake_bench
 
     gold = ["yes", "no", "yes", "maybe"] * 3
-    a = _fake_bench(tmp_path, "base", [i % 2 == 0 for i in range(12)], gold)
-    b = _fake_bench(tmp_path, "tuned", [i % 3 != 0 for i in range(12)], gold)
+    a = fake_bench(tmp_path, "base", [i % 2 == 0 for i in range(12)], gold)
+    b = fake_bench(tmp_path, "tuned", [i % 3 != 0 for i in range(12)], gold)
     (tmp_path / "quants").mkdir()
     (tmp_path / "quants" / "quant-table.md").write_text("| type | file |\n|---|---|\n| Q8_0 | `m-Q8_0.gguf` |\n")
     (tmp_path / "ollama").mkdir()

@@ -1,4 +1,4 @@
-"""Issue 7: a grid sweep of real `tools train` runs (the grid is the product of its axes) picks the best trial; perplexity of the
+"""A grid sweep of real `tools train` runs (the grid is the product of its axes) picks the best trial; perplexity of the
 model on its own training data falls after those few steps (base vs fine-tuned, one table)."""
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def _sft_dataset(path, n=12):
     with Stage("dataset.pubmedqa", path / "small", {"n": n}) as st:
         st.path("train.jsonl").write_text("\n".join(rows) + "\n")
         st.path("test.jsonl").write_text("\n".join(rows) + "\n")  # its own training data, on purpose
-        st.path("validation.jsonl").write_text("\n".join(rows[:4]) + "\n")  # for eval_loss (issue 16)
+        st.path("validation.jsonl").write_text("\n".join(rows[:4]) + "\n")  # for eval_loss
     return st.result.path
 
 
@@ -48,7 +48,7 @@ def test_grid_sweep_runs_real_trials_and_perplexity_falls(tiny_llama, tmp_path, 
     assert r.returncode == 0, r.stderr
     bad = tools_cli("sweep", stage, "--grid", "learning_rate=1e-3", "--objective", "eval_loss - 0.25*entailmnt")
     assert bad.returncode == 2 and "unknown metric 'entailmnt'" in bad.stderr
-    # issue 16: an objective naming a figure no trial will produce is refused before any training
+    # an objective naming a figure no trial will produce is refused before any training
     for objective, evals, msg in [
             ("eval_loss - 0.25*entailment", [], "needs 'entailment' but no --eval produces it"),
             ("eval_loss - accuracy", [], "needs 'accuracy' but no --eval produces it"),

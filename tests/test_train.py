@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_recipes import make_corpus, make_dataset
+from helpers import make_corpus, make_dataset
 
 from tools.artifact import is_artifact, read_artifact
 

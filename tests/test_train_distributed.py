@@ -30,8 +30,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import VENV_BIN
-from test_recipes import make_dataset
+from helpers import VENV_BIN, make_dataset
 
 from tools.artifact import is_artifact, read_artifact
 
