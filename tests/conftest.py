@@ -5,19 +5,19 @@ No test touches the network: the Hub is switched off for the whole session.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-pytest_plugins = ["isolation", "pytester"]
+# tests/ is a package (tests.corpora, tests.evals, ...): pytest puts the repository root on sys.path, so
+# `tools`, `evals`, ... are the packages of this tree and never a test folder of the same name.
+pytest_plugins = ["tests.isolation", "pytester"]
 
 for _k, _v in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                "AXOLOTL_DO_NOT_TRACK": "1", "TOKENIZERS_PARALLELISM": "false", "DO_NOT_TRACK": "1"}.items():
     os.environ[_k] = _v
 
-from helpers import REPO, run_tools  # noqa: E402 - after the sys.path line above
+from tests.helpers import REPO, run_tools  # noqa: E402 - after the environment above
 
 
 @pytest.fixture(scope="session")

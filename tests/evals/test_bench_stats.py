@@ -6,8 +6,8 @@ import math
 
 import numpy as np
 import pytest
-from helpers import fake_bench
 
+from tests.helpers import fake_bench
 from tools.artifact import read_artifact
 
 

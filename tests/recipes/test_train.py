@@ -9,8 +9,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import make_corpus, make_dataset
 
+from tests.helpers import make_corpus, make_dataset
 from tools.artifact import is_artifact, read_artifact
 
 pytestmark = pytest.mark.slow

@@ -131,11 +131,10 @@ def test_card_traces_base_model_to_the_hub_id(tmp_path, smollm2_gguf):
 
 @pytest.mark.native
 def test_lora_gguf_answers_like_the_merged_gguf(tiny_llama, tmp_path):
-    from helpers import make_adapter
-
     from evals.bench import run_bench
     from release.convert import convert_lora_stage, convert_stage
     from release.merge import merge_peft
+    from tests.helpers import make_adapter
 
     adapter = make_adapter(tiny_llama, tmp_path / "adapter")
     merged = merge_peft(tiny_llama, adapter, tmp_path / "merged").path
@@ -161,7 +160,7 @@ def test_lora_gguf_answers_like_the_merged_gguf(tiny_llama, tmp_path):
 
 def test_report_includes_the_quant_table_and_the_modelfile(tools_cli, tmp_path):
     """The demo's report step appends quants/quant-table.md (as Markdown) and ollama/Modelfile (fenced)."""
-    from helpers import fake_bench
+    from tests.helpers import fake_bench
 
     gold = ["yes", "no", "yes", "maybe"] * 3
     a = fake_bench(tmp_path, "base", [i % 2 == 0 for i in range(12)], gold)

@@ -30,8 +30,8 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import VENV_BIN, make_dataset
 
+from tests.helpers import VENV_BIN, make_dataset
 from tools.artifact import is_artifact, read_artifact
 
 RECIPE = ["--device", "cpu", "--lora", "--max-steps", "8", "--micro-batch", "2", "--no-packing", "--warmup-steps", "0",
@@ -334,7 +334,7 @@ def test_checkpoint_completeness_and_lock(tmp_path, tiny_llama):
     assert checkpoint_problem(c, 2) is None and "rng_state_0.pth, rng_state_1.pth" in checkpoint_problem(make(10), 2)
     # what launch.sh asks before it trains (several nodes read the same folder: nothing is removed)
     r = subprocess.run([str(VENV_BIN / "python"), "-m", "recipes.train", "--last-checkpoint", str(tmp_path / "ck"), "2"],
-                       capture_output=True, text=True, env=_env(), cwd=str(Path(__file__).resolve().parent.parent))
+                       capture_output=True, text=True, env=_env(), cwd=str(Path(__file__).resolve().parents[2]))
     assert r.returncode == 0 and r.stdout.strip() == str(c), r.stderr
     assert "skipping checkpoint-10: cut off mid-write" in r.stderr and (tmp_path / "ck" / "checkpoint-10").exists()
 

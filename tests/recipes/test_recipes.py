@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
-from helpers import chatml_row, make_corpus, make_dataset, pubmedqa_rows
 
+from tests.helpers import chatml_row, make_corpus, make_dataset, pubmedqa_rows
 from tools.artifact import is_artifact, read_artifact
 
 

@@ -7,7 +7,7 @@ import select
 import subprocess
 import time
 
-from helpers import VENV_BIN
+from tests.helpers import VENV_BIN
 
 
 class Terminal:

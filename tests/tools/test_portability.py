@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-TESTS = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def make_dry_run(*args: str) -> str:
@@ -47,9 +46,9 @@ def test_native_crash_fails_only_that_test(pytester, monkeypatch):
         def test_after_the_crash():
             assert True
     ''')
-    env_pp = os.pathsep.join([str(TESTS)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
+    env_pp = os.pathsep.join([str(REPO)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
     monkeypatch.setenv("PYTHONPATH", env_pp)
-    res = pytester.runpytest_subprocess("-p", "isolation", "-p", "no:cacheprovider", "-q")
+    res = pytester.runpytest_subprocess("-p", "tests.isolation", "-p", "no:cacheprovider", "-q")
     res.assert_outcomes(passed=2, failed=2)
     out = res.stdout.str()
     assert "died with SIGSEGV" in out

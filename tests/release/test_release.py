@@ -10,8 +10,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import make_adapter
 
+from tests.helpers import make_adapter
 from tools.errors import UserError
 
 # -- helpers ---------------------------------------------------------------------------------------

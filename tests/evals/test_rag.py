@@ -42,7 +42,7 @@ def make_corpus(out, docs=DOCS, credentialed=True):
 @pytest.fixture(scope="module")
 def index_dir(tmp_path_factory, ):
     """Built through the console script, as a user would (also proves `tools rag index` works)."""
-    from helpers import run_tools
+    from tests.helpers import run_tools
 
     base = tmp_path_factory.mktemp("rag")
     corpus = make_corpus(base / "corpus")
