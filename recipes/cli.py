@@ -208,8 +208,7 @@ def register(cli):
     from tools.cli import group
 
     stage = group("stage")
-    for cmd in (stage_completion, stage_sft):
-        check_stage_options(cmd)
+    for cmd in (stage_completion, stage_sft):  # options checked against StageSpec in tests/tools/test_cli.py
         stage.add_command(cmd)
     for cmd in (train_cmd, memory_cmd, plot_cmd):
         cli.add_command(cmd)
