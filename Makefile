@@ -16,7 +16,7 @@ LLAMA_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAM
 # GPU=cpu (default): llama.cpp's own CPU detection (AVX2/AVX-512/VNNI and weight repacking kept,
 # whatever this CPU has) with AMX always left out: llama.cpp's AMX path segfaults on the first decode
 # on Sapphire Rapids class Xeons (llama.cpp issue 20824). Explicit -mno-amx-* flags win over the
-# detected target in gcc and clang whatever their order (docs/PORTABILITY.md, tests/test_portability.py).
+# detected target in gcc and clang whatever their order (docs/PORTABILITY.md, tests/tools/test_portability.py).
 # GPU=cuda: llama.cpp with its CUDA backend (its CPU backend also without AMX), and the CUDA builds
 # of torch/bitsandbytes/deepspeed.
 GPU ?= cpu

@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO))
 
 def floor_speed(model: Path, threads: int | None) -> dict:
     from evals.items import load_items, system_prompt, user_message
-    from evals.llm import LlamaRunner
+    from tools.llm import LlamaRunner
 
     it = load_items("pubmedqa", limit=1)[0][0]
     with LlamaRunner(model, n_threads=threads) as lr:
@@ -119,7 +119,7 @@ def run_lm_eval_server(model: Path, items: int, threads: int, log_dir: Path) -> 
 
 
 def main(argv=None) -> int:
-    from evals.llm import physical_cores
+    from tools.llm import physical_cores
     from tools.paths import embedded_gguf
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

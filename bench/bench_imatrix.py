@@ -6,7 +6,7 @@ reference). `tools imatrix` runs the f16 over PubMedQA *dev* contexts (open text
 be given instead with --corpus). Q3_K_L and IQ3_XXS are made with and without that imatrix and each is
 scored against the f16 on held-out medical text, the PubMedQA *test* contexts (never used for the
 imatrix): mean KL(f16 || quant) of the next-token distributions, perplexity, top-1 agreement
-(release.compare.compare_quant). `tools quantize` refuses IQ3_XXS without an imatrix; the bench makes that
+(release.quantgap.compare_quant). `tools quantize` refuses IQ3_XXS without an imatrix; the bench makes that
 file anyway through llama.cpp directly, to show what llama.cpp does without one (it substitutes other
 types for the weights it would have made IQ3_XXS).
 
@@ -53,13 +53,13 @@ def dev_corpus(out: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from evals.llm import physical_cores
-    from release.compare import compare_quant
     from release.convert import convert_hf_to_gguf
     from release.ggufinfo import read_gguf, resolve_ftype
     from release.imatrix import imatrix_stage
+    from release.quantgap import compare_quant
     from release.quantize import _quantize_call, describe_mix, quantize_stage
     from tools.hfmodels import gguf_to_hf
+    from tools.llm import physical_cores
     from tools.paths import embedded_gguf
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -24,7 +24,7 @@ BEFORE = {"Q4_1": {"pp_tok_s": 200.0, "tg_tok_s": 60.0}, "Q3_K_L": {"pp_tok_s": 
 def speed(model: Path, threads: int, guard: bool) -> dict:
     import tools.llamacpp as lc
     from evals.items import load_items, system_prompt, user_message
-    from evals.llm import LlamaRunner
+    from tools.llm import LlamaRunner
 
     orig = lc.amx_guard_needed
     lc.amx_guard_needed = lambda info, flags, env=None: guard
@@ -38,9 +38,9 @@ def speed(model: Path, threads: int, guard: bool) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from evals.llm import physical_cores
     from release.quantize import quantize_stage
     from tools.llamacpp import built_with_amx, cpu_flags, system_info
+    from tools.llm import physical_cores
     from tools.paths import embedded_gguf
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

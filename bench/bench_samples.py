@@ -30,7 +30,7 @@ def measure(model: Path | None = None, items: int = 10, samples: int = 5, max_to
     from evals.bench import run_bench
     from evals.extract import cot_instruction
     from evals.items import load_items, system_prompt, user_message
-    from evals.llm import SAMPLING_DEFAULTS, LlamaRunner, item_seed
+    from tools.llm import SAMPLING_DEFAULTS, LlamaRunner, item_seed
     from tools.paths import embedded_gguf
 
     model = model or embedded_gguf()

@@ -2,10 +2,9 @@
 build-dataset pubmedqa|medqa|qa, split, decontaminate."""
 from __future__ import annotations
 
-import json
-
 import click
 
+from tools.cli_options import artifact_options, emit_json
 from tools.errors import UserError
 
 
@@ -21,17 +20,11 @@ def _report(art, as_json: bool, summary: str) -> None:
     from tools.progress import out
 
     if as_json:
-        click.echo(json.dumps({"path": str(art.path), "stage": art.stage, "extra": art.extra,
-                               "lineage": art.manifest.get("lineage")}, sort_keys=True, ensure_ascii=False))
-    else:
-        out.print(f"{art.stage}: {summary} -> {art.path}", markup=False)
+        return emit_json(art)
+    out.print(f"{art.stage}: {summary} -> {art.path}", markup=False)
 
 
-def _common(f):
-    f = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")(f)
-    f = click.option("--force", is_flag=True, help="Re-run even if OUT is up to date.")(f)
-    f = click.option("--out", required=True, type=click.Path(), help="Output artifact folder.")(f)
-    return f
+_common = artifact_options("Output artifact folder.", out_required=True)
 
 
 def register(cli: click.Group) -> None:
@@ -74,19 +67,13 @@ def register(cli: click.Group) -> None:
           tools build-corpus mimic --csv note/discharge.csv.gz --out runs/mimic-iv
           tools build-corpus mimic --dsn "host=db dbname=mimiciv user=me" --schema mimiciv_note --table radiology --out runs/rad
         """
-        from .clean import load_section_filter
-        from .mimic import NoteOptions, build_corpus
+        from .mimic import build_corpus, note_options
 
-        ctx = click.get_current_context()
-        if csv_path and dsn and ctx.get_parameter_source("dsn") == click.core.ParameterSource.ENVIRONMENT:
+        if csv_path and dsn and click.get_current_context().get_parameter_source("dsn") == \
+                click.core.ParameterSource.ENVIRONMENT:
             dsn = None  # $MEDILORA_MIMIC_DSN is a default, --csv an explicit choice
-
-        if sections_file and all_sections:
-            raise UserError("--sections-file and --all-sections exclude each other", field="--all-sections")
-        opts = NoteOptions(categories=tuple(sorted({c.strip().casefold() for c in _multi(categories)})),
-                           drop_errors=not keep_errors,
-                           sections=None if all_sections else load_section_filter(sections_file),
-                           placeholder=placeholder, min_chars=min_chars)
+        opts = note_options(categories=_multi(categories), keep_errors=keep_errors, sections_file=sections_file,
+                            all_sections=all_sections, placeholder=placeholder, min_chars=min_chars)
         art = build_corpus(out, csv_path=csv_path, dsn=dsn, schema=schema, table=table, version=mimic_version,
                            opts=opts, workers=workers, dedup=not no_dedup, refuse_duplicate_ids=refuse_duplicate_ids,
                            force=force, log=log)
@@ -204,9 +191,7 @@ def register(cli: click.Group) -> None:
     @click.option("--ratios", default="0.8,0.1,0.1", show_default=True, help="train,validation,test")
     @click.option("--stratify-by", default=None, help="A meta field (or top-level field) to stratify on, e.g. label.")
     @click.option("--seed", default=0, show_default=True, type=int)
-    @click.option("--out", default=None, type=click.Path(), help="Output folder (default: DATASET-split).")
-    @click.option("--force", is_flag=True)
-    @click.option("--json", "as_json", is_flag=True)
+    @artifact_options("Output folder (default: DATASET-split).")
     def split(dataset, ratios, stratify_by, seed, out, force, as_json):
         """Deterministic stratified train/validation/test split of a dataset artifact.
 

@@ -89,9 +89,9 @@ def split_rows(rows: list[dict], ratios, key: str | None, seed: int) -> dict[str
 
 
 def plot_split(table: dict[str, Counter], out: Path, key: str | None) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from tools.plotting import pyplot, save_png
+
+    plt = pyplot()
 
     strata = sorted({s for c in table.values() for s in c})[:20]
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
@@ -108,8 +108,7 @@ def plot_split(table: dict[str, Counter], out: Path, key: str | None) -> None:
     ax.set_title(f"stratified by {key}" if key else "random split")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(out, format="png", metadata={"Software": None})
-    plt.close(fig)
+    save_png(fig, out)
 
 
 def split_dataset(src, out, *, ratios=(0.8, 0.1, 0.1), stratify_by: str | None = None, seed: int = 0,

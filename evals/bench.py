@@ -33,7 +33,7 @@ Few-shot (``--shots K``): K dev examples (never test items; seeded, fixed for th
 by label for yes/no/maybe) as prior ChatML turns; they are part of the cached prompt prefix. An item
 whose prompt would not fit n_ctx drops shots, never its question. ``--cot`` asks for reasoning and
 a final "Answer: X" line (the only form that counts); ``--samples N`` draws N answers from one
-prompt evaluation (evals.llm.LlamaRunner.generate_samples) and takes the majority.
+prompt evaluation (tools.llm.LlamaRunner.generate_samples) and takes the majority.
 
 Resume: every finished item is appended (and flushed) to ``.OUT.items-<fingerprint>.jsonl`` beside
 OUT; the same run started again continues after the last finished item and writes the same files
@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from tools.artifact import Artifact, Stage, is_artifact
@@ -212,21 +213,68 @@ def _read_scratch(path: Path, items: list[Item]) -> list[dict]:
 
 # ---- the run ---------------------------------------------------------------------------------
 
-def run_bench(task: str, *, model: str | os.PathLike | None = None, data: str | os.PathLike | None = None,
-              split: str = "test", limit: int | None = None, seed: int = 0, threads: int | None = None,
-              mode: str = "generate", full_answer: bool = False, max_tokens: int | None = None,
-              sampling: dict | None = None, out: str | os.PathLike | None = None, force: bool = False,
-              rag: str | os.PathLike | None = None, k: int = 6, n_ctx: int = 4096, n_batch: int = 512,
-              plots: bool = True, n_gpu_layers: int | None = None, shots: int = 0, cot: bool = False,
-              samples: int = 1, dev: str | os.PathLike | None = None,
-              field_map: dict[str, list[str]] | None = None,
-              lora: str | os.PathLike | None = None) -> Artifact:
+@dataclass(frozen=True)
+class BenchSpec:
+    """Everything one bench run depends on: the single source of `tools bench`'s options (the Click
+    options of the bench verbs are checked against these fields) and of run_bench's arguments.
+    ``sweep --eval`` derives a trial's bench with ``dataclasses.replace(spec, model=..., out=...)``."""
+
+    task: str
+    model: str | os.PathLike | None = None
+    data: str | os.PathLike | None = None
+    split: str = "test"
+    limit: int | None = None
+    seed: int = 0
+    threads: int | None = None
+    mode: str = "generate"
+    full_answer: bool = False
+    max_tokens: int | None = None
+    sampling: dict | None = None
+    out: str | os.PathLike | None = None
+    force: bool = False
+    rag: str | os.PathLike | None = None
+    k: int = 6
+    n_ctx: int = 4096
+    n_batch: int = 512
+    plots: bool = True
+    n_gpu_layers: int | None = None
+    shots: int = 0
+    cot: bool = False
+    samples: int = 1
+    dev: str | os.PathLike | None = None
+    field_map: dict[str, list[str]] | None = None
+    lora: str | os.PathLike | None = None
+
+    # options of the bench verbs that are not fields: the sampling knobs (gathered into ``sampling``)
+    SAMPLING_OPTIONS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty")
+
+    @classmethod
+    def from_options(cls, task: str, params: dict) -> "BenchSpec":
+        """The spec of a bench verb's parsed options (``--map`` pairs become ``field_map``)."""
+        from .mcq import parse_map
+
+        names = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in params.items() if k in names and k != "task"}
+        kw["sampling"] = {k: params.get(k) for k in cls.SAMPLING_OPTIONS}
+        if params.get("maps"):
+            kw["field_map"] = parse_map(params["maps"])
+        return cls(task=task, **kw)
+
+
+def run_bench(task: str | BenchSpec, **kw) -> Artifact:
+    """Run one bench: ``run_bench(spec)`` or ``run_bench(task, **BenchSpec fields)``."""
+    spec = task if isinstance(task, BenchSpec) else BenchSpec(task=task, **kw)
+    return _run(**asdict(spec))
+
+
+def _run(task: str, *, model, data, split, limit, seed, threads, mode, full_answer, max_tokens, sampling, out,
+         force, rag, k, n_ctx, n_batch, plots, n_gpu_layers, shots, cot, samples, dev, field_map, lora) -> Artifact:
     import json
 
+    from tools.llm import SAMPLING_DEFAULTS, LlamaRunner, check_gguf, item_seed
     from tools.paths import embedded_gguf
 
     from .items import load_items
-    from .llm import SAMPLING_DEFAULTS, LlamaRunner, check_gguf, item_seed
     from .stats import bootstrap_macro_f1, wilson
 
     if mode not in ("generate", "loglik"):
@@ -429,7 +477,7 @@ def run_bench(task: str, *, model: str | os.PathLike | None = None, data: str | 
                 "min_shots_used": min((r.get("shots", shots) for r in rows), default=shots)}
         write_json(st.path("results.json"), results)
         write_jsonl(st.path("items.jsonl"), rows)
-        from .report import render_bench_report
+        from .render import render_bench_report
         render_bench_report(results, rows, st.path("report.md").parent, plots=plots)
         st.lineage.licenses.add("MIT")
         st.lineage.sources.add(f"{task} ({data_path.name})")
@@ -521,3 +569,22 @@ def _run_item(lr, it: Item, flavor: str, mode: str, seed: int, samples: int, cot
                 "samples": [{"raw": t, "parsed": p.label, "finish": r, "gen_tokens": g} for t, g, r, p in parsed],
                 "finish": lead[2], "gen_tokens": sum(g for _, g, _, _ in parsed), "correct": winner == it.answer})
     return row
+
+
+def summary_lines(task: str, res: dict, art: Artifact) -> list[str]:
+    """The lines `tools bench` prints: figures with their 95 % intervals, then self-consistency."""
+    def ci(key):
+        v = res.get(key)
+        return f" [{v[0]:.3f}, {v[1]:.3f}]" if v else ""
+    line = (f"{task} {res['mode']}: n={res['n']} accuracy={res['accuracy']:.3f}{ci('accuracy_ci95')} "
+            f"valid={res['valid_rate']:.3f}{ci('valid_rate_ci95')} macro_f1={res['macro_f1']:.3f}{ci('macro_f1_ci95')}")
+    if res["mode"] == "loglik":
+        line += f" accuracy_norm={res['accuracy_norm']:.3f}"
+    t = art.extra.get("timing", {})
+    if t:
+        line += f" ({t.get('s_per_item')} s/item)"
+    lines = [line]
+    sc = res.get("self_consistency")
+    if sc:
+        lines.append(f"self-consistency: {sc['samples']} samples an item, {sc['ties']} tied votes")
+    return lines

@@ -40,13 +40,13 @@ def _register():
 
     @register_model(GGUF_MODEL_NAME)
     class LlamaCppLM(LM):
-        """lm-eval model over a GGUF via evals.llm.LlamaRunner: one prompt evaluation per context,
+        """lm-eval model over a GGUF via tools.llm.LlamaRunner: one prompt evaluation per context,
         every continuation scored from it; per task the contexts' common token prefix is kept."""
 
         def __init__(self, pretrained: str, n_ctx: int = 4096, threads: int | None = None, seed: int = 0,
                      n_gpu_layers: int | None = None, **_):
             super().__init__()
-            from .llm import LlamaRunner
+            from tools.llm import LlamaRunner
             self.runner = LlamaRunner(pretrained, n_ctx=int(n_ctx), n_threads=int(threads) if threads else None,
                                       seed=int(seed), n_gpu_layers=n_gpu_layers)
 
@@ -97,7 +97,7 @@ def _register():
         def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
             import numpy as np
 
-            from .llm import log_softmax
+            from tools.llm import log_softmax
             r = self.runner
             res = []
             for req in requests:
@@ -148,7 +148,7 @@ def _model_info(model: Path) -> tuple[str, dict]:
                             field="--model")
         h = sha256_bytes("".join(f"{p.name}:{sha256_file(p)}" for p in sorted(model.glob("*.safetensors"))))
         return "hf", {"path": str(model.resolve()), "name": model.name, "sha256": h, "backend": "lm-eval hf"}
-    from .llm import check_gguf
+    from tools.llm import check_gguf
     check_gguf(model)
     return "gguf", {"path": str(model.resolve()), "name": model.name, "sha256": sha256_file(model),
                     "backend": f"lm-eval {GGUF_MODEL_NAME} (llama.cpp)"}
@@ -172,7 +172,7 @@ def run_mmlu(model: str | os.PathLike | None = None, *, shots: int = 0, subjects
     if not model_path.exists():
         raise UserError("model not found", path=str(model_path), field="--model")
     if model_path.is_dir() and not (model_path / "config.json").is_file() and any(model_path.glob("*.gguf")):
-        from .llm import check_gguf
+        from tools.llm import check_gguf
         model_path = check_gguf(model_path)  # a GGUF artifact folder (tools convert / quantize)
     kind, minfo = _model_info(model_path)
     root = bundled_data() / "mmlu_medical"
@@ -223,7 +223,7 @@ def run_mmlu(model: str | os.PathLike | None = None, *, shots: int = 0, subjects
                    "data": {"sha256": sha256_bytes("".join(f"{p.name}:{sha256_file(p)}" for p in csvs))},
                    "lm_eval_version": lm_eval.__version__ if hasattr(lm_eval, "__version__") else _lm_eval_version()}
         write_json(st.path("results.json"), results)
-        from .report import render_mmlu_report
+        from .render import render_mmlu_report
         render_mmlu_report(results, st.path("report.md").parent, plots=plots)
         st.lineage.licenses.add("MIT")
         st.lineage.sources.add("MMLU (medical subjects)")
@@ -235,3 +235,9 @@ def run_mmlu(model: str | os.PathLike | None = None, *, shots: int = 0, subjects
 def _lm_eval_version() -> str:
     from importlib.metadata import version
     return version("lm_eval")
+
+
+def summary_lines(res: dict) -> list[str]:
+    """Accuracy per subject, then the macro average."""
+    lines = [f"{s:24s} {v['n']:5d}  {100 * v['accuracy']:5.1f}%" for s, v in res["subjects"].items()]
+    return lines + [f"{'average (macro)':24s} {res['n']:5d}  {100 * res['accuracy_macro']:5.1f}%"]

@@ -364,3 +364,19 @@ def read_index_params(index_dir: str | os.PathLike) -> dict:
 
 __all__ = ["Retriever", "build_index", "fit_context", "chunk_text", "model_fingerprint", "resolve_model_dir",
            "embed", "load_sentence_model", "read_index_params", "retrieval_recall", "LORAG_EMBEDDER", "DEFAULT_EMBEDDER"]
+
+
+def query_index(index_dir, text: str, k: int = 6, *, embedder: str | None = None) -> list[dict]:
+    """`tools rag query`: the ``k`` best chunks of the index for ``text``."""
+    if k < 1:
+        raise UserError(f"must be a positive integer, got {k}", field="--k")
+    if not text.strip():
+        raise UserError("the query is empty", field="TEXT")
+    return Retriever(index_dir, embedder=embedder).search(text, k)
+
+
+def hit_line(h: dict) -> str:
+    """One hit as printed by `tools rag query`: rank, cosine, chunk id, source and a snippet."""
+    snippet = " ".join(h["text"].split())
+    snippet = snippet if len(snippet) <= 240 else snippet[:237] + "..."
+    return f"{h['rank'] + 1:>2}. {h['score']:.4f}  {h['id']}  [{h['source']}]\n    {snippet}"

@@ -264,9 +264,9 @@ def score_pairs(pairs: list[dict], *, bertscore_model: str | None = None, semsco
 
 
 def _plot(items: list[dict], metrics: dict, out_png: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from tools.plotting import pyplot, save_png
+
+    plt = pyplot()
 
     names = [m for m in METRICS if m in metrics] or ["(none)"]
     fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.2), squeeze=False)
@@ -283,8 +283,7 @@ def _plot(items: list[dict], metrics: dict, out_png: Path) -> None:
         ax.set_xlabel("score")
         ax.set_ylabel("items")
     fig.tight_layout()
-    fig.savefig(out_png, format="png", metadata={"Software": None})
-    plt.close(fig)
+    save_png(fig, out_png)
 
 
 def _report(res: dict, source: str) -> str:
@@ -343,3 +342,40 @@ def read_results(art: Artifact) -> dict:
 
 __all__ = ["evaluate", "score_pairs", "load_pairs", "bertscore_f1", "semscore", "nli_entailment", "LORAG_MODELS",
            "METRICS", "read_results", "read_artifact"]
+
+
+def run_semantic(results_dir: str | os.PathLike | None = None, *, pred: str | os.PathLike | None = None,
+                 ref: str | os.PathLike | None = None, seq2seq_dir: str | os.PathLike | None = None,
+                 data: str | os.PathLike | None = None, split: str = "test", max_new_tokens: int = 128,
+                 out: str | os.PathLike | None = None, force: bool = False, limit: int | None = None,
+                 **metric_options) -> Artifact:
+    """`tools eval semantic`: score a bench's results (RESULTS_DIR), a --pred/--ref pair, or the answers a
+    seq2seq `train` output generates on ``data`` first (written beside OUT as OUT-predictions)."""
+    if seq2seq_dir is not None:
+        if results_dir is not None or pred is not None:
+            raise UserError("--seq2seq generates the predictions: give no RESULTS_DIR or --pred with it", field="--seq2seq")
+        if data is None:
+            raise UserError("--seq2seq needs --data DATASET_DIR (the questions and reference answers)", field="--data")
+        from recipes.seq2seq import predict
+
+        base = Path(out) if out else Path(seq2seq_dir).parent / f"{Path(data).name}-{split}"
+        results_dir = str(predict(seq2seq_dir, data, base.parent / f"{base.name}-predictions", split=split,
+                                  max_new_tokens=max_new_tokens, limit=limit, force=force).path)
+    if results_dir is None and pred is None:
+        raise UserError("give a RESULTS_DIR or --pred FILE (with --ref FILE)", field="RESULTS_DIR")
+    src = Path(results_dir or pred)
+    if out is None:
+        out = src.parent / f"{src.name.split('.')[0]}-semantic"
+    return evaluate(out, results=results_dir, pred=pred, ref=ref, limit=limit, force=force, **metric_options)
+
+
+def summary_lines(res: dict) -> list[str]:
+    """One line per metric: its mean and model, or why it was skipped."""
+    lines = []
+    for m in METRICS:
+        if m in res["metrics"]:
+            r = res["metrics"][m]
+            lines.append(f"  {m:<15} {r['mean']:.4f}  ({r['model']}" + (f"; {r['note']}" if r.get("note") else "") + ")")
+        else:
+            lines.append(f"  {m:<15} skipped: {res['skipped'][m]}")
+    return lines

@@ -1,7 +1,7 @@
 """The install's smoke check: llama.cpp loads, decodes, generates and scores, in a child process.
 
 ``python -m evals.smoke`` (run by ``make install`` and ``make smoke``) starts a child that loads the
-embedded GGUF through ``evals.llm.LlamaRunner`` (so with the AMX guard and GPU default the product
+embedded GGUF through ``tools.llm.LlamaRunner`` (so with the AMX guard and GPU default the product
 uses), evaluates a chat prompt, generates a few tokens and scores one option. The child reports each
 step before it takes it; if it dies (a segfault inside llama.cpp, an illegal instruction from a
 build for another CPU) the parent prints one line that names the signal, the step and what to do,
@@ -25,9 +25,8 @@ def _step(name: str) -> None:
 
 
 def child() -> int:
+    from tools.llm import LlamaRunner
     from tools.paths import embedded_gguf
-
-    from .llm import LlamaRunner
 
     _step("load")
     t0 = time.perf_counter()

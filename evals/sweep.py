@@ -181,9 +181,9 @@ def grid_combos(grid: dict[str, list]) -> list[dict]:
 
 def plot_sweep(rows: list[dict], out_png: str | Path, x: str = "learning_rate", series: str = "micro_batch_size",
                metric: str = "loss") -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from tools.plotting import pyplot, save_png
+
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     groups: dict[Any, list] = {}
@@ -200,5 +200,91 @@ def plot_sweep(rows: list[dict], out_png: str | Path, x: str = "learning_rate", 
     if groups:
         ax.legend()
     fig.tight_layout()
-    fig.savefig(out_png, format="png", metadata={"Software": None})
-    plt.close(fig)
+    save_png(fig, out_png)
+
+
+def sweep_stage(stage_dir: str | Path, *, grids: tuple[str, ...] = (), optuna_trials: int | None = None,
+                objective: str = "loss", evals: tuple[str, ...] = (), seed: int = 0, out: str | Path | None = None,
+                force: bool = False):
+    """`tools sweep`: artifact ``sweep`` (trials.json, sweep.png, report.md); trials in OUT-trials/NN.
+
+    Everything that can be refused (the objective, a metric nobody produces, the grid's keys, the
+    --eval verbs' options) is refused before the first trial."""
+    from recipes.recipe import check_keys
+    from tools.artifact import Stage, read_artifact
+    from tools.io import write_json
+
+    from .trials import TrialEval, derive_and_train, stage_info
+
+    obj = Objective(objective)  # bad objective: exit 2 before any training
+    stage = read_artifact(stage_dir, stage="stage.")
+    seq2seq, has_val = stage_info(stage.path)
+    n_bench = sum(1 for e in evals if "bench" in e.split()[:2])
+    plans = [TrialEval(e, seq2seq, plain=n_bench == 1) for e in evals]
+    produced = set(TRAINER_METRICS) | (EVAL_LOSS_METRICS if has_val else set())
+    hints = {m: "the stage has no validation split (add validation.jsonl to the dataset, or val_set_size)"
+             for m in EVAL_LOSS_METRICS}
+    hints.update({m: "no --eval produces it (add --eval \"eval semantic ...\" on a seq2seq stage)"
+                  for m in SEMANTIC_METRICS})
+    for p in plans:
+        produced |= p.produces
+        hints.update({m: f"--eval {p.spec!r} cannot compute it here: {why}" for m, why in p.missing.items()})
+    for m in obj.names - produced:
+        if m not in hints:
+            hints[m] = "no --eval produces it (add --eval \"bench TASK ...\")"
+    check_produced(obj, produced, hints)  # before the first trial
+    if not grids:
+        raise UserError("give at least one --grid KEY=V1,V2", field="--grid")
+    grid = parse_grid(grids)
+    check_keys(grid)
+    combos = grid_combos(grid)
+    out = Path(out) if out else Path(stage_dir).with_name(Path(stage_dir).name + "-sweep")
+    params = {"grid": grid, "optuna": optuna_trials, "objective": objective, "seed": seed,
+              **({"eval": list(evals)} if evals else {})}
+    trials = out.with_name(out.name + "-trials")  # each trial is a stage folder of its own
+    with Stage("sweep", out, params, inputs=[stage.path], force=force) as st:
+        if st.skipped:
+            return st.result
+
+        def run_trial(i, overrides):
+            m = derive_and_train(stage.path, trials / f"{i:02d}", overrides, force)
+            for p in plans:
+                m.update(p.run(stage.path, trials / f"{i:02d}", force))
+            return m
+        rows = run_sweep(combos, run_trial, obj, optuna_trials, seed)
+        best = min(rows, key=lambda r: r["objective"])
+        write_json(st.path("trials.json"), rows)
+        plot_sweep(rows, st.path("sweep.png"))
+        st.path("report.md").write_text(_report(rows, grid, obj, objective, evals, best))
+        st.extra["best"] = {"trial": best["trial"], "params": best["params"], "objective": best["objective"],
+                            "stage": str(trials / f"{best['trial']:02d}")}
+        st.extra["n_trials"] = len(rows)
+    return st.result
+
+
+def _report(rows: list[dict], grid: dict, obj: Objective, objective: str, evals, best: dict) -> str:
+    shown = sorted(obj.names - {"loss"})  # the objective's other terms (eval_loss, accuracy, ...)
+    md = ["| trial | " + " | ".join([*grid, "final loss", *shown]) + " | objective |",
+          "|---|" + "---|" * (len(grid) + len(shown)) + "---|---|"]
+    md += [f"| {r['trial']} | " + " | ".join(str(r["params"].get(k)) for k in grid)
+           + f" | {r['metrics'].get('loss', float('nan')):.4f} | "
+           + "".join(f"{r['metrics'].get(m, float('nan')):.4f} | " for m in shown)
+           + f"{r['objective']:.4f} |" for r in rows]
+    if evals:
+        md += ["", "Each trial's model was also evaluated: " + "; ".join(f"`{e}`" for e in evals)
+               + " (files in OUT-trials/NN/eval)."]
+    return ("# Sweep\n\nObjective: `" + objective + "` (lower is better)\n\n" + "\n".join(md)
+            + f"\n\nBest: trial {best['trial']} {best['params']}\n\n![final loss vs learning rate](sweep.png)\n")
+
+
+def trials_table(rows: list[dict], grid: dict, title: str):
+    """The rich Table `tools sweep` prints: one row a trial."""
+    from rich.table import Table
+
+    t = Table(title=title)
+    for c in ["trial", *grid, "final loss", "objective"]:
+        t.add_column(c)
+    for r in rows:
+        t.add_row(str(r["trial"]), *[str(r["params"].get(k)) for k in grid],
+                  f"{r['metrics'].get('loss', float('nan')):.4f}", f"{r['objective']:.4f}")
+    return t

@@ -1,16 +1,16 @@
-"""CLI: `tools stage completion`, `tools stage sft` and `tools train` (heavy imports inside)."""
+"""The recipes package's verbs: stage completion|sft, train, memory, plot (heavy imports inside)."""
 from __future__ import annotations
 
-import json
-
 import click
+
+from tools.cli_options import emit_json, force_option, json_option, out_option
 
 ADAPTER_FLAGS = ("qlora", "lora", "full")
 
 
 def _common(f):
     opts = [
-        click.option("--out", required=True, type=click.Path(file_okay=False), help="Stage folder to write."),
+        out_option("Stage folder to write.", required=True, file_okay=False),
         click.option("--device", type=click.Choice(["gpu", "cpu"]), default=None,
                      help="gpu (default) or cpu: the CPU profile for small local runs."),
         click.option("--gpus", type=int, default=None, help="GPUs per node (default 1)."),
@@ -38,37 +38,44 @@ def _common(f):
         click.option("--seed", type=int, default=None, help="Seed (default 42)."),
         click.option("--set", "set_items", multiple=True, metavar="KEY=VALUE",
                      help="Any Axolotl key (YAML value; dotted keys for nested); wins over everything."),
-        click.option("--force", is_flag=True, help="Re-write even if up to date."),
-        click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON."),
+        force_option,
+        json_option,
     ]
     for o in reversed(opts):
         f = o(f)
     return f
 
 
-def _options(kw: dict) -> dict:
-    names = ("lora_r", "lora_alpha", "lora_dropout", "target_modules", "epochs", "max_steps", "lr", "seq_len",
-             "micro_batch", "grad_accum", "warmup_steps", "packing", "seed")
-    opts = {k: kw.pop(k) for k in names}
-    if opts["target_modules"] is not None:
-        opts["target_modules"] = [t.strip() for t in opts["target_modules"].split(",") if t.strip()]
-    if opts["epochs"] is not None and float(opts["epochs"]).is_integer():
-        opts["epochs"] = int(opts["epochs"])
-    return opts
+def check_stage_options(cmd: click.Command) -> None:
+    """Every option of a stage verb is a StageSpec field (and every field but kind/arch is an option)."""
+    from dataclasses import fields
+
+    from .stage import StageSpec
+
+    names = {p.name for p in cmd.params} - {"as_json"}
+    names = {"data" if n in ("corpora", "datasets") else n for n in names}
+    spec = {f.name for f in fields(StageSpec)} - {"kind", "arch"}
+    if cmd.name == "completion":
+        spec -= {"from_stage", "merged"}
+    if names - {"arch"} != spec:
+        raise AssertionError(f"{cmd.name} options and StageSpec differ: {sorted(names ^ spec)}")
 
 
-def _check_device(device, gpus) -> None:
-    if device == "cpu" and gpus is not None:
-        from tools.errors import UserError
-        raise UserError("--device cpu has no GPUs: ask for several processes with --procs N", field="--gpus")
+def _write(kind: str, as_json: bool, params: dict) -> None:
+    from .stage import StageSpec, write_stage
+
+    data = params.pop("corpora", None) or params.pop("datasets", None) or ()
+    if params.get("target_modules") is not None:
+        params["target_modules"] = tuple(t.strip() for t in params["target_modules"].split(",") if t.strip())
+    spec = StageSpec(kind=kind, data=tuple(data), **{k: v for k, v in params.items()})
+    _report(write_stage(spec), as_json)
 
 
 def _report(art, as_json: bool) -> None:
     from tools.progress import out
 
     if as_json:
-        click.echo(json.dumps({"path": str(art.path), **art.manifest}, indent=2, sort_keys=True))
-        return
+        return emit_json(art)
     e = art.extra
     out.print(f"{art.stage}: {art.path}")
     for k in ("base_model", "mode", "launcher", "world_size", "sequence_len", "sample_packing"):
@@ -81,8 +88,7 @@ def _report(art, as_json: bool) -> None:
 @click.option("--corpus", "corpora", multiple=True, required=True, type=click.Path(),
               help="Corpus artifact folder (corpus.jsonl); repeat for several.")
 @_common
-def stage_completion(base_model, corpora, out, device, gpus, procs, nodes, shard, mode, set_items, force, as_json,
-                     **kw):
+def stage_completion(as_json, **kw):
     """Stage one: continued pre-training (Axolotl `type: completion`) on corpora.
 
     \b
@@ -91,13 +97,7 @@ def stage_completion(base_model, corpora, out, device, gpus, procs, nodes, shard
       tools stage completion --base-model HuggingFaceTB/SmolLM2-135M --corpus c1 --corpus c2 \\
           --gpus 4 --shard zero2 --epochs 1 --set learning_rate=1e-4 --out runs/stage1
     """
-    from .stage import write_stage
-
-    _check_device(device, gpus)
-    art = write_stage("completion", out, base_model=base_model, data=list(corpora), device=device, gpus=gpus,
-                      nodes=nodes, shard=shard, mode=mode, options=_options(kw), set_items=set_items, force=force,
-                      procs=procs)
-    _report(art, as_json)
+    _write("completion", as_json, kw)
 
 
 @click.command("sft")
@@ -111,8 +111,7 @@ def stage_completion(base_model, corpora, out, device, gpus, procs, nodes, shard
 @click.option("--arch", type=click.Choice(["causal", "seq2seq"]), default="causal", show_default=True,
               help="causal (Axolotl) or seq2seq (the seq2seq recipes).")
 @_common
-def stage_sft(base_model, from_stage, merged, datasets, arch, out, device, gpus, procs, nodes, shard, mode, set_items,
-              force, as_json, **kw):
+def stage_sft(as_json, **kw):
     """Stage two: supervised fine-tuning on ChatML data, loss on assistant turns only.
 
     \b
@@ -121,43 +120,17 @@ def stage_sft(base_model, from_stage, merged, datasets, arch, out, device, gpus,
       tools stage sft --from runs/stage1 --merged runs/stage1-merged --dataset d --out runs/stage2
       tools stage sft --base-model runs/base --dataset d --device cpu --lora --max-steps 10 --out s
     """
-    opts = _options(kw)
-    if arch == "seq2seq":
-        from tools.errors import UserError
-        try:
-            from . import seq2seq
-        except ModuleNotFoundError as e:
-            if e.name and e.name.endswith("seq2seq"):
-                raise UserError("seq2seq recipes are not installed (recipes/seq2seq.py)", field="--arch") from None
-            raise
-        if from_stage:
-            raise UserError("--from is for causal stages", field="--from")
-        if not base_model:
-            raise UserError("--base-model is required", field="--base-model")
-        if procs is not None:
-            raise UserError("--procs is for causal (Axolotl) stages", field="--procs")
-        params = {"device": device, "gpus": gpus, "nodes": nodes, "shard": shard, "mode": mode, "options": opts,
-                  "set": list(set_items)}
-        art = seq2seq.write_stage(out, base_model, list(datasets), params, force)
-        _report(art, as_json)
-        return
-    from .stage import write_stage
-
-    _check_device(device, gpus)
-    art = write_stage("sft", out, base_model=base_model, data=list(datasets), from_stage=from_stage, merged=merged,
-                      device=device, gpus=gpus, nodes=nodes, shard=shard, mode=mode, options=opts,
-                      set_items=set_items, force=force, procs=procs)
-    _report(art, as_json)
+    _write("sft", as_json, kw)
 
 
 @click.command("train")
 @click.argument("stage_dir", type=click.Path())
 @click.option("--dry-run", is_flag=True, help="Print exactly what would run, run nothing.")
-@click.option("--force", is_flag=True, help="Train again even if output/ is up to date.")
+@force_option
 @click.option("--restart", is_flag=True,
               help="Discard the checkpoints of an earlier killed or failed run and train from step 0.")
 @click.option("--adopt", is_flag=True, help="Record an output/ written by launch.sh/sbatch as the artifact.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@json_option
 def train_cmd(stage_dir, dry_run, force, restart, adopt, as_json):
     """Run Axolotl on a stage folder: preprocess, then train; output/ becomes an artifact.
 
@@ -172,35 +145,70 @@ def train_cmd(stage_dir, dry_run, force, restart, adopt, as_json):
       tools train runs/stage1
       tools train runs/stage1 --restart
     """
-    import shlex
-
     from tools.progress import out
 
-    from .train import train_stage
+    from .train import dry_run_lines, train_stage
 
     res = train_stage(stage_dir, dry_run=dry_run, force=force, adopt=adopt, restart=restart)
-    if isinstance(res, dict):
-        if as_json:
-            click.echo(json.dumps(res, indent=2, sort_keys=True))
-            return
-        out.print(f"# {res.get('stage')} {res.get('stage_dir')} -> {res.get('output')} (log {res.get('log')})")
-        env = " ".join(f"{k}={shlex.quote(v)}" for k, v in res.get("env", {}).items())
-        for cmd in res["commands"]:
-            out.print(f"PATH={shlex.quote(res['path_prepend'])}:$PATH {env} {shlex.join(cmd)}")
-        return
+    plan = res if isinstance(res, dict) else None  # --dry-run: the commands, no artifact
     if as_json:
-        click.echo(json.dumps({"path": str(res.path), **res.manifest}, indent=2, sort_keys=True))
-        return
-    e = res.extra
+        return emit_json(None if plan else res, plan)
+    if plan:
+        return click.echo("\n".join(dry_run_lines(plan)))
     out.print(f"train: {res.path}")
     for k in ("base_model", "adapter", "steps", "world_size", "resumed_from_step", "final_loss"):
-        out.print(f"  {k}: {e.get(k)}")
+        out.print(f"  {k}: {res.extra.get(k)}")
+
+
+@click.command("memory")
+@click.argument("stage_dir", required=False, type=click.Path())
+@click.option("--model", type=click.Path(), default=None, help="HF model folder (instead of a stage).")
+@click.option("--batch", default=2, show_default=True)
+@click.option("--seq-len", default=256, show_default=True)
+@click.option("--regime", "regimes", multiple=True, type=click.Choice(["full", "lora", "qlora"]),
+              default=("full", "lora", "qlora"), show_default=True)
+@click.option("--lora-r", default=None, type=int, help="Default: the stage's lora_r, else 8.")
+@json_option
+def memory_cmd(stage_dir, model, batch, seq_len, regimes, lora_r, as_json):
+    """Trainable / frozen parameter MB and activation MB, measured for full, LoRA and QLoRA.
+
+    Activation MB is measured: the bytes of the tensors autograd saves for backward during one
+    forward pass of a batch (torch saved-tensor hooks), not an estimate.
+
+    \b
+    Example:  tools memory runs/sft-stage --batch 2 --seq-len 512
+    """
+    from .memory import measure_stage, memory_table
+
+    rows = measure_stage(stage_dir, model, regimes=regimes, batch=batch, seq_len=seq_len, lora_r=lora_r)
+    if as_json:
+        return emit_json(None, rows)
+    from tools.progress import out
+
+    out.print(memory_table(rows, f"Memory footprint, batch {batch} x {seq_len} tokens (activations measured)"))
+
+
+@click.command("plot")
+@click.argument("stage_dir", type=click.Path(exists=True))
+@click.option("--out", type=click.Path(), default=None, help="PNG path (default STAGE_DIR/loss.png).")
+def plot_cmd(stage_dir, out):
+    """Render train/eval loss curves from a trained stage's log history.
+
+    \b
+    Example:  tools plot runs/sft-stage
+    """
+    from .logs import plot_stage
+
+    out, info = plot_stage(stage_dir, out)
+    click.echo(f"{out}  ({info['train_points']} train points, final loss {info['final_train_loss']}, "
+               f"{info['eval_points']} eval points)")
 
 
 def register(cli):
     from tools.cli import group
 
     stage = group("stage")
-    stage.add_command(stage_completion)
-    stage.add_command(stage_sft)
-    cli.add_command(train_cmd)
+    for cmd in (stage_completion, stage_sft):  # options checked against StageSpec in tests/tools/test_cli.py
+        stage.add_command(cmd)
+    for cmd in (train_cmd, memory_cmd, plot_cmd):
+        cli.add_command(cmd)

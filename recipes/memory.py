@@ -144,3 +144,17 @@ def measure_stage(stage_dir: str | Path | None, model: str | None, *, regimes=("
     """`tools memory`: one measured row per regime."""
     model, r, targets = stage_model(stage_dir, model, lora_r)
     return [measure(model, reg, batch=batch, seq_len=seq_len, lora_r=r, targets=targets).to_dict() for reg in regimes]
+
+
+def memory_table(rows: list[dict], title: str):
+    """The rich Table `tools memory` prints: one row a regime."""
+    from rich.table import Table
+
+    t = Table(title=title)
+    for c in ("regime", "trainable MB", "frozen MB", "total param MB", "activation MB", "trainable params"):
+        t.add_column(c)
+    for x in rows:
+        t.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in
+                    (x["regime"], x["trainable_mb"], x["frozen_mb"], x["total_param_mb"], x["activation_mb"],
+                     x["trainable_params"])])
+    return t

@@ -4,7 +4,7 @@ Order of precedence (later wins): the MediLoRA defaults, what the data says (seq
 sample packing), the stage kind (completion or chat-template SFT), the adapter mode
 (``--qlora``/``--lora``/``--full``), the hardware preset, the named options (``--lora-r``...), and
 last ``--set key=value``. Then known-broken mixes are refused with the reason
-(:func:`recipes.presets.refuse_broken`) and the whole dict goes through Axolotl's own pydantic
+(:func:`recipes.hardware.refuse_broken`) and the whole dict goes through Axolotl's own pydantic
 config model (:func:`validate`); what Axolotl refuses is a UserError with Axolotl's message.
 """
 from __future__ import annotations
@@ -361,11 +361,11 @@ def env_for_axolotl(seed: int | None = None, preset=None) -> dict[str, str]:
     """The environment every Axolotl process gets: offline, no telemetry, the venv's bin first, the
     start-up shim (recipes/seeding/sitecustomize.py) on PYTHONPATH; with ``seed``, every process is
     seeded at start-up; with a ``preset`` of several CPU processes, the CPU/DDP switches and the
-    threads per process (recipes.presets.launch_env)."""
+    threads per process (recipes.hardware.launch_env)."""
     import sys
 
-    from .presets import SHIM_DIR, cpu_threads, launch_env
-    from .profiles import AXOLOTL_ENV
+    from .axolotl_cpu import AXOLOTL_ENV
+    from .hardware import SHIM_DIR, cpu_threads, launch_env
 
     env = dict(os.environ)
     env.update(AXOLOTL_ENV)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from tools.artifact import Artifact, Stage, is_artifact, read_artifact
 from tools.errors import UserError
 from tools.progress import log
 
-from . import presets as P
+from . import hardware as P
 from . import recipe as R
 
 STAGE_NAMES = {"completion": "stage.completion", "sft": "stage.sft"}
@@ -180,12 +181,78 @@ def build(kind: str, out: Path, base_model: str, train_files: list[Path], val_fi
     return cfg, decided
 
 
-def write_stage(kind: str, out: str | os.PathLike, *, base_model: str | None = None, data: list[str],
-                from_stage: str | None = None, merged: str | None = None, device: str | None = None,
-                gpus: int | None = None, nodes: int | None = None, shard: str | None = None,
-                mode: str | None = None, options: dict | None = None, set_items: list[str] | tuple = (),
-                force: bool = False, procs: int | None = None) -> Artifact:
-    """Write a completion or SFT stage folder; return its artifact."""
+@dataclass(frozen=True)
+class StageSpec:
+    """Everything a stage folder is written from: the single source of `tools stage`'s options (the
+    Click options of `stage completion|sft` are checked against these fields at start-up) and of
+    write_stage's arguments. `tools sweep` derives a trial with ``dataclasses.replace(spec, out=...,
+    set_items=...)`` from ``StageSpec.from_params`` of the swept stage's manifest."""
+
+    kind: str                                   # completion | sft
+    out: str | os.PathLike
+    data: tuple[str, ...] = ()                  # corpus (completion) or dataset (sft) artifact folders
+    base_model: str | None = None
+    from_stage: str | None = None               # sft: stage one's folder
+    merged: str | None = None                   # sft with from_stage: stage one's merge artifact
+    arch: str = "causal"                        # causal (Axolotl) | seq2seq
+    # hardware preset
+    device: str | None = None
+    gpus: int | None = None
+    procs: int | None = None
+    nodes: int | None = None
+    shard: str | None = None
+    mode: str | None = None                     # qlora | lora | full
+    # training options (recipes.recipe.OPTION_KEYS: None = the recipe's default)
+    lora_r: int | None = None
+    lora_alpha: int | None = None
+    lora_dropout: float | None = None
+    target_modules: tuple[str, ...] | None = None
+    epochs: float | None = None
+    max_steps: int | None = None
+    lr: float | None = None
+    seq_len: int | None = None
+    micro_batch: int | None = None
+    grad_accum: int | None = None
+    warmup_steps: int | None = None
+    packing: bool | None = None
+    seed: int | None = None
+    set_items: tuple[str, ...] = ()             # KEY=VALUE Axolotl overrides, applied last
+    force: bool = False
+
+    def options(self) -> dict:
+        """The training options that were given (the recipe fills in the others)."""
+        opts = {k: getattr(self, k) for k in R.OPTION_KEYS if getattr(self, k) is not None}
+        if "target_modules" in opts:
+            opts["target_modules"] = list(opts["target_modules"])
+        if "epochs" in opts and float(opts["epochs"]).is_integer():
+            opts["epochs"] = int(opts["epochs"])
+        return opts
+
+    @classmethod
+    def from_params(cls, params: dict, out: str | os.PathLike, **changes) -> "StageSpec":
+        """The spec that wrote a stage, from its manifest's params (``changes`` applied on top)."""
+        preset = params.get("preset") or {}
+        sets = params.get("set") or {}
+        cpu = preset.get("device") == "cpu"  # a stored CPU preset names its processes per node `gpus`
+        return replace(cls(kind=params["kind"], out=out, data=tuple(params["data"]),
+                           base_model=None if params.get("from") else params["base_model"],
+                           from_stage=params.get("from"), merged=params.get("merged"), device=preset.get("device"),
+                           gpus=None if cpu else preset.get("gpus"), procs=preset.get("gpus") if cpu else None,
+                           nodes=preset.get("nodes"), shard=preset.get("shard"),
+                           mode=params.get("mode"), **(params.get("options") or {}),
+                           set_items=tuple(f"{k}={json.dumps(v)}" for k, v in sorted(sets.items()))), **changes)
+
+
+def write_stage(spec: StageSpec) -> Artifact:
+    """Write a completion or SFT stage folder (causal through Axolotl, or seq2seq); return its artifact."""
+    if spec.arch == "seq2seq":
+        return _write_seq2seq(spec)
+    if spec.device == "cpu" and spec.gpus is not None:
+        raise UserError("--device cpu has no GPUs: ask for several processes with --procs N", field="--gpus")
+    kind, base_model, data, from_stage, merged = spec.kind, spec.base_model, list(spec.data), spec.from_stage, spec.merged
+    device, gpus, nodes, shard, mode, procs = spec.device, spec.gpus, spec.nodes, spec.shard, spec.mode, spec.procs
+    options, set_items, force = spec.options(), spec.set_items, spec.force
+    out = spec.out
     if kind not in STAGE_NAMES:
         raise UserError(f"unknown stage kind {kind!r}", field="kind")
     out = Path(out).expanduser().resolve()
@@ -269,3 +336,22 @@ def write_stage(kind: str, out: str | os.PathLike, *, base_model: str | None = N
     log(f"{name}: wrote {out}/axolotl.yaml ({mode}, sequence_len {cfg.get('sequence_len')}, "
         f"packing {cfg.get('sample_packing')}, launcher {preset.launcher}); train with `tools train {out}`")
     return st.result
+
+
+def _write_seq2seq(spec: StageSpec) -> Artifact:
+    from . import seq2seq
+
+    if spec.kind != "sft":
+        raise UserError("seq2seq stages are SFT stages", field="--arch")
+    if spec.from_stage:
+        raise UserError("--from is for causal stages", field="--from")
+    if not spec.base_model:
+        raise UserError("--base-model is required", field="--base-model")
+    if spec.procs is not None:
+        raise UserError("--procs is for causal (Axolotl) stages", field="--procs")
+    if spec.device not in (None, "cpu") or spec.gpus or spec.nodes or spec.shard:
+        raise UserError("the seq2seq recipes train in one process: no GPU preset", field="--device")
+    # flat keys, as seq2seq.write_stage reads them (--qlora/--full are refused there with their reason)
+    params = {**spec.options(), **({"adapter": spec.mode} if spec.mode in ("lora", "full") else {}),
+              **({"load_in_4bit": True} if spec.mode == "qlora" else {}), **R.parse_set(list(spec.set_items))}
+    return seq2seq.write_stage(spec.out, spec.base_model, list(spec.data), params, spec.force)

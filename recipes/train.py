@@ -57,7 +57,7 @@ from tools.errors import UserError, WorkError
 from tools.io import write_json
 from tools.progress import log, progress
 
-from . import presets as P
+from . import hardware as P
 from . import recipe as R
 
 # wall-clock and memory figures: they differ run to run, so they stay out of log_history.json
@@ -101,7 +101,7 @@ def plan(stage_dir: str | os.PathLike, work: str | None = None, resume: str | No
         overrides["resume_from_checkpoint"] = resume
     pre, train = P.axolotl_commands(preset, str(cfg_file), axolotl, overrides)
     full = R.env_for_axolotl(seed=cfg.get("seed"), preset=preset)
-    from .profiles import AXOLOTL_ENV
+    from .axolotl_cpu import AXOLOTL_ENV
     env = {k: full[k] for k in full if k in AXOLOTL_ENV or k.startswith(("MEDILORA_", "ACCELERATE_"))
            or k in ("PYTHONPATH", "OMP_NUM_THREADS")}
     return {"stage_dir": str(stage_dir), "stage": art.stage, "preset": preset.to_dict(), "config": str(cfg_file),
@@ -580,3 +580,12 @@ def _main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(_main(sys.argv[1:]))
+
+
+def dry_run_lines(plan: dict) -> list[str]:
+    """`tools train --dry-run`: the header and each command, with the environment it runs in."""
+    import shlex
+
+    env = " ".join(f"{k}={shlex.quote(v)}" for k, v in plan.get("env", {}).items())
+    return [f"# {plan.get('stage')} {plan.get('stage_dir')} -> {plan.get('output')} (log {plan.get('log')})"] + [
+        f"PATH={shlex.quote(plan['path_prepend'])}:$PATH {env} {shlex.join(cmd)}" for cmd in plan["commands"]]

@@ -1,5 +1,5 @@
 """`tools chat GGUF`: a terminal chat through the GGUF's own chat template, with the MediLoRA system
-prompt and the evaluation protocol's sampling (evals.llm.SAMPLING_DEFAULTS: top-k 40, ...).
+prompt and the evaluation protocol's sampling (tools.llm.SAMPLING_DEFAULTS: top-k 40, ...).
 
 Tokens are printed as they are sampled. Commands: ``/reset`` (forget the conversation),
 ``/system TEXT`` (new system prompt, conversation reset; ``/system`` alone prints it), ``/exit``
@@ -20,7 +20,7 @@ HELP = "commands: /reset, /system [TEXT], /exit (or Ctrl-D)"
 class ChatSession:
     def __init__(self, model, *, system: str, sampling: dict, max_tokens: int = 512, n_ctx: int = 4096,
                  seed: int = 0, threads: int | None = None, n_gpu_layers: int | None = None):
-        from evals.llm import LlamaRunner
+        from tools.llm import LlamaRunner
 
         if max_tokens < 1:
             raise UserError("must be at least 1", field="--max-tokens")
@@ -52,7 +52,7 @@ class ChatSession:
 
     def reply(self, user: str, write=None) -> str:
         """Answer ``user`` (streamed to ``write``) and keep both turns in the history."""
-        from evals.llm import SAMPLING_DEFAULTS
+        from tools.llm import SAMPLING_DEFAULTS
 
         lr = self.lr
         self.history.append({"role": "user", "content": user})

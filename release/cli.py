@@ -1,20 +1,13 @@
 """Release verbs: merge, convert, quantize, imatrix, inspect, compare-quant, card, push, export, chat."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
-from tools.errors import UserError
+from tools.cli_options import artifact_options, emit_json, json_option, read_results, threads_option
 
-
-def _echo_json(obj) -> None:
-    click.echo(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False, default=str))
-
-
-def _gguf_of(art) -> Path:
-    return art.path / art.extra["file"]
+N_GPU_LAYERS_HELP = "Layers to offload to the GPU (default: all when llama.cpp has a GPU backend, else 0)."
 
 
 def _mib(n: int) -> str:
@@ -25,44 +18,29 @@ def _mib(n: int) -> str:
 @click.argument("stage_dir", required=False, type=click.Path(path_type=Path))
 @click.option("--base", type=click.Path(path_type=Path), help="Full-precision base model folder (peft merge).")
 @click.option("--adapter", type=click.Path(path_type=Path), help="LoRA adapter folder (peft merge).")
-@click.option("--out", type=click.Path(path_type=Path), help="Merged model folder [STAGE_DIR/merged].")
-@click.option("--force", is_flag=True, help="Re-run even if up to date.")
 @click.option("--dry-run", is_flag=True, help="Check the inputs and print what would run.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def merge_cmd(stage_dir, base, adapter, out, force, dry_run, as_json):
+@artifact_options("Merged model folder [STAGE_DIR/merged].", path_type=Path)
+def merge_cmd(stage_dir, base, adapter, dry_run, out, force, as_json):
     """Merge a LoRA adapter into its base, saved in the base's dtype with tokenizer and chat template.
 
     \b
     tools merge runs/sft                       # axolotl merge-lora runs/sft/axolotl.yaml (4-bit bases too)
     tools merge --base BASE --adapter runs/sft/output --out runs/merged   # peft merge_and_unload
     """
-    from release.merge import merge_peft, merge_stage_dir
+    from release.merge import merge
 
-    if stage_dir is not None and (base or adapter):
-        raise UserError("give either STAGE_DIR or --base/--adapter, not both", field="STAGE_DIR")
-    if stage_dir is not None:
-        art = merge_stage_dir(stage_dir, out or stage_dir / "merged", force=force, dry_run=dry_run)
-    else:
-        if not base or not adapter or not out:
-            raise UserError("without STAGE_DIR, --base, --adapter and --out are all needed", field="--base")
-        art = merge_peft(base, adapter, out, force=force, dry_run=dry_run)
-    if dry_run:
-        if as_json:
-            _echo_json(art)
-        else:
-            click.echo(f"would merge ({art['method']}, {art['dtype']}) into {art['out']}"
-                       + (f": {' '.join(art['command'])}" if "command" in art else ""))
-        return
+    res = merge(stage_dir, base=base, adapter=adapter, out=out, force=force, dry_run=dry_run)
     if as_json:
-        _echo_json({"out": str(art.path), **art.extra})
-    else:
-        click.echo(f"merged ({art.extra.get('method')}, {art.extra.get('dtype')}) -> {art.path}")
+        return emit_json(None, res) if dry_run else emit_json(res)
+    if dry_run:
+        return click.echo(f"would merge ({res['method']}, {res['dtype']}) into {res['out']}"
+                          + (f": {' '.join(res['command'])}" if "command" in res else ""))
+    click.echo(f"merged ({res.extra.get('method')}, {res.extra.get('dtype')}) -> {res.path}")
 
 
 @click.command("convert")
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.option("--outtype", type=click.Choice(["f16", "bf16", "f32", "q8_0"]), default="f16", show_default=True)
-@click.option("--out", type=click.Path(path_type=Path), help="GGUF artifact folder [MODEL_DIR-OUTTYPE].")
 @click.option("--name", help="What the model is (GGUF general.name / basename) [MediLoRA <base model>].")
 @click.option("--lora", is_flag=True, help="MODEL_DIR is a LoRA adapter: write it as a GGUF adapter (needs --base).")
 @click.option("--base", type=click.Path(path_type=Path), help="With --lora: the HF base model folder it was trained on.")
@@ -70,8 +48,7 @@ def merge_cmd(stage_dir, base, adapter, out, force, dry_run, as_json):
               help="Held-out tokens for the HF-vs-GGUF fidelity gate (0 skips it).")
 @click.option("--max-kl", type=float, default=None, help="Fidelity gate: largest mean KL(HF || GGUF) [0.01 for f16].")
 @click.option("--min-top1", type=float, default=0.9, show_default=True, help="Fidelity gate: smallest top-1 agreement.")
-@click.option("--force", is_flag=True)
-@click.option("--json", "as_json", is_flag=True)
+@artifact_options("GGUF artifact folder [MODEL_DIR-OUTTYPE].", path_type=Path)
 def convert_cmd(model_dir, outtype, out, name, lora, base, fidelity_tokens, max_kl, min_top1, force, as_json):
     """HF model folder -> GGUF with llama.cpp's own converter (chat template included), then a fidelity
     gate: the GGUF's next-token distributions must match the HF model's (transformers, float32).
@@ -80,33 +57,13 @@ def convert_cmd(model_dir, outtype, out, name, lora, base, fidelity_tokens, max_
     tools convert runs/merged --outtype f16 --out runs/gguf-f16 --name "MediLoRA SmolLM2 135M"
     tools convert runs/sft/output --lora --base runs/merge1 --out runs/lora-gguf
     """
-    from release.convert import convert_lora_stage, convert_stage
+    from release.convert import convert_model, summary_lines
 
-    if lora:
-        if base is None:
-            raise UserError("--lora needs --base (the HF base model folder)", field="--base")
-        out = out or model_dir.parent / f"{model_dir.name}-lora-{outtype}"
-        art = convert_lora_stage(model_dir, base, out, outtype, name=name, force=force)
-    else:
-        if base is not None:
-            raise UserError("--base goes with --lora", field="--base")
-        if fidelity_tokens < 0:
-            raise UserError("must be 0 or more", field="--fidelity-tokens")
-        out = out or model_dir.parent / f"{model_dir.name}-{outtype}"
-        art = convert_stage(model_dir, out, outtype, force=force, name=name, fidelity_tokens=fidelity_tokens,
-                            max_kl=max_kl, min_top1=min_top1)
+    art = convert_model(model_dir, outtype, out, name=name, lora=lora, base=base, fidelity_tokens=fidelity_tokens,
+                        max_kl=max_kl, min_top1=min_top1, force=force)
     if as_json:
-        _echo_json({"out": str(art.path), "gguf": str(_gguf_of(art)), **art.extra})
-    else:
-        f = _gguf_of(art)
-        line = f"{f}  {art.extra['file_type']}  {_mib(f.stat().st_size)}"
-        if "bits_per_weight" in art.extra:
-            line += f"  {art.extra['bits_per_weight']:.2f} bits/weight"
-        click.echo(line)
-        fid = art.extra.get("fidelity")
-        if fid:
-            click.echo(f"fidelity vs HF (float32): mean KL {fid['mean_kl']:.2e} nats, top-1 agreement "
-                       f"{100 * fid['top1_agreement']:.1f}% on {fid['tokens_scored']} held-out tokens")
+        return emit_json(art)
+    click.echo("\n".join(summary_lines(art)))
 
 
 @click.command("quantize")
@@ -115,18 +72,16 @@ def convert_cmd(model_dir, outtype, out, name, lora, base, fidelity_tokens, max_
               help="Any llama.cpp type name (Q4_K_M, IQ4_XS, ...); several, comma-separated, give one GGUF each + a table.")
 @click.option("--imatrix", type=click.Path(path_type=Path),
               help="Importance matrix: a file (GGUF or legacy .dat) or a `tools imatrix` artifact.")
-@click.option("--out", type=click.Path(path_type=Path), help="GGUF artifact folder [beside MODEL, named by type].")
 @click.option("--name", help="Output file name (default: <BaseName>-<SizeLabel>-<FineTune>-<Type>.gguf).")
 @click.option("--allow-requantize", is_flag=True, help="Quantize an already-quantized file (loses quality).")
-@click.option("--threads", type=int, help="Threads for llama.cpp [OMP_NUM_THREADS or all cores].")
+@threads_option
 @click.option("--text", "text_file", type=click.Path(path_type=Path),
               help="Several types: held-out text for the table [PubMedQA test abstracts].")
 @click.option("--ctx", default=256, show_default=True, help="Several types: window size for the table's PPL/KL.")
 @click.option("--max-tokens", type=int, default=512, show_default=True, help="Several types: tokens scored.")
 @click.option("--split-max-size", help="Cut each GGUF into llama.cpp gguf-split shards of at most this much tensor "
               "data (50G, 500M, bytes); NAME-00001-of-0000N.gguf, load the first.")
-@click.option("--force", is_flag=True)
-@click.option("--json", "as_json", is_flag=True)
+@artifact_options("GGUF artifact folder [beside MODEL, named by type].", path_type=Path)
 def quantize_cmd(model, qtype, imatrix, out, name, allow_requantize, threads, text_file, ctx, max_tokens,
                  split_max_size, force, as_json):
     """Quantize a GGUF in-process with llama.cpp; report the real tensor-type mix and bits per weight.
@@ -137,43 +92,17 @@ def quantize_cmd(model, qtype, imatrix, out, name, allow_requantize, threads, te
     tools quantize runs/gguf-f16 --q Q3_K_L,Q4_K_M,Q8_0 --out runs/gguf-set   # one GGUF per type + table
     tools quantize runs/gguf-f16 --q IQ3_XXS --imatrix runs/imatrix --split-max-size 2G
     """
-    from release.ggufinfo import parse_size, resolve_ftype
-    from release.quantize import describe_mix, quantize_set, quantize_stage, warning_for
+    from release.quantize import quantize_many, summary_lines, warning_for
 
-    split = parse_size(split_max_size) if split_max_size is not None else None
-    types = [t for t in (x.strip() for x in qtype.split(",")) if t]
-    if len(types) > 1:
-        if name:
-            raise UserError("--name names one file; with several types the names come from the GGUF", field="--name")
-        if out is None:
-            parent = model if model.is_dir() else model.parent
-            out = (parent.parent / f"{parent.name}-set") if model.is_dir() else parent / f"{model.stem}-set"
-        art = quantize_set(model, types, out, imatrix=imatrix, allow_requantize=allow_requantize, threads=threads,
-                           text_file=text_file, ctx=ctx, max_tokens=max_tokens, split_max_size=split, force=force)
-        if as_json:
-            _echo_json({"out": str(art.path), **art.extra})
-        else:
-            click.echo((art.path / "quant-table.md").read_text(encoding="utf-8"), nl=False)
-            click.echo(f"table: {art.path / 'quant-table.md'}")
-        return
-    qname, _ = resolve_ftype(types[0] if types else qtype)
-    if out is None:
-        parent = model if model.is_dir() else model.parent
-        out = parent.parent / f"{parent.name}-{qname}" if model.is_dir() else parent / f"{model.stem}-{qname}"
-    art = quantize_stage(model, qname, out, imatrix=imatrix, allow_requantize=allow_requantize, name=name,
-                         threads=threads, split_max_size=split, force=force)
-    e = art.extra
-    warn = warning_for(e)
+    art = quantize_many(model, qtype, out, name=name, imatrix=imatrix, allow_requantize=allow_requantize,
+                        threads=threads, text_file=text_file, ctx=ctx, max_tokens=max_tokens,
+                        split_max_size=split_max_size, force=force)
+    warn = warning_for(art.extra) if art.stage == "gguf" else None
     if warn:
         click.echo(warn, err=True)
     if as_json:
-        _echo_json({"out": str(art.path), "gguf": str(_gguf_of(art)), "warning": warn, **e})
-    else:
-        click.echo(f"{_gguf_of(art)}  {e['file_type']}  {_mib(e['size_bytes'])} (from {_mib(e['source_size_bytes'])})  "
-                   f"{e['bits_per_weight']:.2f} bits/weight")
-        click.echo(f"tensor types: {describe_mix(e['tensor_types'])}")
-        if len(e.get("shards", [])) > 1:
-            click.echo(f"split into {len(e['shards'])} shards: {', '.join(e['shards'])} (load the first)")
+        return emit_json(art, read_results(art, "quant-table.json"))
+    click.echo("\n".join(summary_lines(art)))
 
 
 @click.command("imatrix")
@@ -182,13 +111,10 @@ def quantize_cmd(model, qtype, imatrix, out, name, allow_requantize, threads, te
 @click.option("--chunks", type=int, help="Chunks of --ctx tokens to run [all the corpus holds].")
 @click.option("--ctx", type=int, default=512, show_default=True, help="Tokens per chunk (llama-imatrix's -c).")
 @click.option("--process-output", is_flag=True, help="Also collect output.weight (llama-imatrix --process-output).")
-@click.option("--out", type=click.Path(path_type=Path), help="Imatrix artifact folder [beside MODEL, -imatrix].")
-@click.option("--threads", type=int, help="llama.cpp threads [OMP_NUM_THREADS or all cores].")
-@click.option("--n-gpu-layers", type=int, default=None,
-              help="Layers to offload to the GPU (default: all when llama.cpp has a GPU backend, else 0).")
-@click.option("--force", is_flag=True)
-@click.option("--json", "as_json", is_flag=True)
-def imatrix_cmd(model, corpus, chunks, ctx, process_output, out, threads, n_gpu_layers, force, as_json):
+@threads_option
+@click.option("--n-gpu-layers", type=int, default=None, help=N_GPU_LAYERS_HELP)
+@artifact_options("Imatrix artifact folder [beside MODEL, -imatrix].", path_type=Path)
+def imatrix_cmd(model, corpus, chunks, ctx, process_output, threads, n_gpu_layers, out, force, as_json):
     """Importance matrix of a GGUF on our own domain text, computed in-process through llama.cpp (its
     llama-imatrix format); quantize with it: tools quantize F16 --q IQ3_XXS --imatrix OUT. Its lineage is
     the corpus's: computed from MIMIC text it is credentialed and push refuses it.
@@ -197,103 +123,76 @@ def imatrix_cmd(model, corpus, chunks, ctx, process_output, out, threads, n_gpu_
     tools imatrix runs/gguf-f16 --corpus runs/corpus-notes --chunks 100 --out runs/imatrix
     """
     from release.imatrix import imatrix_stage
+    from release.quantize import default_out
 
-    if out is None:
-        parent = model if model.is_dir() else model.parent
-        out = parent.parent / f"{parent.name}-imatrix" if model.is_dir() else parent / f"{model.stem}-imatrix"
-    art = imatrix_stage(model, corpus, out, chunks=chunks, ctx=ctx, process_output=process_output, threads=threads,
-                        n_gpu_layers=n_gpu_layers, force=force)
+    art = imatrix_stage(model, corpus, out or default_out(model, "imatrix"), chunks=chunks, ctx=ctx,
+                        process_output=process_output, threads=threads, n_gpu_layers=n_gpu_layers, force=force)
     e = art.extra
     if as_json:
-        _echo_json({"out": str(art.path), "imatrix": str(art.path / e["file"]), **e})
-    else:
-        click.echo(f"{art.path / e['file']}  {e['entries']} weights, {e['chunks']} chunks x {e['ctx']} tokens"
-                   f"{'  (credentialed: never leaves this machine)' if art.lineage.credentialed else ''}")
+        return emit_json(art)
+    click.echo(f"{art.path / e['file']}  {e['entries']} weights, {e['chunks']} chunks x {e['ctx']} tokens"
+               f"{'  (credentialed: never leaves this machine)' if art.lineage.credentialed else ''}")
 
 
 @click.command("inspect")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--tensors", is_flag=True, help="List every tensor.")
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 def inspect_cmd(model, tensors, as_json):
     """Architecture, file type, tensor-type histogram, chat template and metadata of a GGUF.
 
     \b
     tools inspect runs/gguf-q3kl/MediLoRA-135M-Q3_K_L.gguf
     """
-    from release.ggufinfo import find_gguf, read_gguf
+    from release.ggufinfo import describe_lines, find_gguf, read_gguf
 
     info = read_gguf(find_gguf(model))
     if not tensors:
         info.pop("tensors", None)
     if as_json:
-        _echo_json(info)
-        return
-    click.echo(f"file          {info['file']}  ({_mib(info['size_bytes'])})")
-    click.echo(f"architecture  {info['architecture']}")
-    click.echo(f"name          {info['name']}")
-    click.echo(f"file type     {info['file_type']}")
-    click.echo(f"parameters    {info['parameters']:,}")
-    click.echo(f"bits/weight   {info['bits_per_weight']} (weight matrices {info['matrix_bits_per_weight']})")
-    click.echo("tensor types:")
-    for t, h in sorted(info["tensor_types"].items(), key=lambda kv: -kv[1]["elements"]):
-        share = h["elements"] / info["parameters"] if info["parameters"] else 0
-        click.echo(f"  {t:<8} {h['tensors']:>5} tensors  {h['elements']:>14,} weights  {100 * share:5.1f}%")
-    click.echo("chat template:")
-    click.echo("  " + (info["chat_template"] or "(none)").replace("\n", "\n  "))
-    click.echo("metadata:")
-    for k, v in sorted(info["metadata"].items()):
-        if k == "tokenizer.chat_template":
-            continue
-        click.echo(f"  {k} = {v}")
-    for t in info.get("tensors", []):
-        click.echo(f"  {t['name']:<40} {t['type']:<8} {t['shape']}")
+        return emit_json(None, info)
+    click.echo("\n".join(describe_lines(info)))
 
 
 @click.command("compare-quant")
 @click.option("--ref", required=True, type=click.Path(path_type=Path), help="Reference GGUF (f16/bf16/f32).")
 @click.option("--quant", required=True, type=click.Path(path_type=Path), help="Quantized GGUF.")
 @click.option("--text", "text_file", required=True, type=click.Path(path_type=Path), help="UTF-8 text to score.")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Result artifact folder.")
 @click.option("--ctx", default=512, show_default=True, help="Window size in tokens.")
 @click.option("--max-tokens", type=int, help="Score only the first N tokens.")
-@click.option("--threads", type=int, help="llama.cpp threads [OMP_NUM_THREADS or all cores].")
-@click.option("--n-gpu-layers", type=int, default=None,
-              help="Layers to offload to the GPU (default: all when llama.cpp has a GPU backend, else 0).")
-@click.option("--force", is_flag=True)
-@click.option("--json", "as_json", is_flag=True)
-def compare_quant_cmd(ref, quant, text_file, out, ctx, max_tokens, threads, n_gpu_layers, force, as_json):
+@threads_option
+@click.option("--n-gpu-layers", type=int, default=None, help=N_GPU_LAYERS_HELP)
+@artifact_options("Result artifact folder.", out_required=True, path_type=Path)
+def compare_quant_cmd(ref, quant, text_file, ctx, max_tokens, threads, n_gpu_layers, out, force, as_json):
     """Quantization gap: perplexity of both GGUFs and mean KL(ref || quant) on the same tokens.
 
     \b
     tools compare-quant --ref runs/gguf-f16 --quant runs/gguf-q3kl --text notes.txt --out runs/qgap
     """
-    from release.compare import compare_quant
     from release.ggufinfo import find_gguf
+    from release.quantgap import compare_quant
 
     art = compare_quant(find_gguf(ref), find_gguf(quant), text_file, out, ctx=ctx, max_tokens=max_tokens,
                         threads=threads, n_gpu_layers=n_gpu_layers, force=force)
-    res = json.loads((art.path / "results.json").read_text())
+    res = read_results(art)
     if as_json:
-        _echo_json({"out": str(art.path), **res})
-    else:
-        click.echo(f"perplexity {res['ref']['file_type']} {res['ref']['perplexity']:.4f} -> {res['quant']['file_type']} "
-                   f"{res['quant']['perplexity']:.4f} ({res['perplexity_delta_pct']:+.2f}%)")
-        click.echo(f"mean KL {res['mean_kl']:.6f} nats, top-1 agreement {100 * res['top1_agreement']:.1f}%, "
-                   f"{res['tokens_scored']} tokens; plot {art.path / 'kl.png'}")
+        return emit_json(art, res)
+    click.echo(f"perplexity {res['ref']['file_type']} {res['ref']['perplexity']:.4f} -> {res['quant']['file_type']} "
+               f"{res['quant']['perplexity']:.4f} ({res['perplexity_delta_pct']:+.2f}%)")
+    click.echo(f"mean KL {res['mean_kl']:.6f} nats, top-1 agreement {100 * res['top1_agreement']:.1f}%, "
+               f"{res['tokens_scored']} tokens; plot {art.path / 'kl.png'}")
 
 
 @click.command("card")
 @click.argument("artifacts", nargs=-1, type=click.Path(path_type=Path))
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Card artifact folder (README.md).")
 @click.option("--repo-id", help="ORG/NAME the card is for.")
 @click.option("--license", "license_", help="License id [from the lineage when it names one].")
 @click.option("--base-model", help="Hub id of the base model [from the manifests].")
 @click.option("--dataset", "datasets", multiple=True, help="Hub dataset id trained on (repeatable).")
 @click.option("--acknowledge-credentialed-training", "ack", is_flag=True,
               help="State that the model was trained on credentialed data and may be shared.")
-@click.option("--force", is_flag=True)
-def card_cmd(artifacts, out, repo_id, license_, base_model, datasets, ack, force):
+@artifact_options("Card artifact folder (README.md).", out_required=True, path_type=Path)
+def card_cmd(artifacts, repo_id, license_, base_model, datasets, ack, out, force, as_json):
     """Write the model card from manifests and eval results (model-index, quantization gap, lineage).
 
     \b
@@ -303,6 +202,8 @@ def card_cmd(artifacts, out, repo_id, license_, base_model, datasets, ack, force
 
     art = build_card(artifacts, out, repo_id=repo_id, license=license_, base_model=base_model,
                      datasets=tuple(datasets), acknowledge_credentialed=ack, force=force)
+    if as_json:
+        return emit_json(art)
     click.echo(f"card -> {art.path / 'README.md'} ({art.extra['eval_results']} eval results)")
 
 
@@ -314,7 +215,7 @@ def card_cmd(artifacts, out, repo_id, license_, base_model, datasets, ack, force
 @click.option("--dry-run", is_flag=True, help="Print what would be uploaded; touch nothing.")
 @click.option("--acknowledge-credentialed-training", "ack", is_flag=True,
               help="Allow a model trained on credentialed data (the card must state it too).")
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 def push_cmd(artifacts, repo_id, private, revision, dry_run, ack, as_json):
     """Upload adapter, GGUF files and card (create_repo + upload_folder); token from HF_TOKEN or HF login.
 
@@ -326,8 +227,7 @@ def push_cmd(artifacts, repo_id, private, revision, dry_run, ack, as_json):
     res = push(artifacts, repo_id, private=private, dry_run=dry_run, revision=revision,
                acknowledge_credentialed=ack)
     if as_json:
-        _echo_json(res)
-        return
+        return emit_json(None, res)
     head = "would upload" if dry_run else "uploaded"
     click.echo(f"{head} to {repo_id} ({'private' if private else 'public'}, {revision}):")
     for f in res["files"]:
@@ -343,14 +243,12 @@ def export_group():
 
 @export_group.command("ollama")
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Export folder (Modelfile, GGUF, README).")
 @click.option("--name", help="Ollama model name for the README [from the GGUF file name].")
 @click.option("--system", help="System prompt [the MediLoRA prompt of --system-task].")
 @click.option("--system-task", type=click.Choice(["pubmedqa", "medqa"]), default="pubmedqa", show_default=True)
 @click.option("--adapter", type=click.Path(path_type=Path), help="A LoRA adapter GGUF (tools convert --lora) to apply.")
-@click.option("--force", is_flag=True)
-@click.option("--json", "as_json", is_flag=True)
-def export_ollama_cmd(model, out, name, system, system_task, adapter, force, as_json):
+@artifact_options("Export folder (Modelfile, GGUF, README).", out_required=True, path_type=Path)
+def export_ollama_cmd(model, name, system, system_task, adapter, out, force, as_json):
     """Modelfile with FROM, TEMPLATE (the GGUF's chat template in Go syntax), SYSTEM, PARAMETER lines.
 
     \b
@@ -360,18 +258,16 @@ def export_ollama_cmd(model, out, name, system, system_task, adapter, force, as_
 
     art = export_ollama(model, out, name=name, system=system, system_task=system_task, adapter=adapter, force=force)
     if as_json:
-        _echo_json({"out": str(art.path), **art.extra})
-    else:
-        click.echo(f"{art.path / 'Modelfile'}  (ollama create {art.extra['name']} -f Modelfile)")
+        return emit_json(art)
+    click.echo(f"{art.path / 'Modelfile'}  (ollama create {art.extra['name']} -f Modelfile)")
 
 
 @export_group.command("lmstudio")
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Export folder (PUBLISHER/MODEL/file.gguf).")
 @click.option("--publisher", default="medilora", show_default=True)
 @click.option("--name", help="Model folder name [<file stem>-GGUF].")
-@click.option("--force", is_flag=True)
-def export_lmstudio_cmd(model, out, publisher, name, force):
+@artifact_options("Export folder (PUBLISHER/MODEL/file.gguf).", out_required=True, path_type=Path)
+def export_lmstudio_cmd(model, publisher, name, out, force, as_json):
     """LM Studio's models layout: PUBLISHER/MODEL/file.gguf (copy it into ~/.lmstudio/models).
 
     \b
@@ -380,6 +276,8 @@ def export_lmstudio_cmd(model, out, publisher, name, force):
     from release.export import export_lmstudio
 
     art = export_lmstudio(model, out, publisher=publisher, name=name, force=force)
+    if as_json:
+        return emit_json(art)
     click.echo(str(art.path / art.extra["file"]))
 
 
@@ -395,8 +293,8 @@ def export_lmstudio_cmd(model, out, publisher, name, force):
 @click.option("--min-p", type=float, default=None, help="Default 0.05.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--n-ctx", type=int, default=4096, show_default=True)
-@click.option("--threads", type=int, default=None)
-@click.option("--n-gpu-layers", type=int, default=None)
+@threads_option
+@click.option("--n-gpu-layers", type=int, default=None, help=N_GPU_LAYERS_HELP)
 def chat_cmd(model, once, system, system_task, max_tokens, temperature, top_k, top_p, min_p, seed, n_ctx, threads,
              n_gpu_layers):
     """Chat with a GGUF in the terminal (its chat template, the MediLoRA system prompt, top-k 40).

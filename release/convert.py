@@ -193,7 +193,7 @@ def fidelity_check(model_dir: str | os.PathLike, gguf: str | os.PathLike, *, max
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .compare import _load, _window_logprobs, heldout_text
+    from .quantgap import _load, _window_logprobs, heldout_text
 
     given = text is not None
     text = text if given else heldout_text(2)[: 12 * max_tokens]
@@ -273,3 +273,33 @@ def convert_lora_stage(adapter_dir: str | os.PathLike, base_dir: str | os.PathLi
                          "lora_alpha": info["metadata"].get("adapter.lora.alpha"), "r": cfg.get("r"),
                          "target_modules": cfg.get("target_modules"), "source": "convert-lora", "name": name})
     return st.result
+
+
+def convert_model(model_dir: str | os.PathLike, outtype: str = "f16", out: str | os.PathLike | None = None, *,
+                  name: str | None = None, lora: bool = False, base: str | os.PathLike | None = None,
+                  fidelity_tokens: int = 256, max_kl: float | None = None, min_top1: float = 0.9, force: bool = False):
+    """`tools convert`: an HF model folder -> ``gguf`` artifact (with the fidelity gate), or with ``lora`` an
+    adapter -> ``gguf.lora`` artifact (needs ``base``). OUT defaults to MODEL_DIR-OUTTYPE beside it."""
+    model_dir = Path(model_dir)
+    if lora:
+        if base is None:
+            raise UserError("--lora needs --base (the HF base model folder)", field="--base")
+        out = out or model_dir.parent / f"{model_dir.name}-lora-{outtype}"
+        return convert_lora_stage(model_dir, base, out, outtype, name=name, force=force)
+    if base is not None:
+        raise UserError("--base goes with --lora", field="--base")
+    if fidelity_tokens < 0:
+        raise UserError("must be 0 or more", field="--fidelity-tokens")
+    return convert_stage(model_dir, out or model_dir.parent / f"{model_dir.name}-{outtype}", outtype, force=force,
+                         name=name, fidelity_tokens=fidelity_tokens, max_kl=max_kl, min_top1=min_top1)
+
+
+def summary_lines(art) -> list[str]:
+    """What `tools convert` prints: the GGUF, its type, size and bits; the fidelity gate's figures."""
+    f = art.path / art.extra["file"]
+    line = f"{f}  {art.extra['file_type']}  {f.stat().st_size / 2**20:.1f} MiB"
+    if "bits_per_weight" in art.extra:
+        line += f"  {art.extra['bits_per_weight']:.2f} bits/weight"
+    fid = art.extra.get("fidelity")
+    return [line] + ([f"fidelity vs HF (float32): mean KL {fid['mean_kl']:.2e} nats, top-1 agreement "
+                      f"{100 * fid['top1_agreement']:.1f}% on {fid['tokens_scored']} held-out tokens"] if fid else [])

@@ -478,7 +478,7 @@ def _link(src: Path, dst: Path) -> None:
 
 
 def _sampling() -> dict:
-    from evals.llm import SAMPLING_DEFAULTS
+    from tools.llm import SAMPLING_DEFAULTS
     return {k: SAMPLING_DEFAULTS[k] for k in OLLAMA_PARAMS if k in SAMPLING_DEFAULTS}
 
 

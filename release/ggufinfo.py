@@ -319,3 +319,19 @@ def split_gguf(src: str | os.PathLike, max_bytes: int) -> list[Path]:
         raise WorkError(f"the shards hold {seen} tensors, the source {n_tensors}")
     src.unlink()
     return names
+
+
+def describe_lines(info: dict) -> list[str]:
+    """`tools inspect`: a GGUF's architecture, type, tensor-type histogram, chat template and metadata."""
+    lines = [f"file          {info['file']}  ({info['size_bytes'] / 2**20:.1f} MiB)",
+             f"architecture  {info['architecture']}", f"name          {info['name']}",
+             f"file type     {info['file_type']}", f"parameters    {info['parameters']:,}",
+             f"bits/weight   {info['bits_per_weight']} (weight matrices {info['matrix_bits_per_weight']})",
+             "tensor types:"]
+    for t, h in sorted(info["tensor_types"].items(), key=lambda kv: -kv[1]["elements"]):
+        share = h["elements"] / info["parameters"] if info["parameters"] else 0
+        lines.append(f"  {t:<8} {h['tensors']:>5} tensors  {h['elements']:>14,} weights  {100 * share:5.1f}%")
+    lines += ["chat template:", "  " + (info["chat_template"] or "(none)").replace("\n", "\n  "), "metadata:"]
+    lines += [f"  {k} = {v}" for k, v in sorted(info["metadata"].items()) if k != "tokenizer.chat_template"]
+    lines += [f"  {t['name']:<40} {t['type']:<8} {t['shape']}" for t in info.get("tensors", [])]
+    return lines

@@ -173,7 +173,7 @@ def merge_stage_dir(stage_dir: str | os.PathLike, out: str | os.PathLike, *, for
     with Stage("merge", out, params, inputs=[output, cfg_file], force=force, log=log) as st:
         if st.skipped:
             return st.result
-        from recipes.profiles import AXOLOTL_ENV
+        from recipes.axolotl_cpu import AXOLOTL_ENV
 
         env = dict(os.environ)
         env.update(AXOLOTL_ENV)
@@ -195,3 +195,17 @@ def merge_stage_dir(stage_dir: str | os.PathLike, out: str | os.PathLike, *, for
         st.extra.update({"base_model": art.extra.get("base_model", base_name), "adapter": str(adapter),
                          "method": "axolotl"})
     return st.result
+
+
+def merge(stage_dir: str | os.PathLike | None = None, *, base: str | os.PathLike | None = None,
+          adapter: str | os.PathLike | None = None, out: str | os.PathLike | None = None, force: bool = False,
+          dry_run: bool = False):
+    """`tools merge`: a stage folder through Axolotl (OUT defaults to STAGE_DIR/merged), or --base/--adapter
+    through peft. Returns the ``merge`` artifact, or with ``dry_run`` the plan (a dict)."""
+    if stage_dir is not None and (base or adapter):
+        raise UserError("give either STAGE_DIR or --base/--adapter, not both", field="STAGE_DIR")
+    if stage_dir is not None:
+        return merge_stage_dir(stage_dir, out or Path(stage_dir) / "merged", force=force, dry_run=dry_run)
+    if not base or not adapter or not out:
+        raise UserError("without STAGE_DIR, --base, --adapter and --out are all needed", field="--base")
+    return merge_peft(base, adapter, out, force=force, dry_run=dry_run)

@@ -311,8 +311,8 @@ def quantize_set(src: str | os.PathLike, qtypes: list[str], out: str | os.PathLi
     the source once per type (``llama_model_quantize`` takes a path)."""
     from tools.io import write_json
 
-    from .compare import compare_quant, heldout_text, read_text
     from .imatrix import resolve_imatrix
+    from .quantgap import compare_quant, heldout_text, read_text
 
     names = []
     for q in qtypes:
@@ -361,3 +361,46 @@ def quantize_set(src: str | os.PathLike, qtypes: list[str], out: str | os.PathLi
                                          for f in arts[q].extra.get("shards", [arts[q].extra["file"]])],
                          "table": rows, "source_file": gpath.name, "source": "quantize", "tokens_scored": tokens})
     return st.result
+
+
+def default_out(model: Path, suffix: str) -> Path:
+    """Beside MODEL: ``DIR-SUFFIX`` for an artifact folder, ``STEM-SUFFIX`` for a file."""
+    parent = model if model.is_dir() else model.parent
+    return parent.parent / f"{parent.name}-{suffix}" if model.is_dir() else parent / f"{model.stem}-{suffix}"
+
+
+def quantize_many(model: str | os.PathLike, qtypes: str, out: str | os.PathLike | None = None, *,
+                  name: str | None = None, imatrix: str | os.PathLike | None = None, allow_requantize: bool = False,
+                  threads: int | None = None, text_file: str | os.PathLike | None = None, ctx: int = 256,
+                  max_tokens: int = 512, split_max_size: str | None = None, force: bool = False):
+    """`tools quantize`: one type (comma-free ``qtypes``) -> a ``gguf`` artifact; several -> a ``gguf.set``
+    (one GGUF per type and the quant table)."""
+    from .ggufinfo import parse_size
+
+    model = Path(model)
+    split = parse_size(split_max_size) if split_max_size is not None else None
+    types = [t for t in (x.strip() for x in qtypes.split(",")) if t]
+    if len(types) > 1:
+        if name:
+            raise UserError("--name names one file; with several types the names come from the GGUF", field="--name")
+        return quantize_set(model, types, out or default_out(model, "set"), imatrix=imatrix,
+                            allow_requantize=allow_requantize, threads=threads, text_file=text_file, ctx=ctx,
+                            max_tokens=max_tokens, split_max_size=split, force=force)
+    qname, _ = resolve_ftype(types[0] if types else qtypes)
+    return quantize_stage(model, qname, out or default_out(model, qname), imatrix=imatrix,
+                          allow_requantize=allow_requantize, name=name, threads=threads, split_max_size=split,
+                          force=force)
+
+
+def summary_lines(art) -> list[str]:
+    """What `tools quantize` prints: the quant table of a set, or one GGUF's size, bits and tensor mix."""
+    if art.stage == "gguf.set":
+        return [(art.path / "quant-table.md").read_text(encoding="utf-8").rstrip("\n"),
+                f"table: {art.path / 'quant-table.md'}"]
+    e = art.extra
+    mib = lambda n: f"{n / 2**20:.1f} MiB"  # noqa: E731
+    lines = [f"{art.path / e['file']}  {e['file_type']}  {mib(e['size_bytes'])} (from {mib(e['source_size_bytes'])})  "
+             f"{e['bits_per_weight']:.2f} bits/weight", f"tensor types: {describe_mix(e['tensor_types'])}"]
+    if len(e.get("shards", [])) > 1:
+        lines.append(f"split into {len(e['shards'])} shards: {', '.join(e['shards'])} (load the first)")
+    return lines

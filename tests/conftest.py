@@ -5,21 +5,19 @@ No test touches the network: the Hub is switched off for the whole session.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-pytest_plugins = ["isolation", "pytester"]
+# tests/ is a package (tests.corpora, tests.evals, ...): pytest puts the repository root on sys.path, so
+# `tools`, `evals`, ... are the packages of this tree and never a test folder of the same name.
+pytest_plugins = ["tests.isolation", "pytester"]
 
 for _k, _v in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                "AXOLOTL_DO_NOT_TRACK": "1", "TOKENIZERS_PARALLELISM": "false", "DO_NOT_TRACK": "1"}.items():
     os.environ[_k] = _v
 
-REPO = Path(__file__).resolve().parent.parent
-VENV_BIN = Path(sys.executable).parent
+from tests.helpers import REPO, run_tools  # noqa: E402 - after the environment above
 
 
 @pytest.fixture(scope="session")
@@ -53,19 +51,6 @@ def smollm2_hf(tmp_path_factory, smollm2_gguf) -> Path:
     from tools.hfmodels import gguf_to_hf
     art = gguf_to_hf(smollm2_gguf, tmp_path_factory.mktemp("smollm2") / "hf")
     return art.path
-
-
-def run_tools(*args, check: bool = False, env: dict | None = None, cwd=None, timeout: int = 1800):
-    """Run the installed console script, as a user would."""
-    e = dict(os.environ)
-    e["PATH"] = f"{VENV_BIN}:{e.get('PATH', '')}"
-    if env:
-        e.update(env)
-    p = subprocess.run([str(VENV_BIN / "tools"), *map(str, args)], capture_output=True, text=True,
-                       env=e, cwd=cwd, timeout=timeout)
-    if check and p.returncode != 0:
-        raise AssertionError(f"tools {' '.join(map(str, args))} exited {p.returncode}\n{p.stdout}\n{p.stderr}")
-    return p
 
 
 @pytest.fixture

@@ -15,9 +15,9 @@ import click
 from . import __version__
 from .errors import UserError, WorkError
 
-# Each module exposes ``register(group)``; listed here so the CLI map lives in one place.
-COMMAND_MODULES = ["corpora.cli", "recipes.cli", "release.cli", "evals.cli", "evals.analysis_cli",
-                   "evals.rag_cli", "tools.pipeline", "tools.models_cli"]
+# Each package's verbs live in its one CLI module, which exposes ``register(group)``; listed here so the
+# CLI map lives in one place.
+COMMAND_MODULES = ["corpora.cli", "recipes.cli", "release.cli", "evals.cli", "tools.verbs"]
 
 OFFLINE_ENV = {"AXOLOTL_DO_NOT_TRACK": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false",
                "DO_NOT_TRACK": "1"}

@@ -285,44 +285,20 @@ def _figures(out: Path) -> str:
     return ", ".join(parts)
 
 
-@click.command("run")
-@click.argument("pipeline", type=click.Path())
-@click.option("--run-dir", type=click.Path(), default=None, help="Where step folders go (default runs/<pipeline name>).")
-@click.option("--until", default=None, help="Stop after this step.")
-@click.option("--from", "start", default=None, help="Start at this step (earlier ones must be done).")
-@click.option("--dry-run", is_flag=True, help="Print each step's command and status; run nothing.")
-@click.option("--var", "variables", multiple=True, help="Override a pipeline variable: NAME=VALUE (repeatable).")
-def run_cmd(pipeline, run_dir, until, start, dry_run, variables):
-    """Run a pipeline of `tools` verbs; done steps are skipped, a failed or killed step re-runs.
-
-    \b
-    Example:
-      tools run recipes/pipelines/demo.yaml --run-dir runs/demo
-      tools run recipes/pipelines/medilora.yaml --dry-run
-    """
+def parse_vars(variables) -> dict[str, str]:
+    """``--var NAME=VALUE`` pairs as a dict."""
     vs = {}
     for v in variables:
         if "=" not in v:
             raise UserError(f"--var {v!r} is not NAME=VALUE", field="--var")
         k, val = v.split("=", 1)
         vs[k] = val
-    run_pipeline(pipeline, run_dir, until=until, start=start, dry_run=dry_run, variables=vs)
-    if not dry_run:
-        click.echo(f"done: {Path(run_dir).resolve() if run_dir else ''}")
+    return vs
 
 
-@click.command("status")
-@click.argument("run_dir", type=click.Path(exists=True))
-@click.option("--pipeline", type=click.Path(), default=None, help="Pipeline file (default: the one recorded).")
-def status_cmd(run_dir, pipeline):
-    """Print the step table of a run: done / stale / to do, time, key figures.
-
-    \b
-    Example:  tools status runs/demo
-    """
+def status_table(run_dir, pipeline=None):
+    """`tools status`: the rich Table of a run's steps: done / stale / to do, time, key figures."""
     from rich.table import Table
-
-    from .progress import out
 
     rd = Path(run_dir).resolve()
     state = _state(rd)
@@ -339,9 +315,4 @@ def status_cmd(run_dir, pipeline):
         st = step_status(plan, state, n)
         t.add_row(n, st + (resume_note(plan.argv[n]) if st != "done" else ""), str(rec.get("seconds", "")),
                   _figures(plan.outs[n]))
-    out.print(t)
-
-
-def register(cli):
-    cli.add_command(run_cmd)
-    cli.add_command(status_cmd)
+    return t

@@ -89,3 +89,15 @@ def build_tiny_llama(out: str | os.PathLike, *, seed: int = 0, hidden: int = 64,
         shutil.copy(spm_file, out / "tokenizer.model")
     shutil.rmtree(out / ".spm", ignore_errors=True)
     return out
+
+
+def tiny_base_model(out: str | os.PathLike, *, seed: int = 0, force: bool = False):
+    """`tools base-model --tiny`: the tiny Llama as a ``base-model.tiny`` artifact."""
+    from .artifact import Stage
+    from .progress import log
+
+    with Stage("base-model.tiny", out, {"seed": seed}, force=force, log=log) as st:
+        if not st.skipped:
+            build_tiny_llama(st.work, seed=seed)
+            st.lineage.licenses.add("MIT")
+    return st.result

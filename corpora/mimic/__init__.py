@@ -79,3 +79,15 @@ def build_corpus(out, *, csv_path=None, dsn=None, schema=None, table=None, versi
         st.extra["version"] = version
         st.extra["workers"] = workers
     return st.result
+
+
+def note_options(*, categories=(), keep_errors: bool = False, sections_file=None, all_sections: bool = False,
+                 placeholder: str = "", min_chars: int = 200) -> NoteOptions:
+    """The cleaning options of `tools build-corpus mimic` (categories compared stripped and casefolded)."""
+    from corpora.clean import load_section_filter
+
+    if sections_file and all_sections:
+        raise UserError("--sections-file and --all-sections exclude each other", field="--all-sections")
+    return NoteOptions(categories=tuple(sorted({c.strip().casefold() for c in categories})),
+                       drop_errors=not keep_errors, sections=None if all_sections else load_section_filter(sections_file),
+                       placeholder=placeholder, min_chars=min_chars)

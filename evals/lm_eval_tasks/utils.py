@@ -57,7 +57,7 @@ def load_pubmedqa(data: str | None = None, split: str = "test", **_):
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
     from evals.items import load_items, system_prompt, user_message
-    from evals.llm import CHATML
+    from tools.llm import CHATML
 
     items, _path = load_items("pubmedqa", data, split)
     fmt = Jinja2ChatFormatter(template=CHATML, eos_token="<|im_end|>", bos_token="", add_generation_prompt=True)

@@ -15,7 +15,7 @@ and the stage's ``launch.sh``). It does three things, each switched on by an env
     ``axolotl.loaders.model`` is imported. (Data parallelism itself needs ``ACCELERATE_USE_CPU=true``
     as well, set by the launcher environment: without it accelerate 1.13 picks
     ``DistributedType.NO`` on a machine without GPUs, never wraps the model in DDP and never shards
-    the batches, so every rank trains its own copy: recipes/presets.py.) It also lets torch restore
+    the batches, so every rank trains its own copy: recipes/hardware.py.) It also lets torch restore
     tensors saved for ``cpu:N`` (the device accelerate gives each CPU process), without which the
     HF Trainer cannot resume a multi-process CPU run from its checkpoint.
 ``MEDILORA_TRACE_SAMPLES=DIR``

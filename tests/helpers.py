@@ -1,0 +1,115 @@
+"""Builders shared by several test files (test files never import each other): the console script
+runner, small corpus / dataset artifacts made without corpora.*, a random LoRA adapter, a bench
+artifact without a model, and reading a verb's `--json` output."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from tools.artifact import Stage
+from tools.io import write_jsonl
+from tools.paths import bundled_data, system_prompts_file
+
+REPO = Path(__file__).resolve().parent.parent
+TESTS = Path(__file__).resolve().parent
+VENV_BIN = Path(sys.executable).parent
+
+
+def run_tools(*args, check: bool = False, env: dict | None = None, cwd=None, timeout: int = 1800):
+    """Run the installed console script, as a user would."""
+    e = dict(os.environ)
+    e["PATH"] = f"{VENV_BIN}:{e.get('PATH', '')}"
+    if env:
+        e.update(env)
+    p = subprocess.run([str(VENV_BIN / "tools"), *map(str, args)], capture_output=True, text=True,
+                       env=e, cwd=cwd, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"tools {' '.join(map(str, args))} exited {p.returncode}\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def gguf_path(payload: dict) -> Path:
+    """The GGUF file of a `--json` payload of convert / quantize (the artifact folder + extra.file)."""
+    return Path(payload["path"]) / payload["manifest"]["extra"]["file"]
+
+
+# -- artifact folders the corpora code would write (made here: these tests don't import corpora.*) --
+
+def pubmedqa_rows(n: int, start: int = 0) -> list[dict]:
+    rows = []
+    with open(bundled_data() / "pubmedqa" / "dev.jsonl", encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if i < start:
+                continue
+            if len(rows) >= n:
+                break
+            rows.append(json.loads(line))
+    return rows
+
+
+def make_corpus(out: Path, n: int = 24) -> Path:
+    with Stage("corpus.test", out, {"n": n}) as st:
+        if not st.skipped:
+            write_jsonl(st.path("corpus.jsonl"), [{"id": d["id"], "text": " ".join(d["CONTEXTS"]),
+                                                   "source": "pubmedqa"} for d in pubmedqa_rows(n)])
+    return out
+
+
+def chatml_row(d: dict, system: str) -> dict:
+    return {"id": d["id"], "messages": [
+        {"role": "system", "content": system},
+        {"role": "user", "content": f"{d['QUESTION']}\n{' '.join(d['CONTEXTS'])[:400]}"},
+        {"role": "assistant", "content": d["final_decision"]}], "meta": {"answer": d["final_decision"]}}
+
+
+def make_dataset(out: Path, n: int = 24, n_val: int = 0, rows: list[dict] | None = None) -> Path:
+    system = yaml.safe_load(system_prompts_file().read_text(encoding="utf-8"))["pubmedqa"]
+    with Stage("dataset.test", out, {"n": n, "n_val": n_val, "custom": rows is not None}) as st:
+        if not st.skipped:
+            write_jsonl(st.path("train.jsonl"), rows if rows is not None else
+                        [chatml_row(d, system) for d in pubmedqa_rows(n)])
+            if n_val:
+                write_jsonl(st.path("validation.jsonl"), [chatml_row(d, system) for d in pubmedqa_rows(n_val, n)])
+    return out
+
+
+def make_adapter(base: Path, out: Path, seed: int = 1) -> Path:
+    """A LoRA adapter on ``base`` whose B matrices are random (non-zero), so merging changes weights."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"],
+                     init_lora_weights=False, task_type="CAUSAL_LM")
+    get_peft_model(model, cfg).save_pretrained(out)
+    AutoTokenizer.from_pretrained(base).save_pretrained(out)
+    return out
+
+
+def fake_bench(path, name, correct: list[bool], gold: list[str]):
+    """A bench artifact as `tools bench` writes it (results.json + items.jsonl), without a model."""
+    from evals.bench import classification_metrics
+    from evals.stats import bootstrap_macro_f1, wilson
+
+    rows = []
+    for i, (c, g) in enumerate(zip(correct, gold)):
+        wrong = "no" if g == "yes" else "yes"
+        rows.append({"id": f"q{i}", "gold": g, "parsed": g if c else wrong, "strict": True, "correct": c,
+                     "finish": "decided", "gen_tokens": 1, "raw": g if c else wrong, "prompt_tokens": 10})
+    labels = ["yes", "no", "maybe"]
+    m = classification_metrics(labels, gold, [r["parsed"] for r in rows])
+    res = {"task": "pubmedqa", "mode": "generate", "split": "test", "n": len(rows), "model": {"name": name},
+           **m, "accuracy_ci95": wilson(sum(correct), len(rows)), "valid_rate": 1.0,
+           "valid_rate_ci95": wilson(len(rows), len(rows)), "valid_rates": {"strict": 1.0, "lenient": 1.0},
+           "macro_f1_ci95": bootstrap_macro_f1(labels, gold, [r["parsed"] for r in rows])}
+    with Stage("bench.pubmedqa", path / name, {"name": name}) as st:
+        st.path("results.json").write_text(json.dumps(res))
+        st.path("items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return st.result.path
