@@ -314,6 +314,42 @@ def test_compare_quant_gap(smol_ggufs, tools_cli, tmp_path):
 
 
 @pytest.mark.native
+def test_compare_quant_kl_is_kl_of_ref_against_quant(smol_ggufs, tmp_path):
+    """The reported mean KL is KL(ref || quant), recomputed here by plain numpy on the same tokens
+    (and it is not the reverse direction, which differs on these models)."""
+    import numpy as np
+
+    from release.ggufinfo import read_gguf
+    from release.quantgap import compare_quant
+    from tools.llamacpp import load
+    from tools.paths import bundled_data
+
+    f16, q3 = smol_ggufs
+    ref, quant = f16.path / f16.extra["file"], q3.path / q3.extra["file"]
+    row = json.loads((bundled_data() / "pubmedqa" / "dev.jsonl").read_text().splitlines()[0])
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(row["CONTEXTS"]))
+    art = compare_quant(ref, quant, text, tmp_path / "gap", ctx=48, max_tokens=48, threads=1)
+    reported = json.loads((art.path / "results.json").read_text())
+
+    add_bos = bool(read_gguf(ref, tensors=False)["metadata"].get("tokenizer.ggml.add_bos_token", True))
+    logp = []
+    for f in (ref, quant):
+        llm = load(f, n_ctx=48, n_batch=48, n_ubatch=48, logits_all=True, n_threads=1)
+        toks = llm.tokenize(text.read_text().encode("utf-8"), add_bos=add_bos, special=False)[:48]
+        llm.eval(toks)
+        x = np.array(llm.scores[: len(toks)], dtype=np.float64)
+        logp.append(x - x.max(-1, keepdims=True) - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True)))
+        llm.close()
+    p, q = logp[0][:-1], logp[1][:-1]
+    forward = float((np.exp(p) * (p - q)).sum(-1).clip(min=0).mean())
+    backward = float((np.exp(q) * (q - p)).sum(-1).clip(min=0).mean())
+    assert reported["tokens_scored"] == len(p)
+    assert reported["mean_kl"] == pytest.approx(forward, rel=1e-3, abs=1e-6)
+    assert abs(forward - backward) > 10 * max(1e-6, 1e-3 * forward)  # the two directions are distinguishable
+
+
+@pytest.mark.native
 def test_imatrix_is_used(tiny_f16, tmp_path):
     """A GGUF importance matrix (llama-imatrix's format) reaches llama.cpp and changes the result."""
     import numpy as np

@@ -257,6 +257,15 @@ def test_push_uploads_adapter_gguf_and_card_to_loopback_hub(tmp_path, hub, tools
     assert not any(TOKEN in r["path"] for r in hub.requests)
     _no_token_anywhere(p, tmp_path)
     assert out["commit_url"].endswith("1" * 40)
+    # the commit went to the repository and branch asked for, nowhere else
+    commits = [r["path"] for r in hub.requests if "/commit/" in r["path"]]
+    assert commits == ["/api/models/org/medilora/commit/main"], commits
+    p = tools_cli("push", a["train"], a["gguf"], tmp_path / "card", "--repo-id", "org/medilora", "--revision", "dev",
+                  "--json", env=push_env(hub))
+    assert p.returncode == 0, p.stderr
+    commits = [r["path"] for r in hub.requests if "/commit/" in r["path"]]
+    assert commits[-1] == "/api/models/org/medilora/commit/dev", commits
+    assert json.loads(p.stdout)["results"]["revision"] == "dev"
 
 
 def test_push_refuses_credentialed_data_and_needs_acknowledged_card(tmp_path, hub, tools_cli):
