@@ -35,7 +35,7 @@ def remove_deid_underscores(text: str, replacement: str = "") -> tuple[str, int]
 
 
 # Whitespace as ``str.split()`` sees it (Unicode White_Space), less the space and the newline
-# (tests/test_corpora_fastpath.py checks this list against ``str.isspace`` over all code points).
+# (tests/corpora/test_corpora_fastpath.py checks this list against ``str.isspace`` over all code points).
 _ODD_WS = ("\t\x0b\x0c\r\x1c\x1d\x1e\x1f\x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006"
            "\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000")
 _ODD_WS_ASCII = "".join(c for c in _ODD_WS if c.isascii())

@@ -20,7 +20,7 @@ M nodes (GPU or CPU)        ``torchrun`` with a c10d rendezvous on ``$MASTER_ADD
                             (``launch.sh`` runs on every node) and a SLURM ``slurm.sbatch``
 ==========================  ================================================================
 
-Several CPU processes are real data parallelism, checked by tests/test_train_distributed.py: with
+Several CPU processes are real data parallelism, checked by tests/recipes/test_train_distributed.py: with
 the same global batch (micro batch x accumulation x world size) and seed, 2 processes (and 2
 torchrun "nodes" on loopback) see the same samples at every optimizer step as 1 process, every
 sample once per epoch, and train to the same adapter (bitwise here, with one thread per process and

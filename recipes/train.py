@@ -19,7 +19,7 @@ in ``checkpoints/medilora-run.json``) resumes from the newest *whole* checkpoint
 very stage. ``--restart`` discards the checkpoints. The HF Trainer restores weights, optimizer,
 scheduler, the RNG state of every process and the data position, so the log history runs on
 without a gap and the final adapter is byte for byte the uninterrupted run's (measured on CPU, 1
-and 2 processes: tests/test_train_distributed.py). Only one `tools train` runs a stage at a time
+and 2 processes: tests/recipes/test_train_distributed.py). Only one `tools train` runs a stage at a time
 (``STAGE_DIR/.train.lock``). Every Axolotl process dies with its launcher (the start-up shim:
 recipes/seeding/sitecustomize.py), so a killed `tools train` leaves no orphan writing checkpoints.
 
