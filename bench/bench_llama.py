@@ -19,7 +19,7 @@ sys.path.insert(0, str(REPO))
 
 # The previous build (pip's default: native CPU detection, OpenMP, AMX where the CPU has it), 2 threads,
 # same kind of machine: Q4_1 from `make bench-eval`'s floor (same method: 512-token batch, 32 decodes,
-# best of 3), Q3_K_L from docs/MEASURED.md.
+# best of 3), Q3_K_L from docs/CPU_FACTS.md.
 BEFORE = {"Q4_1": {"pp_tok_s": 213.9, "tg_tok_s": 89.5}, "Q3_K_L": {"pp_tok_s": 290.0, "tg_tok_s": 60.0}}
 
 

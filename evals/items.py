@@ -1,6 +1,6 @@
 """Benchmark items: load PubMedQA / MedQA (raw or normalized) and build the MediLoRA prompts.
 
-Normalized item (docs/DESIGN.md): ``{"id", "question", "context", "options", "answer"}`` with
+Normalized item (docs/ARCHITECTURE.md): ``{"id", "question", "context", "options", "answer"}`` with
 ``options`` a mapping label -> text (PubMedQA: yes/no/maybe) and ``answer`` one of its labels.
 Accepted inputs (JSONL line by line; also whole ``.json`` documents and Hub ``.parquet`` exports,
 read by ``corpora.upstream``):

@@ -1,6 +1,6 @@
 """What Axolotl needs on each device, measured once and kept here (not in each caller).
 
-Measured with Axolotl 0.19 on a 2-core CPU machine (docs/MEASURED.md):
+Measured with Axolotl 0.19 on a 2-core CPU machine (docs/CPU_FACTS.md):
 - bf16/fp16/tf32 must be false, else Axolotl silently casts to fp16 on CPU;
 - the LoRA Triton kernels crash on CPU once MLP layers are targeted;
 - sample packing needs ``attn_implementation: sdpa`` (no flash-attention on CPU);

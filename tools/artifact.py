@@ -1,4 +1,4 @@
-"""The artifact contract (docs/DESIGN.md): one output folder a stage, manifest.json written last.
+"""The artifact contract (docs/ARCHITECTURE.md): one output folder a stage, manifest.json written last.
 
 A stage builds its outputs in a hidden staging folder beside ``out``; on success it writes the
 manifest there (atomically) and swaps the staging folder in place of ``out``. A stage killed or
