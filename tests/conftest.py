@@ -33,6 +33,20 @@ def demo_notes_csv() -> Path:
 
 
 @pytest.fixture(scope="session")
+def pg_server():
+    """One throw-away PostgreSQL cluster for the session (each test module makes its own databases)."""
+    from tools.pgserver import PgServer, find_bindir
+
+    if find_bindir() is None:
+        pytest.skip("no PostgreSQL server binaries (make system-deps installs Debian's postgresql)")
+    server = PgServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     """A tiny random-weight Llama + a BPE tokenizer trained in this session (ChatML template)."""
     from tools.tinymodel import build_tiny_llama

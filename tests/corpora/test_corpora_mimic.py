@@ -10,7 +10,6 @@ import pytest
 
 from corpora.mimic import LICENSE, NoteOptions, build_corpus, redact_dsn
 from tools.errors import UserError
-from tools.pgserver import PgServer, find_bindir
 
 HEADER = ["ROW_ID", "SUBJECT_ID", "HADM_ID", "CHARTDATE", "CHARTTIME", "STORETIME", "CATEGORY",
           "DESCRIPTION", "CGID", "ISERROR", "TEXT"]
@@ -103,31 +102,26 @@ def notes_csv(tmp_path_factory, demo_notes_csv) -> Path:
 
 
 @pytest.fixture(scope="module")
-def pg(notes_csv):
-    """A throw-away PostgreSQL 15 cluster holding mimiciii.noteevents."""
-    if find_bindir() is None:
-        pytest.skip("no PostgreSQL server binaries (make system-deps installs Debian's postgresql)")
+def pg(notes_csv, pg_server):
+    """The session's PostgreSQL cluster with a database ``mimic`` holding mimiciii.noteevents."""
     import psycopg
 
-    server = PgServer().start()
-    try:
-        with psycopg.connect(server.dsn(), autocommit=True) as conn:
-            conn.execute("CREATE DATABASE mimic")
-        with psycopg.connect(server.dsn("mimic")) as conn:
-            conn.execute("CREATE SCHEMA mimiciii")
-            conn.execute("""CREATE TABLE mimiciii.noteevents (
-                ROW_ID INT NOT NULL, SUBJECT_ID INT NOT NULL, HADM_ID INT, CHARTDATE TIMESTAMP(0),
-                CHARTTIME TIMESTAMP(0), STORETIME TIMESTAMP(0), CATEGORY VARCHAR(50), DESCRIPTION VARCHAR(255),
-                CGID INT, ISERROR CHAR(1), TEXT TEXT,
-                CONSTRAINT noteevents_rowid_pk PRIMARY KEY (ROW_ID))""")
-            with conn.cursor() as cur:
-                with cur.copy("COPY mimiciii.noteevents FROM STDIN WITH (FORMAT csv, HEADER true, NULL '')") as cp:
-                    cp.write(notes_csv.read_bytes())
-            n = conn.execute("SELECT count(*) FROM mimiciii.noteevents").fetchone()[0]
-            assert n == 207 + len(_our_rows())
-        yield server
-    finally:
-        server.stop()
+    server = pg_server
+    with psycopg.connect(server.dsn(), autocommit=True) as conn:
+        conn.execute("CREATE DATABASE mimic")
+    with psycopg.connect(server.dsn("mimic")) as conn:
+        conn.execute("CREATE SCHEMA mimiciii")
+        conn.execute("""CREATE TABLE mimiciii.noteevents (
+            ROW_ID INT NOT NULL, SUBJECT_ID INT NOT NULL, HADM_ID INT, CHARTDATE TIMESTAMP(0),
+            CHARTTIME TIMESTAMP(0), STORETIME TIMESTAMP(0), CATEGORY VARCHAR(50), DESCRIPTION VARCHAR(255),
+            CGID INT, ISERROR CHAR(1), TEXT TEXT,
+            CONSTRAINT noteevents_rowid_pk PRIMARY KEY (ROW_ID))""")
+        with conn.cursor() as cur:
+            with cur.copy("COPY mimiciii.noteevents FROM STDIN WITH (FORMAT csv, HEADER true, NULL '')") as cp:
+                cp.write(notes_csv.read_bytes())
+        n = conn.execute("SELECT count(*) FROM mimiciii.noteevents").fetchone()[0]
+        assert n == 207 + len(_our_rows())
+    return server
 
 
 def test_postgres_corpus_cleans_filters_and_dedups(pg, tmp_path):

@@ -149,48 +149,42 @@ def test_duplicate_ids_kept_first_or_refused(tmp_path, version, block, workers):
 
 # -- MIMIC in PostgreSQL: mimiciv_note, and identifiers as the DDL scripts write them -------------
 @pytest.fixture(scope="module")
-def pg_iv(tmp_path_factory):
-    from tools.pgserver import PgServer, find_bindir
-
-    if find_bindir() is None:
-        pytest.skip("no PostgreSQL server binaries (make system-deps installs Debian's postgresql)")
+def pg_iv(tmp_path_factory, pg_server):
+    """The session's PostgreSQL cluster with databases ``mimiciv`` (mimic-code's schema) and ``mimic3``."""
     import psycopg
 
     tmp = tmp_path_factory.mktemp("pgiv")
     iv_csv = write_csv(tmp / "discharge.csv", IV_HEADER, iv_rows())
-    server = PgServer().start()
-    try:
-        with psycopg.connect(server.dsn(), autocommit=True) as conn:
-            conn.execute("CREATE DATABASE mimiciv")
-        with psycopg.connect(server.dsn("mimiciv")) as conn:
-            # mimic-code's mimic-iv-note/buildmimic/postgres/create.sql (no primary key on note_id)
-            conn.execute("CREATE SCHEMA mimiciv_note")
-            for t in ("discharge", "radiology"):
-                conn.execute(f"""CREATE TABLE mimiciv_note.{t} (note_id CHAR(25) NOT NULL, subject_id INTEGER NOT NULL,
-                    hadm_id INTEGER, note_type CHAR(2) NOT NULL, note_seq INTEGER NOT NULL,
-                    charttime TIMESTAMP NOT NULL, storetime TIMESTAMP, text TEXT NOT NULL)""")
-            with conn.cursor() as cur:
-                with cur.copy("COPY mimiciv_note.discharge FROM STDIN WITH (FORMAT csv, HEADER true, NULL '')") as cp:
-                    cp.write(iv_csv.read_bytes())
-            conn.execute("INSERT INTO mimiciv_note.radiology SELECT * FROM mimiciv_note.discharge WHERE note_type = 'RR'")
-        with psycopg.connect(server.dsn(), autocommit=True) as conn:
-            conn.execute("CREATE DATABASE mimic3")
-        with psycopg.connect(server.dsn("mimic3")) as conn:
-            # MIMIC-III as the official DDL writes it: upper case, unquoted (stored lower case) ...
-            conn.execute("CREATE SCHEMA MIMICIII")
-            conn.execute("""CREATE TABLE MIMICIII.NOTEEVENTS (ROW_ID INT NOT NULL, SUBJECT_ID INT NOT NULL, HADM_ID INT,
-                CHARTDATE TIMESTAMP(0), CHARTTIME TIMESTAMP(0), STORETIME TIMESTAMP(0), CATEGORY VARCHAR(50),
-                DESCRIPTION VARCHAR(255), CGID INT, ISERROR CHAR(1), TEXT TEXT)""")
-            conn.execute("INSERT INTO MIMICIII.NOTEEVENTS (ROW_ID, SUBJECT_ID, CATEGORY, TEXT) VALUES (1, 1, 'Nursing', %s)",
-                         (NOTE_III.format("an upper-case DDL note"),))
-            # ... and a table someone created with quoted upper-case names
-            conn.execute('CREATE SCHEMA "Quoted"')
-            conn.execute('CREATE TABLE "Quoted"."NOTES" ("ROW_ID" INT, "CATEGORY" TEXT, "ISERROR" CHAR(1), "TEXT" TEXT)')
-            conn.execute('INSERT INTO "Quoted"."NOTES" VALUES (5, \'Nursing\', NULL, %s)',
-                         (NOTE_III.format("a quoted-name note"),))
-        yield server, iv_csv
-    finally:
-        server.stop()
+    server = pg_server
+    with psycopg.connect(server.dsn(), autocommit=True) as conn:
+        conn.execute("CREATE DATABASE mimiciv")
+    with psycopg.connect(server.dsn("mimiciv")) as conn:
+        # mimic-code's mimic-iv-note/buildmimic/postgres/create.sql (no primary key on note_id)
+        conn.execute("CREATE SCHEMA mimiciv_note")
+        for t in ("discharge", "radiology"):
+            conn.execute(f"""CREATE TABLE mimiciv_note.{t} (note_id CHAR(25) NOT NULL, subject_id INTEGER NOT NULL,
+                hadm_id INTEGER, note_type CHAR(2) NOT NULL, note_seq INTEGER NOT NULL,
+                charttime TIMESTAMP NOT NULL, storetime TIMESTAMP, text TEXT NOT NULL)""")
+        with conn.cursor() as cur:
+            with cur.copy("COPY mimiciv_note.discharge FROM STDIN WITH (FORMAT csv, HEADER true, NULL '')") as cp:
+                cp.write(iv_csv.read_bytes())
+        conn.execute("INSERT INTO mimiciv_note.radiology SELECT * FROM mimiciv_note.discharge WHERE note_type = 'RR'")
+    with psycopg.connect(server.dsn(), autocommit=True) as conn:
+        conn.execute("CREATE DATABASE mimic3")
+    with psycopg.connect(server.dsn("mimic3")) as conn:
+        # MIMIC-III as the official DDL writes it: upper case, unquoted (stored lower case) ...
+        conn.execute("CREATE SCHEMA MIMICIII")
+        conn.execute("""CREATE TABLE MIMICIII.NOTEEVENTS (ROW_ID INT NOT NULL, SUBJECT_ID INT NOT NULL, HADM_ID INT,
+            CHARTDATE TIMESTAMP(0), CHARTTIME TIMESTAMP(0), STORETIME TIMESTAMP(0), CATEGORY VARCHAR(50),
+            DESCRIPTION VARCHAR(255), CGID INT, ISERROR CHAR(1), TEXT TEXT)""")
+        conn.execute("INSERT INTO MIMICIII.NOTEEVENTS (ROW_ID, SUBJECT_ID, CATEGORY, TEXT) VALUES (1, 1, 'Nursing', %s)",
+                     (NOTE_III.format("an upper-case DDL note"),))
+        # ... and a table someone created with quoted upper-case names
+        conn.execute('CREATE SCHEMA "Quoted"')
+        conn.execute('CREATE TABLE "Quoted"."NOTES" ("ROW_ID" INT, "CATEGORY" TEXT, "ISERROR" CHAR(1), "TEXT" TEXT)')
+        conn.execute('INSERT INTO "Quoted"."NOTES" VALUES (5, \'Nursing\', NULL, %s)',
+                     (NOTE_III.format("a quoted-name note"),))
+    return server, iv_csv
 
 
 def test_mimiciv_note_schema_auto_and_same_as_csv(pg_iv, tmp_path):
