@@ -3,7 +3,8 @@
 A trial copies the stage's Axolotl config, applies the trial's overrides, writes it as its own
 stage folder (``OUT/trials/NN``, validated by Axolotl's schema like any stage) and trains it with
 the same code as `tools train`. Grid sweeps try every combination; ``--optuna N`` lets Optuna's
-TPE sampler (seeded) pick N trials from the same value lists. The objective is an arithmetic
+TPE sampler (seeded) pick N distinct trials from the same value lists (a combination it
+suggests again is not trained twice). The objective is an arithmetic
 expression over the logged metrics of a trial (``eval_loss``, ``loss``, ...) and over the figures of
 the trial's own evaluation (``--eval``: a bench of the trial's model converted to GGUF, or `eval
 semantic` of a seq2seq trial), e.g. LoRAG's ``eval_loss - 0.25*entailment`` or
@@ -159,14 +160,23 @@ def run_sweep(combos: list[dict], run_trial: Callable[[int, dict], dict], object
         space = {k: sorted({repr(c[k]) for c in combos}) for k in keys}
         study = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=seed))
 
+        done: dict[tuple, float] = {}  # TPE may suggest a combination again: it is not trained twice
+
         def fn(trial):
             import ast as _ast
-            params = {k: _ast.literal_eval(trial.suggest_categorical(k, space[k])) for k in keys}
+            picked = tuple(trial.suggest_categorical(k, space[k]) for k in keys)
+            if picked in done:
+                return done[picked]
+            params = {k: _ast.literal_eval(v) for k, v in zip(keys, picked)}
             m = run_trial(len(rows), params)
             val = objective(m)
             rows.append({"trial": len(rows), "params": params, "metrics": m, "objective": val})
+            done[picked] = val
             return val
-        study.optimize(fn, n_trials=optuna_trials)
+        # N distinct trials at most: a grid smaller than N is simply tried whole
+        n_distinct = math.prod(len(v) for v in space.values())
+        study.optimize(fn, n_trials=50 * optuna_trials,  # repeats cost nothing; the callback stops it
+                       callbacks=[lambda s, t: s.stop() if len(rows) >= min(optuna_trials, n_distinct) else None])
     else:
         for i, params in enumerate(combos):
             m = run_trial(i, params)

@@ -1,4 +1,5 @@
-"""`tools train STAGE_DIR`: run Axolotl (preprocess, then train through the preset's launcher).
+"""`tools train STAGE_DIR`: run Axolotl (preprocess, then train through the preset's launcher; one process
+lets `axolotl train` prepare the data itself, which saves one Axolotl start-up).
 
 Axolotl trains into ``STAGE_DIR/checkpoints`` (``--output-dir`` on its command line; everything
 else is the stage's ``axolotl.yaml``), a folder of mode 0700 that holds the ``checkpoint-N``
@@ -100,6 +101,10 @@ def plan(stage_dir: str | os.PathLike, work: str | None = None, resume: str | No
     if resume:
         overrides["resume_from_checkpoint"] = resume
     pre, train = P.axolotl_commands(preset, str(cfg_file), axolotl, overrides)
+    # One process: `axolotl train` prepares (tokenizes, filters, saves to dataset_prepared_path) the data itself,
+    # the same code as `axolotl preprocess`, and one Axolotl start-up (~12 s of imports) is saved. Several
+    # processes prepare it first, once, so the ranks only load it.
+    commands = [train] if preset.world_size == 1 else [pre, train]
     full = R.env_for_axolotl(seed=cfg.get("seed"), preset=preset)
     from .axolotl_cpu import AXOLOTL_ENV
     env = {k: full[k] for k in full if k in AXOLOTL_ENV or k.startswith(("MEDILORA_", "ACCELERATE_"))
@@ -108,7 +113,7 @@ def plan(stage_dir: str | os.PathLike, work: str | None = None, resume: str | No
             "world_size": preset.world_size, "base_model": cfg.get("base_model"), "adapter": bool(cfg.get("adapter")),
             "output": str(stage_dir / "output"), "checkpoints": overrides["output_dir"],
             "log": str(stage_dir / "train.log"), "env": dict(sorted(env.items())), "path_prepend": str(bindir),
-            "commands": [pre, train], "max_steps": cfg.get("max_steps")}
+            "commands": commands, "max_steps": cfg.get("max_steps")}
 
 
 # -- checkpoints -----------------------------------------------------------------------------------
@@ -474,7 +479,7 @@ def _train(st: Stage, work: Path, stage_dir: Path, cfg: dict, art: Artifact, pre
     env = R.env_for_axolotl(seed=cfg.get("seed", 42), preset=preset)
     env["MEDILORA_DIE_WITH_PARENT"] = "1"  # killed with `tools train` (recipes/seeding/sitecustomize.py)
     the_plan = plan(stage_dir, str(ckpts), str(last[1]) if last else None)
-    pre, train = the_plan["commands"]
+    *pre, train = the_plan["commands"]  # pre: [] for one process (Axolotl's train prepares the data)
     from tools.io import sha256_file
     prepared_for = {"stage_fingerprint": art.manifest.get("fingerprint"),
                     "axolotl_yaml": sha256_file(stage_dir / "axolotl.yaml")}
@@ -493,7 +498,7 @@ def _train(st: Stage, work: Path, stage_dir: Path, cfg: dict, art: Artifact, pre
 
 
 def _run_axolotl(st: Stage, work: Path, stage_dir: Path, cfg: dict, art: Artifact, preset: P.Preset, ckpts: Path,
-                 last: tuple[int, Path] | None, env: dict, pre: list[str], train: list[str], prepared: bool,
+                 last: tuple[int, Path] | None, env: dict, pre: list[list[str]], train: list[str], prepared: bool,
                  prepared_for: dict, marker: Path) -> None:
     resumed = last[0] if last else None
     tail: deque = deque(maxlen=400)
@@ -506,14 +511,19 @@ def _run_axolotl(st: Stage, work: Path, stage_dir: Path, cfg: dict, art: Artifac
             log(f"resuming from step {resumed} ({last[1].name} in {ckpts})")
         if prepared:
             log(f"preprocess: skipped (the data in {marker.parent} was prepared for this stage)")
-        else:
-            log(f"preprocess: {shlex.join(pre)}")
+        elif not pre:
+            log("preprocess: by `axolotl train` itself (one process)")
             marker.unlink(missing_ok=True)
-            rc = _run(pre, env, logf, tail, lambda *_: None, stage_dir)
+        else:
+            log(f"preprocess: {shlex.join(pre[0])}")
+            marker.unlink(missing_ok=True)
+            rc = _run(pre[0], env, logf, tail, lambda *_: None, stage_dir)
             if rc != 0:
                 raise WorkError(f"axolotl preprocess failed (exit {rc}): {error_line(tail)} (log: {log_path})")
             write_json(marker, prepared_for)
         t1 = time.time()
+        logf.flush()
+        started_at = logf.tell()
         log(f"train ({preset.launcher}, world size {preset.world_size}): {shlex.join(train)}")
         total = int(cfg.get("max_steps") or 0) or None
         with progress("training", total=total, unit="steps") as advance:
@@ -532,7 +542,10 @@ def _run_axolotl(st: Stage, work: Path, stage_dir: Path, cfg: dict, art: Artifac
             kept = last_checkpoint(ckpts, preset.world_size, drop_broken=False)
             where = (f"checkpoint-{kept[0]} kept in {ckpts}: `tools train` again resumes from it, --restart starts "
                      "over" if kept else "no checkpoint was written")
-            raise WorkError(f"axolotl train failed (exit {rc}): {error_line(tail)} (log: {log_path}; {where})")
+            phase = "" if _trainer_started(log_path, started_at) else " before training started"
+            raise WorkError(f"axolotl train failed{phase} (exit {rc}): {error_line(tail)} (log: {log_path}; {where})")
+        if not prepared and not pre:
+            write_json(marker, prepared_for)
         t2 = time.time()
     summary: dict = {}
     for s in tail:
@@ -549,10 +562,17 @@ def _run_axolotl(st: Stage, work: Path, stage_dir: Path, cfg: dict, art: Artifac
             else:
                 summary = d
     _collect(ckpts, work)
-    _record(st, work, cfg, art, streamed, {"wall_seconds": {"preprocess": round(t1 - t0, 1),
+    _record(st, work, cfg, art, streamed, {"wall_seconds": {"preprocess": round(t1 - t0, 1) if pre else None,
                                                             "train": round(t2 - t1, 1)},
                                            "world_size": preset.world_size, "resumed_from_step": resumed},
             summary, history_dir=ckpts)
+
+
+def _trainer_started(log_path: Path, offset: int) -> bool:
+    """Whether the `axolotl train` logged from ``offset`` of train.log got as far as its trainer."""
+    with open(log_path, encoding="utf-8", errors="replace") as f:
+        f.seek(offset)
+        return any("Starting trainer" in line for line in f)
 
 
 def _finish(res: Artifact) -> Artifact:

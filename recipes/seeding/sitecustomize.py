@@ -1,5 +1,6 @@
 """Start-up shim for every Python process of an Axolotl run (on PYTHONPATH only for `tools train`
-and the stage's ``launch.sh``). It does three things, each switched on by an environment variable:
+and the stage's ``launch.sh``). It does three things, each switched on by an environment variable,
+and one always:
 
 ``MEDILORA_SEED``
     Seed torch, numpy and ``random`` when the interpreter starts. Axolotl 0.19 builds the LoRA
@@ -22,6 +23,11 @@ and the stage's ``launch.sh``). It does three things, each switched on by an env
     Diagnostics: every rank appends one JSON line per micro-batch to ``DIR/rank-R.jsonl``
     (optimizer step it counts towards, and a digest of each row's token ids), which is how the tests
     check that every sample is seen once per epoch across ranks.
+
+Always: ``datasets``' ``Dataset.save_to_disk(num_proc=1)`` starts a one-process *spawn* pool (a fresh
+interpreter that imports ``datasets`` again: ~3-4 s on the 2-core machine), and Axolotl asks for
+exactly that when it saves a prepared dataset under 512 rows. The shim runs ``num_proc=1`` in the
+process itself (``num_proc=None``), which writes the same files (checked byte for byte).
 
 A worker started by torchrun (or ``accelerate launch``, which runs torchrun's agent) runs in its own
 session, so killing the launcher's process group (a pre-empted job, ``kill -9`` of `tools train`)
@@ -143,14 +149,27 @@ def _cpu_index_locations():
     ser.register_package(30, lambda obj: None, deserialize)
 
 
-_HOOKS = {}
+def _patch_save_to_disk(mod):
+    dataset = getattr(mod, "Dataset", None)
+    orig = getattr(dataset, "save_to_disk", None)
+    if orig is None:
+        _warn("datasets.arrow_dataset.Dataset.save_to_disk not found: left as is")
+        return
+
+    def save_to_disk(self, *a, num_proc=None, **kw):
+        return orig(self, *a, num_proc=None if num_proc == 1 else num_proc, **kw)
+
+    dataset.save_to_disk = save_to_disk
+
+
+_HOOKS = {"datasets.arrow_dataset": _patch_save_to_disk}
 if os.environ.get("MEDILORA_DEVICE") == "cpu":
     _HOOKS["axolotl.loaders.model"] = _patch_device_map
     _cpu_index_locations()
 if os.environ.get("MEDILORA_TRACE_SAMPLES"):
     _HOOKS["transformers.trainer"] = _patch_trace
 
-if _HOOKS:
+if _HOOKS:  # always (the save_to_disk hook)
     import importlib.abc
 
     class _PatchAfterImport(importlib.abc.MetaPathFinder):

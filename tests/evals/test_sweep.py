@@ -3,6 +3,7 @@ model on its own training data falls after those few steps (base vs fine-tuned, 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -94,3 +95,35 @@ def test_grid_sweep_runs_real_trials_and_perplexity_falls(tiny_llama, tmp_path, 
     base, tuned = json.loads(p.stdout)["results"]
     assert base["n_tokens"] == tuned["n_tokens"] > 0
     assert tuned["perplexity"] < 0.9 * base["perplexity"], (base, tuned)
+
+
+def test_optuna_picks_distinct_trials_from_the_grid_and_finds_the_minimum():
+    """`--optuna N` through real Optuna (TPE, seeded), with a trial that trains nothing: N distinct combinations
+    from the grid's values (a repeated suggestion is not run again), the same ones for the same seed, and an
+    objective over a bowl finds its bottom once the grid is covered."""
+    from evals.sweep import Objective, grid_combos, parse_grid, run_sweep
+
+    grid = parse_grid(("learning_rate=1e-4,1e-3,1e-2", "micro_batch_size=1,2"))
+    combos = grid_combos(grid)
+
+    def sweep(n, seed):
+        ran = []
+
+        def run_trial(i, params):
+            assert i == len(ran)
+            ran.append(params)
+            lr, mb = params["learning_rate"], params["micro_batch_size"]
+            return {"loss": abs(math.log10(lr) + 3) + 0.1 * mb}  # lowest at lr 1e-3, micro batch 1
+        rows = run_sweep(combos, run_trial, Objective("loss"), optuna_trials=n, seed=seed)
+        return ran, rows
+
+    ran, rows = sweep(4, seed=0)
+    keys = [tuple(sorted(p.items())) for p in ran]
+    assert len(ran) == len(rows) == 4 and len(set(keys)) == 4  # 4 trainings, all different
+    assert all(p in combos for p in ran)
+    assert [r["params"] for r in rows] == ran and [r["trial"] for r in rows] == [0, 1, 2, 3]
+    assert all(r["objective"] == r["metrics"]["loss"] for r in rows)
+    assert sweep(4, seed=0)[0] == ran  # seeded: the same trials again
+    ran, rows = sweep(10, seed=1)  # more trials than combinations: each combination once, then it stops
+    assert sorted(map(lambda p: tuple(sorted(p.items())), ran)) == sorted(tuple(sorted(c.items())) for c in combos)
+    assert min(rows, key=lambda r: r["objective"])["params"] == {"learning_rate": 1e-3, "micro_batch_size": 1}

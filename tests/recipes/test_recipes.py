@@ -250,11 +250,18 @@ def test_train_dry_run_prints_exact_commands(tmp_path, tiny_llama, data, tools_c
     r = tools_cli("train", s, "--dry-run")
     assert r.returncode == 0, r.stderr
     lines = [ln for ln in r.stdout.splitlines() if not ln.startswith("#")]
-    assert len(lines) == 2
-    assert f"axolotl preprocess {s}/axolotl.yaml" in lines[0]
-    assert f"axolotl train {s}/axolotl.yaml --launcher python" in lines[1]
-    assert "HF_HUB_OFFLINE=1" in lines[1] and "PATH=" in lines[1]
+    assert len(lines) == 1  # one process: `axolotl train` prepares the data itself
+    assert f"axolotl train {s}/axolotl.yaml --launcher python" in lines[0] and "axolotl preprocess" not in r.stdout
+    assert "HF_HUB_OFFLINE=1" in lines[0] and "PATH=" in lines[0]
     assert not (s / "output").exists() and not (s / "train.log").exists()
+    # two processes: the data is prepared once, before the ranks start
+    r = tools_cli("stage", "completion", "--base-model", tiny_llama, "--corpus", data["corpus"], "--out", tmp_path / "s2",
+                  "--device", "cpu", "--lora", "--procs", "2")
+    assert r.returncode == 0, r.stderr
+    r = tools_cli("train", tmp_path / "s2", "--dry-run")
+    lines = [ln for ln in r.stdout.splitlines() if not ln.startswith("#")]
+    assert len(lines) == 2 and f"axolotl preprocess {tmp_path / 's2'}/axolotl.yaml" in lines[0], r.stdout
+    assert "axolotl train" in lines[1] and "--num_processes 2" in lines[1]
 
 
 def test_sequence_len_that_drops_every_row_is_refused(tmp_path, tiny_llama, data, tools_cli):
