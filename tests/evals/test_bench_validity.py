@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-N_ITEMS = 50
+N_ITEMS = 20
 
 
 @pytest.mark.slow
