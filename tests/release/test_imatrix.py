@@ -143,7 +143,7 @@ def test_imatrix_cli_iq3_xxs_lineage_and_push(tools_cli, smollm2_gguf, tmp_path)
 
     q = tmp_path / "iq3"
     p = tools_cli("quantize", smollm2_gguf, "--q", "IQ3_XXS", "--allow-requantize", "--imatrix", imx / "imatrix.gguf",
-                  "--threads", "1", "--out", q, "--json", check=True)
+                  "--threads", "2", "--out", q, "--json", check=True)
     e = json.loads(p.stdout)["manifest"]["extra"]
     assert e["imatrix"] is True and e["file_type"] == "IQ3_XXS"
     assert e["tensor_types"]["IQ3_XXS"]["tensors"] == 30  # ffn_down: the rows that are multiples of 256
