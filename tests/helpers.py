@@ -93,23 +93,24 @@ def make_adapter(base: Path, out: Path, seed: int = 1) -> Path:
     return out
 
 
-def fake_bench(path, name, correct: list[bool], gold: list[str]):
-    """A bench artifact as `tools bench` writes it (results.json + items.jsonl), without a model."""
+def fake_bench(path, name, correct: list[bool], gold: list[str], first_id: int = 0, task: str = "pubmedqa"):
+    """A bench artifact as `tools bench` writes it (results.json + items.jsonl), without a model; items are
+    ``q{first_id}``, ``q{first_id + 1}``, ..."""
     from evals.bench import classification_metrics
     from evals.stats import bootstrap_macro_f1, wilson
 
     rows = []
     for i, (c, g) in enumerate(zip(correct, gold)):
         wrong = "no" if g == "yes" else "yes"
-        rows.append({"id": f"q{i}", "gold": g, "parsed": g if c else wrong, "strict": True, "correct": c,
+        rows.append({"id": f"q{first_id + i}", "gold": g, "parsed": g if c else wrong, "strict": True, "correct": c,
                      "finish": "decided", "gen_tokens": 1, "raw": g if c else wrong, "prompt_tokens": 10})
     labels = ["yes", "no", "maybe"]
     m = classification_metrics(labels, gold, [r["parsed"] for r in rows])
-    res = {"task": "pubmedqa", "mode": "generate", "split": "test", "n": len(rows), "model": {"name": name},
+    res = {"task": task, "mode": "generate", "split": "test", "n": len(rows), "model": {"name": name},
            **m, "accuracy_ci95": wilson(sum(correct), len(rows)), "valid_rate": 1.0,
            "valid_rate_ci95": wilson(len(rows), len(rows)), "valid_rates": {"strict": 1.0, "lenient": 1.0},
            "macro_f1_ci95": bootstrap_macro_f1(labels, gold, [r["parsed"] for r in rows])}
-    with Stage("bench.pubmedqa", path / name, {"name": name}) as st:
+    with Stage(f"bench.{task}", path / name, {"name": name}) as st:
         st.path("results.json").write_text(json.dumps(res))
         st.path("items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return st.result.path

@@ -94,6 +94,28 @@ def test_report_runs_mcnemar_on_the_shared_items(tools_cli, tmp_path):
     assert read_artifact(tmp_path / "rep2").stage == "report.compare"
 
 
+def test_report_pairs_only_the_items_both_runs_answered(tools_cli, tmp_path):
+    """Runs over different items: the paired tests use the shared ones only; none shared, or another task: exit 2,
+    one line, no report."""
+    gold = ["yes"] * 20
+    a = fake_bench(tmp_path, "a", [True] * 10 + [False] * 10, gold)               # q0..q19, right on q0..q9
+    b = fake_bench(tmp_path, "b", [False] * 5 + [True] * 15, gold, first_id=10)  # q10..q29, right on q15..q29
+    p = tools_cli("report", a, b, "--out", tmp_path / "rep")
+    assert p.returncode == 0, p.stderr
+    doc = json.loads((tmp_path / "rep" / "compare.json").read_text())
+    # shared q10..q19: A wrong on all of them, B right on q15..q19 -> 0 and 5 discordant
+    assert doc["comparisons"][0]["n_shared"] == 10
+    assert (doc["mcnemar"]["a_right_b_wrong"], doc["mcnemar"]["a_wrong_b_right"]) == (0, 5)
+    assert doc["comparisons"][0]["accuracy_a"] == 0.0 and doc["comparisons"][0]["accuracy_b"] == 0.5
+    c = fake_bench(tmp_path, "c", [True] * 5, ["yes"] * 5, first_id=100)
+    m = fake_bench(tmp_path, "m", [True] * 5, ["yes"] * 5, task="medqa")
+    for other, words in ((c, "share no items"), (m, "is a medqa run")):
+        p = tools_cli("report", a, other, "--out", tmp_path / "refused")
+        lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+        assert p.returncode == 2 and len(lines) == 1 and words in lines[0], p.stderr
+        assert not (tmp_path / "refused").exists()
+
+
 def test_card_prints_the_intervals(tmp_path):
     from release.card import _body, read_bench
     from tools.artifact import Lineage

@@ -253,3 +253,15 @@ def test_bench_rag_puts_the_retrieved_text_in_the_prompt(index_dir, tmp_path, mo
     assert prompts, seen
     for c in row["chunks"]:
         assert chunks[c["id"]].strip() in prompts[-1], c["id"]
+
+    # the same through the console script: the same chunks, and the index recorded as an input
+    from tests.helpers import run_tools
+
+    p = run_tools("bench", "pubmedqa", "--data", data, "--mode", "loglik", "--threads", "1", "--rag", index_dir,
+                  "--k", "2", "--out", tmp_path / "cli", "--json", check=True)
+    out = json.loads(p.stdout)
+    assert out["manifest"]["params"]["rag"] == {"index": str(index_dir), "k": 2}
+    assert any(i["path"] == str(index_dir) for i in out["manifest"]["inputs"])
+    cli_row = next(iter(read_jsonl(tmp_path / "cli" / "items.jsonl")))
+    assert [c["id"] for c in cli_row["chunks"]] == [c["id"] for c in row["chunks"]]
+    assert cli_row["loglik"] == pytest.approx(row["loglik"], abs=1e-4)  # the same prompt, the same scores
