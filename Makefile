@@ -82,8 +82,12 @@ $(LLAMA_STAMP):
 smoke: install
 	$(PY) -m evals.smoke
 
+# Two pytest-xdist workers: most of the suite's time is single-threaded start-up (Axolotl, transformers, the
+# converter), so two of them share two cores well (measured: tests/conftest.py's docstring, README).
+# TEST_JOBS=1 runs the suite in one process.
+TEST_JOBS ?= 2
 test: install lint
-	$(VENV)/bin/pytest -q -p no:cacheprovider --timeout=1800 --durations=15
+	$(VENV)/bin/pytest -q -p no:cacheprovider --timeout=1800 --durations=15 $(if $(filter 1,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist loadscope)
 
 demo: install
 	@start=$$(date +%s); \

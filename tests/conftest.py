@@ -1,6 +1,12 @@
 """Fixtures shared by all tests: the tiny Llama, the embedded SmolLM2 GGUF and its HF form.
 
 No test touches the network: the Hub is switched off for the whole session.
+
+`make test` runs the suite on two pytest-xdist workers (``-n 2 --dist loadscope``: a module's tests
+stay on one worker, so module fixtures such as a reference training are made once). The models
+every worker needs are built once per run, by whichever worker asks first, under a file lock in
+the run's base temp folder (pytest-xdist's documented pattern), and the modules marked ``slow``
+are handed out first, so that no long module starts last on an otherwise idle machine.
 """
 from __future__ import annotations
 
@@ -46,11 +52,32 @@ def pg_server():
         server.stop()
 
 
+def pytest_collection_modifyitems(config, items):
+    """Modules with a test marked ``slow`` first (stable: file order otherwise; a module stays contiguous)."""
+    slow = {it.module.__name__ for it in items if it.get_closest_marker("slow") and getattr(it, "module", None)}
+    items.sort(key=lambda it: getattr(it, "module", None) is None or it.module.__name__ not in slow)
+
+
+def once_per_run(tmp_path_factory, name: str, build) -> Path:
+    """``build(folder)`` once for the whole run, shared by every xdist worker (file lock, then a done-marker)."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the base temp of the run: each worker has its own folder below it
+    folder, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            build(folder)
+            done.write_text(str(folder))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     """A tiny random-weight Llama + a BPE tokenizer trained in this session (ChatML template)."""
     from tools.tinymodel import build_tiny_llama
-    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama") / "model")
+    return once_per_run(tmp_path_factory, "tiny-llama", lambda d: build_tiny_llama(d / "model")) / "model"
 
 
 @pytest.fixture(scope="session")
@@ -63,8 +90,7 @@ def smollm2_gguf() -> Path:
 def smollm2_hf(tmp_path_factory, smollm2_gguf) -> Path:
     """SmolLM2-135M-Instruct in HF form, dequantized from the packaged GGUF (no Hub)."""
     from tools.hfmodels import gguf_to_hf
-    art = gguf_to_hf(smollm2_gguf, tmp_path_factory.mktemp("smollm2") / "hf")
-    return art.path
+    return once_per_run(tmp_path_factory, "smollm2", lambda d: gguf_to_hf(smollm2_gguf, d / "hf")) / "hf"
 
 
 @pytest.fixture
