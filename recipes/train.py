@@ -482,7 +482,8 @@ def _train(st: Stage, work: Path, stage_dir: Path, cfg: dict, art: Artifact, pre
     env = R.env_for_axolotl(seed=cfg.get("seed", 42), preset=preset)
     env["MEDILORA_DIE_WITH_PARENT"] = "1"  # killed with `tools train` (recipes/seeding/sitecustomize.py)
     the_plan = plan(stage_dir, str(ckpts), str(last[1]) if last else None)
-    *pre, train = the_plan["commands"]  # pre: [] for one process (Axolotl's train prepares the data)
+    *before, train = the_plan["commands"]
+    pre = before[0] if before else None  # None: one process, Axolotl's train prepares the data itself
     from tools.io import sha256_file
     prepared_for = {"stage_fingerprint": art.manifest.get("fingerprint"),
                     "axolotl_yaml": sha256_file(stage_dir / "axolotl.yaml")}
@@ -501,7 +502,7 @@ def _train(st: Stage, work: Path, stage_dir: Path, cfg: dict, art: Artifact, pre
 
 
 def _run_axolotl(st: Stage, work: Path, stage_dir: Path, cfg: dict, art: Artifact, preset: P.Preset, ckpts: Path,
-                 last: tuple[int, Path] | None, env: dict, pre: list[list[str]], train: list[str], prepared: bool,
+                 last: tuple[int, Path] | None, env: dict, pre: list[str] | None, train: list[str], prepared: bool,
                  prepared_for: dict, marker: Path) -> None:
     resumed = last[0] if last else None
     tail: deque = deque(maxlen=400)
@@ -514,13 +515,13 @@ def _run_axolotl(st: Stage, work: Path, stage_dir: Path, cfg: dict, art: Artifac
             log(f"resuming from step {resumed} ({last[1].name} in {ckpts})")
         if prepared:
             log(f"preprocess: skipped (the data in {marker.parent} was prepared for this stage)")
-        elif not pre:
+        elif pre is None:
             log("preprocess: by `axolotl train` itself (one process)")
             marker.unlink(missing_ok=True)
         else:
-            log(f"preprocess: {shlex.join(pre[0])}")
+            log(f"preprocess: {shlex.join(pre)}")
             marker.unlink(missing_ok=True)
-            rc = _run(pre[0], env, logf, tail, lambda *_: None, stage_dir)
+            rc = _run(pre, env, logf, tail, lambda *_: None, stage_dir)
             if rc != 0:
                 raise WorkError(f"axolotl preprocess failed (exit {rc}): {error_line(tail)} (log: {log_path})")
             write_json(marker, prepared_for)
@@ -547,8 +548,8 @@ def _run_axolotl(st: Stage, work: Path, stage_dir: Path, cfg: dict, art: Artifac
                      "over" if kept else "no checkpoint was written")
             phase = "" if _trainer_started(log_path, started_at) else " before training started"
             raise WorkError(f"axolotl train failed{phase} (exit {rc}): {error_line(tail)} (log: {log_path}; {where})")
-        if not prepared and not pre:
-            write_json(marker, prepared_for)
+        if not prepared and pre is None:
+            write_json(marker, prepared_for)  # Axolotl's train saved the data it prepared
         t2 = time.time()
     summary: dict = {}
     for s in tail:
@@ -565,7 +566,7 @@ def _run_axolotl(st: Stage, work: Path, stage_dir: Path, cfg: dict, art: Artifac
             else:
                 summary = d
     _collect(ckpts, work)
-    _record(st, work, cfg, art, streamed, {"wall_seconds": {"preprocess": round(t1 - t0, 1) if pre else None,
+    _record(st, work, cfg, art, streamed, {"wall_seconds": {"preprocess": round(t1 - t0, 1) if pre is not None else None,
                                                             "train": round(t2 - t1, 1)},
                                            "world_size": preset.world_size, "resumed_from_step": resumed},
             summary, history_dir=ckpts)
