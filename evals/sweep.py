@@ -163,11 +163,10 @@ def run_sweep(combos: list[dict], run_trial: Callable[[int, dict], dict], object
         done: dict[tuple, float] = {}  # TPE may suggest a combination again: it is not trained twice
 
         def fn(trial):
-            import ast as _ast
             picked = tuple(trial.suggest_categorical(k, space[k]) for k in keys)
             if picked in done:
                 return done[picked]
-            params = {k: _ast.literal_eval(v) for k, v in zip(keys, picked)}
+            params = {k: ast.literal_eval(v) for k, v in zip(keys, picked)}
             m = run_trial(len(rows), params)
             val = objective(m)
             rows.append({"trial": len(rows), "params": params, "metrics": m, "objective": val})
