@@ -258,6 +258,8 @@ class BenchSpec:
         kw["sampling"] = {k: params.get(k) for k in cls.SAMPLING_OPTIONS}
         if params.get("maps"):
             kw["field_map"] = parse_map(params["maps"])
+        if params.get("answer_base") is not None:  # mcq: how to read integer answers (evals.mcq.load_mcq)
+            kw["field_map"] = {**(kw.get("field_map") or {}), "answer_base": [str(params["answer_base"])]}
         return cls(task=task, **kw)
 
 

@@ -77,7 +77,7 @@ def check_bench_options(cmd: click.Command) -> None:
 
     from .bench import BenchSpec
 
-    names = {p.name for p in cmd.params} - {"as_json", "maps"}
+    names = {p.name for p in cmd.params} - {"as_json", "maps", "answer_base"}
     spec = {f.name for f in fields(BenchSpec)} - {"task", "sampling", "field_map", "n_batch", "plots"}
     if names != spec | set(BenchSpec.SAMPLING_OPTIONS):
         raise AssertionError(f"bench options and BenchSpec differ: {sorted(names ^ (spec | set(BenchSpec.SAMPLING_OPTIONS)))}")
@@ -123,16 +123,20 @@ def bench_medqa(as_json, **kw):
 @click.option("--map", "maps", multiple=True,
               help="Rename fields: TARGET=SOURCE (targets id, question, options, answer, context); "
                    "options=a+b+c+d gathers several fields.")
+@click.option("--answer-base", type=click.Choice(["0", "1"]), default=None,
+              help="Integer answers count options from 0 or from 1 (default: told from the file, else refused). "
+                   "MedMCQA's GitHub dev.json: 1; its Hub export: 0.")
 def bench_mcq(as_json, **kw):
     """Any multiple-choice or yes/no/maybe JSONL (--data), under the same protocol and reports.
 
     A row: question, options (list -> A, B, C...; or {label: text}), answer (label, option text or
-    0-based index), optional context and id. Yes/no/maybe sets are asked like PubMedQA, others like MedQA.
+    index: 0- or 1-based as the file shows, or --answer-base), optional context and id. Yes/no/maybe
+    sets are asked like PubMedQA, others like MedQA.
 
     \b
     Example:
       tools bench mcq --data exam.jsonl --mode loglik
-      tools bench mcq --data medmcqa.jsonl --map options=opa+opb+opc+opd --map answer=cop --limit 100
+      tools bench mcq --data dev.json --map options=opa+opb+opc+opd --map answer=cop --limit 100
       tools bench mcq --data exam.jsonl --dev exam-dev.jsonl --shots 3 --cot --samples 5
     """
     _bench("mcq", as_json, kw)
@@ -167,6 +171,58 @@ def eval_mmlu(model, shots, subjects, limit, threads, n_gpu_layers, batch_size, 
     if as_json:
         return emit_json(art, res)
     _print(*summary_lines(res), f"artifact: {art.path}")
+
+
+@click.group("suite")
+def suite_group():
+    """Published protocols on a GGUF, one table each: open-medical (the Open Medical-LLM Leaderboard)."""
+
+
+def _data_pairs(pairs: tuple[str, ...]) -> dict[str, str]:
+    from tools.errors import UserError
+
+    out = {}
+    for p in pairs:
+        name, sep, path = p.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise UserError(f"{p!r} is not TASK=FILE", field="--data")
+        out[name.strip()] = path.strip()
+    return out
+
+
+@suite_group.command("open-medical")
+@click.option("--model", "model", type=click.Path(), default=None,
+              help="GGUF file (default: the embedded SmolLM2-135M-Instruct Q4_1).")
+@click.option("--data", "data", multiple=True,
+              help="TASK=FILE: data for a task (medmcqa is not shipped: --data medmcqa=dev.json); repeatable.")
+@click.option("--answer-base", type=click.Choice(["0", "1"]), default=None,
+              help="MedMCQA cop counted from 0 (Hub export) or 1 (GitHub dev.json); default: told from the file.")
+@click.option("--limit", type=int, default=None, help="Only the first N questions of each task (a quick look).")
+@threads_option
+@click.option("--n-gpu-layers", type=int, default=None, help=N_GPU_LAYERS_HELP)
+@click.option("--n-ctx", type=int, default=4096, show_default=True)
+@artifact_options("Output folder (default runs/eval/open-medical-<model>).")
+def suite_open_medical(model, data, answer_base, limit, threads, n_gpu_layers, n_ctx, out, force, as_json):
+    """The Open Medical-LLM Leaderboard's nine tasks, zero-shot log-likelihood acc, offline.
+
+    lm-eval's own task files build every prompt (MedMCQA, MedQA 4 options, PubMedQA, six MMLU
+    subjects); llama.cpp scores them with prefix reuse. Per-task accuracy with its 95 % interval,
+    the average, items per task, a leaderboard-style table and a plot. A killed run resumes.
+
+    \b
+    Example:
+      tools eval suite open-medical --limit 20
+      tools eval suite open-medical --model out/model.Q3_K_L.gguf --data medmcqa=medmcqa/dev.json
+    """
+    from .suite import SuiteSpec, run_suite, summary_lines
+
+    spec = SuiteSpec(model=model, data=_data_pairs(data), answer_base=None if answer_base is None else int(answer_base),
+                     limit=limit, threads=threads, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, out=out, force=force)
+    art = run_suite(spec)
+    res = read_results(art)
+    if as_json:
+        return emit_json(art, res)
+    _print(*summary_lines(res), f"artifact: {art.path} (brackets: 95 % intervals)")
 
 
 @click.command("perplexity")
@@ -383,7 +439,7 @@ def register(cli):
 
     for cmd in (bench_pubmedqa, bench_medqa, bench_mcq):  # options checked against BenchSpec in tests/tools/test_cli.py
         group("bench").add_command(cmd)
-    for cmd in (eval_mmlu, perplexity_cmd, semantic_cmd):
+    for cmd in (eval_mmlu, perplexity_cmd, semantic_cmd, suite_group):
         group("eval").add_command(cmd)
     group("rag").add_command(index_cmd)
     group("rag").add_command(query_cmd)

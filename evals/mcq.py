@@ -1,8 +1,11 @@
 """`tools bench mcq`: any multiple-choice or yes/no/maybe JSONL under the MediLoRA protocol.
 
 A row: ``question`` (string), ``options`` (a list of texts, lettered A, B, C... in order, or a
-mapping label -> text), ``answer`` (a label, the text of one option, or a 0-based index into a
-list), optional ``context`` (string or list of strings) and ``id`` (default: the line number).
+mapping label -> text), ``answer`` (a label, the text of one option, or an index into the options), optional ``context``
+(string or list of strings) and ``id`` (default: the line number). Integer answers are 0-based or
+1-based by file, never guessed: a 0 anywhere means 0-based, the option count anywhere (4 of 4) means
+1-based (MedMCQA's GitHub release counts ``cop`` from 1, its Hub export from 0); a file whose
+integers show neither is refused unless ``answer_base`` (``--answer-base 0|1``) says which.
 ``--map TARGET=SOURCE`` renames fields (``--map question=stem --map answer=cop``); ``options`` may
 be gathered from several fields (``--map options=opa+opb+opc+opd``, MedMCQA's layout).
 
@@ -22,6 +25,7 @@ from tools.errors import UserError
 from .items import PUBMEDQA_LABELS, Item
 
 FIELDS = ("id", "question", "options", "answer", "context")
+MEDMCQA_OPTIONS = ("opa", "opb", "opc", "opd")
 
 
 def parse_map(specs: tuple[str, ...] | list[str] | None) -> dict[str, list[str]]:
@@ -49,7 +53,38 @@ def _get(obj: dict, tgt: str, mapping: dict[str, list[str]]):
     return obj.get(srcs[0]), srcs[0]
 
 
-def _row(obj: dict, mapping: dict, path: Path, line: int) -> tuple[Item, bool]:
+def index_base(answers: list[tuple[int, int]], declared: int | None, path: Path, field: str) -> int:
+    """0 or 1: the base of a file's integer answers, from (answer, option count) pairs, or ``declared``."""
+    if declared is not None:
+        if declared not in (0, 1):
+            raise UserError("must be 0 or 1", field="--answer-base")
+        return declared
+    zero = any(a == 0 for a, _ in answers)
+    top = any(a == n for a, n in answers)
+    if zero and top:
+        raise UserError("integer answers run from 0 to the option count: neither 0- nor 1-based", path=str(path),
+                        field=field)
+    if zero or top or not answers:
+        return 0 if zero or not answers else 1
+    lo, hi = min(a for a, _ in answers), max(a for a, _ in answers)
+    raise UserError(f"integer answers {lo}..{hi} could be 0-based or 1-based (MedMCQA's GitHub release counts cop "
+                    "from 1, its Hub export from 0): pass --answer-base 0 or 1", path=str(path), field=field)
+
+
+def _int_answers(rows: list[tuple[int, object]], mapping: dict) -> tuple[list[tuple[int, int]], str]:
+    """(integer answer, option count) of every row that has both, and the answer's field name."""
+    pairs, af = [], "answer"
+    for _, obj in rows:
+        if not isinstance(obj, dict):
+            continue
+        a, af = _get(obj, "answer", mapping)
+        opts, _ = _get(obj, "options", mapping)
+        if isinstance(a, int) and not isinstance(a, bool) and isinstance(opts, (list, dict)):
+            pairs.append((a, len(opts)))
+    return pairs, af
+
+
+def _row(obj: dict, mapping: dict, path: Path, line: int, base: int = 0) -> tuple[Item, bool]:
     if not isinstance(obj, dict):
         raise UserError("expected a JSON object", path=str(path), line=line)
     q, qf = _get(obj, "question", mapping)
@@ -79,9 +114,10 @@ def _row(obj: dict, mapping: dict, path: Path, line: int) -> tuple[Item, bool]:
     if isinstance(a, bool) or not isinstance(a, (str, int)):
         raise UserError(f"field {af!r} must be a label, an option text or an index", path=str(path), line=line, field=af)
     if isinstance(a, int):
-        if not 0 <= a < len(labels):
-            raise UserError(f"answer index {a} out of range 0..{len(labels) - 1}", path=str(path), line=line, field=af)
-        ans = labels[a]
+        if not base <= a < len(labels) + base:
+            raise UserError(f"answer index {a} out of range {base}..{len(labels) - 1 + base} ({base}-based)",
+                            path=str(path), line=line, field=af)
+        ans = labels[a - base]
     elif a in labels:
         ans = a
     elif a.strip() in texts and texts.count(a.strip()) == 1:
@@ -113,18 +149,29 @@ def _row(obj: dict, mapping: dict, path: Path, line: int) -> tuple[Item, bool]:
 
 def load_mcq(data: str | os.PathLike, mapping: dict[str, list[str]] | None = None,
              limit: int | None = None) -> tuple[list[Item], Path, str]:
-    """(items, path, flavour) of an MCQ JSONL; flavour ``pubmedqa`` (all rows yes/no/maybe) or ``medqa``."""
+    """(items, path, flavour) of an MCQ JSONL; flavour ``pubmedqa`` (all rows yes/no/maybe) or ``medqa``.
+
+    ``mapping["answer_base"] == ["0"|"1"]`` (``--answer-base``) declares the base of integer answers;
+    otherwise it is told from the whole file (not only the first ``limit`` rows) or refused."""
     from .items import _numbered
 
     path = Path(data)
-    mapping = mapping or {}
+    mapping = dict(mapping or {})
+    declared = mapping.pop("answer_base", None)
+    rows = list(_numbered(path))
+    ints, af = _int_answers(rows, mapping)
+    base = None
+    try:
+        base = index_base(ints, int(declared[0]) if declared else None, path, af)
+    except UserError as e:
+        ambiguous = e  # raised after the rows' own errors, which name a line
     items: list[Item] = []
     kinds: set[bool] = set()
     seen: dict[str, int] = {}
     line = 0
-    for lineno, obj in _numbered(path):
+    for lineno, obj in rows:
         line = lineno
-        it, yn = _row(obj, mapping, path, lineno)
+        it, yn = _row(obj, mapping, path, lineno, base or 0)
         if it.id in seen:
             raise UserError(f"duplicate id {it.id!r} (first on line {seen[it.id]})", path=str(path), line=lineno,
                             field="id")
@@ -138,4 +185,37 @@ def load_mcq(data: str | os.PathLike, mapping: dict[str, list[str]] | None = Non
             break
     if not items:
         raise UserError("no items", path=str(path), line=line or None)
+    if base is None:
+        raise ambiguous
     return items, path, ("pubmedqa" if True in kinds else "medqa")
+
+
+def medmcqa_docs(path: str | os.PathLike, answer_base: int | None = None) -> list[dict]:
+    """MedMCQA rows (GitHub ``dev.json`` with a 1-based ``cop``, or the Hub export with a 0-based one)
+    as the Hub's ``openlifescienceai/medmcqa`` rows lm-eval reads (``cop`` 0-based)."""
+    from .items import _numbered
+
+    path = Path(path)
+    rows = list(_numbered(path))
+    for line, obj in rows:
+        for k in ("question", *MEDMCQA_OPTIONS, "cop"):
+            if not isinstance(obj, dict) or k not in obj:
+                raise UserError(f"missing field {k!r} (a MedMCQA row has question, opa..opd, cop)", path=str(path),
+                                line=line, field=k)
+        if not isinstance(obj["cop"], int) or isinstance(obj["cop"], bool):
+            raise UserError(f"cop {obj['cop']!r} is not an integer", path=str(path), line=line, field="cop")
+        for k in ("question", *MEDMCQA_OPTIONS):
+            if not isinstance(obj[k], str):
+                raise UserError(f"field {k!r} must be a string", path=str(path), line=line, field=k)
+    base = index_base([(o["cop"], 4) for _, o in rows], answer_base, path, "cop")
+    docs = []
+    for line, obj in rows:
+        if not base <= obj["cop"] < 4 + base:
+            raise UserError(f"cop {obj['cop']} out of range {base}..{3 + base} ({base}-based)", path=str(path),
+                            line=line, field="cop")
+        docs.append({"id": str(obj.get("id", line)), "question": obj["question"],
+                     **{k: obj[k] for k in MEDMCQA_OPTIONS}, "cop": obj["cop"] - base,
+                     "subject_name": obj.get("subject_name") or ""})
+    if not docs:
+        raise UserError("no items", path=str(path))
+    return docs

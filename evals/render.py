@@ -160,3 +160,62 @@ def render_mmlu_report(results: dict, folder: Path, plots: bool = True) -> None:
         lines += ["![per-subject accuracy](subjects.png)"]
     with atomic_write(folder / "report.md") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def plot_intervals(names: list[str], values: list[float], cis: list[list[float]], path: Path, title: str) -> None:
+    """Horizontal bars with their 95 % intervals."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 0.38 * len(names) + 1.5))
+    err = [[v - c[0] for v, c in zip(values, cis)], [c[1] - v for v, c in zip(values, cis)]]
+    ax.barh(range(len(names)), values, xerr=err, color="#4477aa", ecolor="#222222", capsize=3)
+    ax.set_yticks(range(len(names)), names)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    for i, (v, c) in enumerate(zip(values, cis)):
+        ax.text(min(c[1] + 0.01, 0.9), i, f"{100 * v:.1f}", va="center")
+    ax.set_title(title)
+    ax.set_xlabel("accuracy (95 % Wilson interval)")
+    fig.tight_layout()
+    save_png(fig, path)
+
+
+def suite_table(r: dict) -> list[str]:
+    """The per-task Markdown table of a suite run: task, n, acc [95 %], acc_norm, data; then the average."""
+    lines = ["| task | n | acc | 95 % interval | acc_norm | data |", "|---|---|---|---|---|---|"]
+    for name in r["order"]:
+        col = r["columns"][name]
+        if name in r["skipped"]:
+            lines.append(f"| {col} | - | - | - | - | skipped: {r['skipped'][name]} |")
+            continue
+        v = r["tasks"][name]
+        lines.append(f"| {col} | {v['n']} | {_pct(v['acc'])} | {_ci(v, 'acc_ci95')} | {_pct(v['acc_norm'])} | "
+                     f"{v['data']['source']} `{Path(v['data']['path']).name}` |")
+    lines.append(f"| **Average** ({len(r['average_over'])} tasks, unweighted) | {r['n']} | **{_pct(r['average'])}** "
+                 "| | | |")
+    return lines
+
+
+def leaderboard_row(r: dict, label: str) -> list[str]:
+    """The run as one row laid out like the Open Medical-LLM Leaderboard (Average, then its columns)."""
+    cols = [r["columns"][n] for n in r["order"]]
+    cells = ["-" if n in r["skipped"] else f"{100 * r['tasks'][n]['acc']:.1f}" for n in r["order"]]
+    return ["| Model | Average | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|",
+            f"| {label} | {100 * (r['average'] or 0):.1f} | " + " | ".join(cells) + " |"]
+
+
+def render_suite_report(results: dict, folder: Path, plots: bool = True) -> None:
+    folder = Path(folder)
+    r = results
+    lim = f", first {r['limit']} questions of each task" if r["limit"] else ""
+    lines = [f"# Open Medical-LLM suite (zero-shot log-likelihood, lm-eval {r['lm_eval_version']} task files{lim})",
+             "", f"- model: `{r['model']['name']}` (sha256 `{r['model']['sha256'][:16]}…`)",
+             f"- metric: {r['metric']}; acc_norm where lm-eval's task defines it", "", *suite_table(r), "",
+             "## Leaderboard layout", "", *leaderboard_row(r, r["model"]["name"]), ""]
+    if plots:
+        names = [n for n in r["order"] if n in r["tasks"]]
+        plot_intervals([r["columns"][n] for n in names], [r["tasks"][n]["acc"] for n in names],
+                       [r["tasks"][n]["acc_ci95"] for n in names], folder / "suite.png",
+                       f"Open Medical-LLM suite: {r['model']['name']}")
+        lines += ["![per-task accuracy](suite.png)"]
+    with atomic_write(folder / "report.md") as f:
+        f.write("\n".join(lines) + "\n")

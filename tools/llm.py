@@ -86,6 +86,20 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return x - m - np.log(np.exp(x - m).sum())
 
 
+def common_prefix(token_lists: list[list[int]]) -> list[int]:
+    """The tokens every list starts with, less one so that each prompt keeps a token of its own to
+    evaluate (a prompt equal to the prefix would leave no logits to score from)."""
+    if not token_lists:
+        return []
+    pre = token_lists[0]
+    for t in token_lists[1:]:
+        n = 0
+        while n < min(len(pre), len(t)) and pre[n] == t[n]:
+            n += 1
+        pre = pre[:n]
+    return list(pre[: max(0, min(len(t) for t in token_lists) - 1)])
+
+
 class LlamaRunner:
     """One llama.cpp context over a GGUF, with a reusable prompt prefix."""
 
