@@ -38,7 +38,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install lint llama-cpp smoke system-deps test demo bench bench-llama bench-corpus bench-eval bench-imatrix clean
+.PHONY: install lint llama-cpp smoke system-deps test demo bench bench-llama bench-corpus bench-eval bench-imatrix bench-suite clean
 
 install: $(STAMP)
 
@@ -103,7 +103,7 @@ demo: install
 lint: install
 	$(VENV)/bin/ruff check .
 
-bench: bench-llama bench-corpus bench-eval bench-imatrix
+bench: bench-llama bench-corpus bench-eval bench-imatrix bench-suite
 
 bench-llama: install
 	$(PY) bench/bench_llama.py
@@ -116,6 +116,11 @@ bench-eval: install
 
 bench-imatrix: install
 	$(PY) bench/bench_imatrix.py
+
+# the open-medical suite vs lm-eval's hf run (200 questions a task) and its speed vs llama.cpp's floor;
+# MedMCQA joins with MEDMCQA=path/to/dev.json (not shipped)
+bench-suite: install
+	$(PY) bench/bench_suite_validity.py $(if $(MEDMCQA),--medmcqa $(MEDMCQA))
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -206,7 +206,8 @@ def build_medqa(out, *, src=None, allow_test: bool = False, force: bool = False,
             if not allow_test and norm_question(q) in test_q:
                 skipped_test += 1
                 continue
-            rows.append({"id": f"medqa-{src.stem}-{n}" if rid is None else f"medqa-{rid}", "messages": [
+            # the source file's stem keeps ids of different splits apart (BigBio numbers each split from 0)
+            rows.append({"id": f"medqa-{src.stem}-{n if rid is None else rid}", "messages": [
                 {"role": "system", "content": system_prompt("medqa", letters)},
                 {"role": "user", "content": medqa_user(q, opts)},
                 {"role": "assistant", "content": medqa_assistant(letter, opts)}],

@@ -173,11 +173,6 @@ def eval_mmlu(model, shots, subjects, limit, threads, n_gpu_layers, batch_size, 
     _print(*summary_lines(res), f"artifact: {art.path}")
 
 
-@click.group("suite")
-def suite_group():
-    """Published protocols on a GGUF, one table each: open-medical (the Open Medical-LLM Leaderboard)."""
-
-
 def _data_pairs(pairs: tuple[str, ...]) -> dict[str, str]:
     from tools.errors import UserError
 
@@ -190,7 +185,8 @@ def _data_pairs(pairs: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
-@suite_group.command("open-medical")
+@click.command("suite")
+@click.argument("protocol", type=click.Choice(["open-medical"]))
 @click.option("--model", "model", type=click.Path(), default=None,
               help="GGUF file (default: the embedded SmolLM2-135M-Instruct Q4_1).")
 @click.option("--data", "data", multiple=True,
@@ -202,8 +198,9 @@ def _data_pairs(pairs: tuple[str, ...]) -> dict[str, str]:
 @click.option("--n-gpu-layers", type=int, default=None, help=N_GPU_LAYERS_HELP)
 @click.option("--n-ctx", type=int, default=4096, show_default=True)
 @artifact_options("Output folder (default runs/eval/open-medical-<model>).")
-def suite_open_medical(model, data, answer_base, limit, threads, n_gpu_layers, n_ctx, out, force, as_json):
-    """The Open Medical-LLM Leaderboard's nine tasks, zero-shot log-likelihood acc, offline.
+def suite_cmd(protocol, model, data, answer_base, limit, threads, n_gpu_layers, n_ctx, out, force, as_json):
+    """A published protocol on a GGUF, one table. open-medical: the Open Medical-LLM Leaderboard's
+    nine tasks, zero-shot log-likelihood acc, offline.
 
     lm-eval's own task files build every prompt (MedMCQA, MedQA 4 options, PubMedQA, six MMLU
     subjects); llama.cpp scores them with prefix reuse. Per-task accuracy with its 95 % interval,
@@ -439,7 +436,7 @@ def register(cli):
 
     for cmd in (bench_pubmedqa, bench_medqa, bench_mcq):  # options checked against BenchSpec in tests/tools/test_cli.py
         group("bench").add_command(cmd)
-    for cmd in (eval_mmlu, perplexity_cmd, semantic_cmd, suite_group):
+    for cmd in (eval_mmlu, perplexity_cmd, semantic_cmd, suite_cmd):
         group("eval").add_command(cmd)
     group("rag").add_command(index_cmd)
     group("rag").add_command(query_cmd)

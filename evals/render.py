@@ -170,9 +170,9 @@ def plot_intervals(names: list[str], values: list[float], cis: list[list[float]]
     ax.barh(range(len(names)), values, xerr=err, color="#4477aa", ecolor="#222222", capsize=3)
     ax.set_yticks(range(len(names)), names)
     ax.invert_yaxis()
-    ax.set_xlim(0, 1)
+    ax.set_xlim(0, 1.12)
     for i, (v, c) in enumerate(zip(values, cis)):
-        ax.text(min(c[1] + 0.01, 0.9), i, f"{100 * v:.1f}", va="center")
+        ax.text(c[1] + 0.015, i, f"{100 * v:.1f}", va="center")
     ax.set_title(title)
     ax.set_xlabel("accuracy (95 % Wilson interval)")
     fig.tight_layout()

@@ -168,7 +168,7 @@ class _Key:
     id: str
 
 
-def _resolve_data(spec: SuiteSpec) -> tuple[dict[str, Path], dict[str, str]]:
+def resolve_data(spec: SuiteSpec) -> tuple[dict[str, Path], dict[str, str]]:
     """(task -> data file, task skipped -> why); --data names must be suite tasks."""
     names = {t.name for t in OPEN_MEDICAL}
     for name in spec.data:
@@ -188,7 +188,7 @@ def _resolve_data(spec: SuiteSpec) -> tuple[dict[str, Path], dict[str, str]]:
     return files, skipped
 
 
-def _load_tasks(spec: SuiteSpec, files: dict[str, Path]) -> list[tuple[SuiteTask, ConfigurableTask, list]]:
+def load_tasks(spec: SuiteSpec, files: dict[str, Path]) -> list[tuple[SuiteTask, ConfigurableTask, list]]:
     out = []
     for t in OPEN_MEDICAL:
         if t.name not in files:
@@ -254,7 +254,7 @@ def run_suite(spec: SuiteSpec) -> Artifact:
     if spec.answer_base not in (None, 0, 1):
         raise UserError("must be 0 or 1", field="--answer-base")
     model = check_gguf(spec.model) if spec.model else embedded_gguf()
-    files, skipped = _resolve_data(spec)
+    files, skipped = resolve_data(spec)
     out = Path(spec.out) if spec.out else Path("runs") / "eval" / f"open-medical-{model.stem}"
     params = {"suite": "open-medical", "limit": spec.limit, "n_ctx": spec.n_ctx, "answer_base": spec.answer_base,
               "tasks": sorted(files), "skipped": sorted(skipped), "lm_eval": lm_eval_version(),
@@ -265,14 +265,15 @@ def run_suite(spec: SuiteSpec) -> Artifact:
             return st.result
         for name, why in skipped.items():
             log(f"open-medical: {name} skipped: {why}")
-        loaded = _load_tasks(spec, files)
+        loaded = load_tasks(spec, files)
         keys = [_Key(f"{t.name}/{i}") for t, _, reqs in loaded for i in range(len(reqs))]
         scratch = scratch_path(out, st.fingerprint)
         rows = _read_scratch(scratch, keys)
         scratch.write_text("".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows),
                            encoding="utf-8")
-        if rows:
-            log(f"resuming: {len(rows)} of {len(keys)} questions already done ({scratch})")
+        resumed = len(rows)
+        if resumed:
+            log(f"resuming: {resumed} of {len(keys)} questions already done ({scratch})")
         t0 = time.perf_counter()
         with LlamaRunner(model, n_ctx=spec.n_ctx, n_threads=spec.threads, n_gpu_layers=spec.n_gpu_layers) as lr:
             lr.evaluated_tokens = 0
@@ -287,7 +288,7 @@ def run_suite(spec: SuiteSpec) -> Artifact:
         render_suite_report(results, st.path("report.md").parent, plots=spec.plots)
         st.lineage.licenses.add("MIT")
         st.lineage.sources.update(f"{t.column} ({files[t.name].name})" for t, _, _ in loaded)
-        st.extra.update({"average": results["average"], "n": results["n"], "resumed_from_item": None,
+        st.extra.update({"average": results["average"], "n": results["n"], "resumed_from_item": resumed or None,
                          "timing": {"wall_s": round(wall, 3), "s_per_item": round(wall / max(1, len(keys)), 4),
                                     "evaluated_tokens": evaluated, "threads": threads}})
     scratch.unlink(missing_ok=True)

@@ -117,7 +117,7 @@ def bench():
 
 @cli.group("eval")
 def eval_():
-    """Other evaluations: MMLU-medical, perplexity, semantic metrics."""
+    """Other evaluations: published suites (open-medical), MMLU-medical, perplexity, semantic metrics."""
 
 
 @cli.group("rag")

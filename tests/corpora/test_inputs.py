@@ -647,6 +647,9 @@ def test_medqa_upstream_formats(tmp_path, name):
     art = build_medqa(tmp_path / "ds", src=f)
     rows = [json.loads(x) for x in (art.path / "train.jsonl").read_text().splitlines()]
     assert [r["messages"][2]["content"] for r in rows] == ["(B) Drug B", "(D) Test D"]
+    # ids carry the source (split) file: BigBio numbers every split from 0, so bare ids would collide
+    own = ["1", "2"] if name != "bigbio_qa.jsonl" else ["q0", "q1"]   # line numbers where rows have no id
+    assert [r["id"] for r in rows] == [f"medqa-{f.stem}-{i}" for i in own]
 
 
 @pytest.mark.parametrize("record,msg", [

@@ -90,14 +90,17 @@ def test_prompts_are_lm_evals_own(tmp_path):
     from lm_eval import simple_evaluate
 
     from evals import suite
+    from evals.mmlu import task_manager
 
-    files, skipped = suite._resolve_data(suite.SuiteSpec(data={"medmcqa": str(_medmcqa(tmp_path / "d.json", 1))}))
+    files, skipped = suite.resolve_data(suite.SuiteSpec(data={"medmcqa": str(_medmcqa(tmp_path / "d.json", 1))}))
     assert not skipped and len(files) == 9
-    loaded = suite._load_tasks(suite.SuiteSpec(data={"medmcqa": str(files["medmcqa"])}, limit=3), files)
-    for t, task, reqs in loaded:
-        rec = _Recorder()
-        simple_evaluate(model=rec, tasks=[suite.build_task(t, t.docs(files[t.name]))], limit=3, bootstrap_iters=0)
-        assert [(ctx, c) for _, ctx, conts in reqs for c in conts] == [tuple(p) for p in rec.pairs], t.name
+    loaded = suite.load_tasks(suite.SuiteSpec(data={"medmcqa": str(files["medmcqa"])}, limit=3), files)
+    rec = _Recorder()   # one evaluator run over the nine task objects (a task manager that indexes nothing)
+    simple_evaluate(model=rec, tasks=[suite.build_task(t, t.docs(files[t.name])) for t, _, _ in loaded], limit=3,
+                    bootstrap_iters=0, task_manager=task_manager())
+    theirs = {tuple(p) for p in rec.pairs}
+    ours = [(ctx, c) for _, _, reqs in loaded for _, ctx, conts in reqs for c in conts]
+    assert len(ours) == len(rec.pairs) == len(set(ours)) and set(ours) == theirs
     ctx = {t.name: reqs[0][1:] for t, _, reqs in loaded}
     assert ctx["medmcqa"] == ("Question: Drug of choice for absence seizures?\nChoices:\nA. Ethosuximide\n"
                               "B. Phenytoin\nC. Carbamazepine\nD. Gabapentin\nAnswer:", [" A", " B", " C", " D"])
@@ -114,6 +117,7 @@ def test_prompts_are_lm_evals_own(tmp_path):
 @pytest.mark.native
 def test_suite_limit_table_items_and_resume(tools_cli, tmp_path):
     from evals.bench import scratch_path
+    from evals.suite import OPEN_MEDICAL
     from tools.artifact import read_artifact
 
     dev = _medmcqa(tmp_path / "dev.json", 1)
@@ -134,19 +138,21 @@ def test_suite_limit_table_items_and_resume(tools_cli, tmp_path):
     report = (a / "report.md").read_text()
     assert "| **Average** (9 tasks, unweighted) | 18 |" in report and "| Model | Average | MedMCQA |" in report
     assert (a / "suite.png").stat().st_size > 0
-    # resume: a scratch file with the first 5 questions (one altered) beside a new OUT is taken as done
+    # resume: a scratch file with the first 17 questions (one altered) beside a new OUT is taken as done
     fp = read_artifact(a).manifest["fingerprint"]
-    done = [json.loads(x) for t in ("medmcqa", "medqa_4options", "pubmedqa")
-            for x in (a / t / "items.jsonl").read_text().splitlines()][:5]
+    order = [t.name for t in OPEN_MEDICAL]   # the order the suite scores in
+    done = [json.loads(x) for t in order for x in (a / t / "items.jsonl").read_text().splitlines()][:17]
+    assert [r["task"] for r in done[4:6]] == ["pubmedqa"] * 2
     done[4]["loglik"] = [0.0, -1.0, -2.0]
     b = tmp_path / "b"
     scratch_path(b, fp).write_text("".join(json.dumps(r) + "\n" for r in done))
     p = tools_cli(*args, "--out", b)
     assert p.returncode == 0, p.stderr
-    assert "resuming: 5 of 18 questions already done" in p.stderr
+    assert "resuming: 17 of 18 questions already done" in p.stderr
     pq = [json.loads(x) for x in (b / "pubmedqa" / "items.jsonl").read_text().splitlines()]
-    assert pq[0]["loglik"] == [0.0, -1.0, -2.0] and pq[1] == json.loads((a / "pubmedqa" / "items.jsonl")
-                                                                        .read_text().splitlines()[1])
+    assert pq[0]["loglik"] == [0.0, -1.0, -2.0] and pq[1] == done[5]
+    last = order[-1]   # the one question scored again gives the numbers of the first run
+    assert (b / last / "items.jsonl").read_text() == (a / last / "items.jsonl").read_text()
     assert not scratch_path(b, fp).exists()
 
 

@@ -1,0 +1,40 @@
+"""bench/bench_suite_validity.py: the suite on a GGUF agrees with lm-eval's `hf` run of the same checkpoint."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.evals.test_suite import _medmcqa
+
+
+def test_compare_fails_on_a_disagreement():
+    sys.path.insert(0, "bench")
+    from bench_suite_validity import compare
+
+    theirs = {"pubmedqa": {"acc": 0.5, "pred": [0, 1, 2, 0] * 25}}
+    same = {"pubmedqa": {"acc": 0.5, "pred": [0, 1, 2, 0] * 25}}
+    assert compare(same, theirs)["pubmedqa"] == {"n": 100, "agreement": 1.0, "acc_suite": 0.5, "acc_lm_eval_hf": 0.5,
+                                                  "acc_gap": 0.0, "ok": True}
+    broken = {"pubmedqa": {"acc": 0.48, "pred": [1, 1] + [0, 1, 2, 0] * 24 + [0, 1]}}   # 3 of 100 differ
+    r = compare(broken, theirs)["pubmedqa"]
+    assert r["agreement"] == 0.97 and r["acc_gap"] == 0.02 and not r["ok"]
+    with pytest.raises(SystemExit, match="3 questions scored by the suite, 100 by lm-eval"):
+        compare({"pubmedqa": {"acc": 0.5, "pred": [0, 1, 2]}}, theirs)
+
+
+@pytest.mark.slow
+@pytest.mark.native
+def test_tiny_mode_agrees_on_every_task(smollm2_hf, tmp_path, repo):
+    dev = _medmcqa(tmp_path / "dev.json", 1)
+    p = subprocess.run([sys.executable, str(repo / "bench" / "bench_suite_validity.py"), "--tiny", "--hf",
+                        str(smollm2_hf), "--medmcqa", str(dev), "--threads", "1", "--out", str(tmp_path / "v")],
+                       capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rep = json.loads((tmp_path / "v" / "suite_validity.json").read_text())
+    assert len(rep["tasks"]) == 9 and not rep["skipped"]
+    for name, r in rep["tasks"].items():
+        assert r["n"] == 3 and r["agreement"] == 1.0 and r["acc_gap"] == 0.0, name
+    assert (tmp_path / "v" / "suite_validity.png").stat().st_size > 0
