@@ -31,16 +31,12 @@ ACC_GAP_MAX = 0.01
 
 
 def lm_eval_hf(hf: Path, tasks: dict, limit: int, batch_size: int) -> dict:
-    """lm-eval's own run on the HF checkpoint: {task: {"acc", "pred" [per doc]}}."""
-    from lm_eval import simple_evaluate
+    """lm-eval's own evaluator on the HF checkpoint (its `hf` backend): {task: {"acc", "pred" [per doc]}}."""
+    from lm_eval.evaluator import evaluate
     from lm_eval.models.huggingface import HFLM
 
-    from evals.mmlu import task_manager
-
     lm = HFLM(pretrained=str(hf), device="cpu", dtype="float32", batch_size=batch_size)
-    res = simple_evaluate(model=lm, tasks=list(tasks.values()), limit=limit, log_samples=True, bootstrap_iters=0,
-                          random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0,
-                          task_manager=task_manager())  # indexes our few local files, not lm-eval's thousands
+    res = evaluate(lm=lm, task_dict=tasks, limit=limit, log_samples=True, bootstrap_iters=0)
     out = {}
     for name in tasks:
         samples = sorted(res["samples"][name], key=lambda s: s["doc_id"])

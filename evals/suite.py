@@ -112,7 +112,8 @@ def build_task(t: SuiteTask, docs: list[dict]) -> ConfigurableTask:
     cfg = task_config(t.yaml)
     split = cfg["test_split"]
     ds = datasets.DatasetDict({split: datasets.Dataset.from_list(docs)})
-    cfg.update(custom_dataset=lambda **_: ds, dataset_path=t.name, dataset_name=None, dataset_kwargs=None)
+    cfg.update(custom_dataset=lambda **_: ds, dataset_path=t.name, dataset_name=None, dataset_kwargs=None,
+               num_fewshot=0)
     for key in ("training_split", "validation_split", "fewshot_split"):
         if cfg.get(key) not in (None, split):
             cfg[key] = None  # zero-shot: no other split is read

@@ -87,17 +87,16 @@ class _Recorder:
 def test_prompts_are_lm_evals_own(tmp_path):
     """Every task's contexts and continuations are what lm-eval's evaluator sends a model for the
     same docs, byte for byte; the docs have the Hub schema the task file reads (spot checks)."""
-    from lm_eval import simple_evaluate
+    from lm_eval.evaluator import evaluate
 
     from evals import suite
-    from evals.mmlu import task_manager
 
     files, skipped = suite.resolve_data(suite.SuiteSpec(data={"medmcqa": str(_medmcqa(tmp_path / "d.json", 1))}))
     assert not skipped and len(files) == 9
     loaded = suite.load_tasks(suite.SuiteSpec(data={"medmcqa": str(files["medmcqa"])}, limit=3), files)
-    rec = _Recorder()   # one evaluator run over the nine task objects (a task manager that indexes nothing)
-    simple_evaluate(model=rec, tasks=[suite.build_task(t, t.docs(files[t.name])) for t, _, _ in loaded], limit=3,
-                    bootstrap_iters=0, task_manager=task_manager())
+    rec = _Recorder()   # one run of lm-eval's evaluator over the nine task objects
+    evaluate(lm=rec, task_dict={t.name: suite.build_task(t, t.docs(files[t.name])) for t, _, _ in loaded}, limit=3,
+             bootstrap_iters=0, log_samples=False)
     theirs = {tuple(p) for p in rec.pairs}
     ours = [(ctx, c) for _, _, reqs in loaded for _, ctx, conts in reqs for c in conts]
     assert len(ours) == len(rec.pairs) == len(set(ours)) and set(ours) == theirs

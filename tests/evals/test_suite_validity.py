@@ -18,7 +18,10 @@ def test_compare_fails_on_a_disagreement():
     same = {"pubmedqa": {"acc": 0.5, "pred": [0, 1, 2, 0] * 25}}
     assert compare(same, theirs)["pubmedqa"] == {"n": 100, "agreement": 1.0, "acc_suite": 0.5, "acc_lm_eval_hf": 0.5,
                                                   "acc_gap": 0.0, "ok": True}
-    broken = {"pubmedqa": {"acc": 0.48, "pred": [1, 1] + [0, 1, 2, 0] * 24 + [0, 1]}}   # 3 of 100 differ
+    flipped = [0, 1, 2, 0] * 25
+    for i in (0, 4, 8):
+        flipped[i] = 2   # 3 of 100 answers differ
+    broken = {"pubmedqa": {"acc": 0.48, "pred": flipped}}
     r = compare(broken, theirs)["pubmedqa"]
     assert r["agreement"] == 0.97 and r["acc_gap"] == 0.02 and not r["ok"]
     with pytest.raises(SystemExit, match="3 questions scored by the suite, 100 by lm-eval"):
