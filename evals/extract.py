@@ -9,6 +9,9 @@ quotes tolerated; the word must end there: "yesterday" is not "yes"); lenient ad
 MedQA: strict = the response starts with "(A)".."(D)"; lenient adds "A)", "A.", "A:" or a bare "A" at the start,
 "Answer: A" / "the answer is (B)" anywhere and a parenthesised "(C)" anywhere.
 
+Reasoning models: text inside ``<think>...</think>`` is never the answer (``answer_part``); an
+answer is read only after the block closes.
+
 ``decided`` tells the generator it may stop: the answer can no longer change however the text
 goes on (a strict answer has been read, or a lenient one with nothing able to precede it as strict).
 """
@@ -80,7 +83,23 @@ def parse_medqa(text: str, labels, final: bool = True) -> Parsed:
     return Parsed(None, False, final)
 
 
+_THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
+
+
+def answer_part(text: str) -> str:
+    """The text a reasoning model gives as its answer: whatever follows its last ``</think>``
+    (the template may have opened the block in the prompt), with closed ``<think>...</think>`` blocks
+    removed and an unterminated ``<think>`` cutting off the rest (still reasoning)."""
+    low = text.lower()
+    if "</think>" in low:
+        text = text[low.rfind("</think>") + len("</think>"):]
+    text = _THINK_BLOCK.sub("", text)
+    i = text.lower().find("<think>")
+    return text if i < 0 else text[:i]
+
+
 def parse(task: str, text: str, labels, final: bool = True) -> Parsed:
+    text = answer_part(text)
     if task == "pubmedqa":
         return parse_pubmedqa(text, final)
     return parse_medqa(text, labels, final)
@@ -109,7 +128,7 @@ def cot_instruction(task: str, labels) -> str:
 def parse_cot(task: str, text: str, labels, final: bool = True) -> Parsed:
     """The label of the last final-answer line ("Answer: X"); decided as soon as one is complete
     (generation may stop there: the final form has been given)."""
-    t = text + (_END if final else "")
+    t = answer_part(text) + (_END if final else "")
     if task == "pubmedqa":
         found = [m.group(1).lower() for m in _COT_PQA.finditer(t)]
     else:
