@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import codecs
 import sys
-from pathlib import Path
 
 from tools.errors import UserError
+from tools.ggufpath import resolve_gguf
 
 HELP = "commands: /reset, /system [TEXT], /exit (or Ctrl-D)"
 
@@ -153,11 +153,8 @@ def run_chat(session: ChatSession, once: str | None = None, *, read=input, echo=
 def chat_main(model, *, system: str | None, system_task: str, once: str | None, sampling: dict, max_tokens: int,
               n_ctx: int, seed: int, threads: int | None, n_gpu_layers: int | None) -> int:
     from .export import default_system
-    from .ggufinfo import find_gguf
 
-    gguf = find_gguf(Path(model))
-    if not gguf.is_file():
-        raise UserError("GGUF file not found", path=str(gguf), field="GGUF")
+    gguf = resolve_gguf(model, "GGUF")
     system = system if system is not None else default_system(system_task)
     s = ChatSession(gguf, system=system, sampling={k: v for k, v in sampling.items() if v is not None},
                     max_tokens=max_tokens, n_ctx=n_ctx, seed=seed, threads=threads, n_gpu_layers=n_gpu_layers)

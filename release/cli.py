@@ -144,9 +144,10 @@ def inspect_cmd(model, tensors, as_json):
     \b
     tools inspect runs/gguf-q3kl/MediLoRA-135M-Q3_K_L.gguf
     """
-    from release.ggufinfo import describe_lines, find_gguf, read_gguf
+    from release.ggufinfo import describe_lines, read_gguf
+    from tools.ggufpath import resolve_gguf
 
-    info = read_gguf(find_gguf(model))
+    info = read_gguf(resolve_gguf(model))
     if not tensors:
         info.pop("tensors", None)
     if as_json:
@@ -169,11 +170,11 @@ def compare_quant_cmd(ref, quant, text_file, ctx, max_tokens, threads, n_gpu_lay
     \b
     tools compare-quant --ref runs/gguf-f16 --quant runs/gguf-q3kl --text notes.txt --out runs/qgap
     """
-    from release.ggufinfo import find_gguf
     from release.quantgap import compare_quant
+    from tools.ggufpath import resolve_gguf
 
-    art = compare_quant(find_gguf(ref), find_gguf(quant), text_file, out, ctx=ctx, max_tokens=max_tokens,
-                        threads=threads, n_gpu_layers=n_gpu_layers, force=force)
+    art = compare_quant(resolve_gguf(ref, "--ref"), resolve_gguf(quant, "--quant"), text_file, out, ctx=ctx,
+                        max_tokens=max_tokens, threads=threads, n_gpu_layers=n_gpu_layers, force=force)
     res = read_results(art)
     if as_json:
         return emit_json(art, res)

@@ -21,6 +21,7 @@ import shutil
 from pathlib import Path
 
 from tools.errors import UserError, WorkError
+from tools.ggufpath import gguf_shards, resolve_gguf
 
 OLLAMA_PARAMS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repeat_penalty", "presence_penalty",
                  "frequency_penalty")
@@ -496,12 +497,10 @@ def export_ollama(model, out, *, name: str | None = None, system: str | None = N
     from tools.artifact import Stage, is_artifact
     from tools.progress import log
 
-    from .ggufinfo import find_gguf
-
     model = Path(model)
-    gguf = find_gguf(model)
+    gguf = resolve_gguf(model, "MODEL")
     parts = read_chat_parts(gguf)
-    adapter_gguf = find_gguf(Path(adapter)) if adapter else None
+    adapter_gguf = resolve_gguf(adapter, "--adapter") if adapter else None
     system = system if system is not None else default_system(system_task)
     probe = probe_template(parts["template"], parts["bos"] if parts["add_bos"] else "", parts["eos"])
     tpl = go_template(probe)
@@ -514,7 +513,8 @@ def export_ollama(model, out, *, name: str | None = None, system: str | None = N
                inputs=inputs, force=force, log=log) as st:
         if st.skipped:
             return st.result
-        _link(gguf, st.path(gguf.name))
+        for f in gguf_shards(gguf):  # a split model: every shard beside the first (llama.cpp loads them so)
+            _link(f, st.path(f.name))
         if adapter_gguf:
             _link(adapter_gguf, st.path(adapter_gguf.name))
         mf = modelfile_text(gguf.name, tpl, system, params, stops, adapter_gguf.name if adapter_gguf else None)
@@ -546,10 +546,8 @@ def export_lmstudio(model, out, *, publisher: str = "medilora", name: str | None
     from tools.artifact import Stage, is_artifact
     from tools.progress import log
 
-    from .ggufinfo import find_gguf
-
     model = Path(model)
-    gguf = find_gguf(model)
+    gguf = resolve_gguf(model, "MODEL")
     read_chat_parts(gguf)  # a GGUF with a chat template
     for v, flag in ((publisher, "--publisher"), (name, "--name")):
         if v is not None and not re.fullmatch(r"[A-Za-z0-9][\w.-]*", v):
@@ -562,7 +560,8 @@ def export_lmstudio(model, out, *, publisher: str = "medilora", name: str | None
             return st.result
         d = st.path(f"{publisher}/{name}/{gguf.name}")
         d.parent.mkdir(parents=True, exist_ok=True)
-        _link(gguf, d)
+        for f in gguf_shards(gguf):
+            _link(f, d.parent / f.name)
         rel = f"{publisher}/{name}"
         st.path("README.md").write_text(
             f"# {name} for LM Studio\n\n```sh\nmkdir -p ~/.lmstudio/models/{publisher}\n"
