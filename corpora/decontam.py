@@ -13,6 +13,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from tools.errors import UserError
+from tools.stages import DATA_FAMILIES
 
 BUILTIN = ("pubmedqa", "medqa", "mmlu-medical")
 _WORD = re.compile(r"[a-z0-9]+")
@@ -135,7 +136,7 @@ def decontaminate(train, out, *, against=BUILTIN, ngram: int = 13, min_coverage:
 
     if ngram < 3:
         raise UserError("--ngram must be at least 3", field="--ngram")
-    art = read_artifact(train, stage=("dataset.", "corpus."))
+    art = read_artifact(train, stage=DATA_FAMILIES)
     if Path(out).resolve() == art.path.resolve():
         raise UserError("--out must differ from --train", field="--out")
     files = [n for n in ("train.jsonl", "validation.jsonl", "test.jsonl", "corpus.jsonl") if n in art.outputs()]

@@ -20,6 +20,7 @@ from typing import Any, Iterable
 from . import __version__
 from .errors import UserError
 from .io import canonical_json, sha256_bytes, sha256_file, write_json
+from .stages import in_family
 
 MANIFEST = "manifest.json"
 SCHEMA_VERSION = 1
@@ -108,7 +109,7 @@ def read_artifact(path: str | os.PathLike, stage: str | tuple[str, ...] | None =
         raise UserError(f"unreadable manifest ({e})", path=str(mf)) from None
     if stage is not None:
         wanted = (stage,) if isinstance(stage, str) else stage
-        if not any(manifest.get("stage", "").startswith(w) for w in wanted):
+        if not in_family(manifest.get("stage", ""), *wanted):
             raise UserError(f"expected a {' or '.join(wanted)} artifact, got {manifest.get('stage')!r}", path=str(p))
     return Artifact(p, manifest)
 
