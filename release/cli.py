@@ -5,9 +5,7 @@ from pathlib import Path
 
 import click
 
-from tools.cli_options import artifact_options, emit_json, json_option, read_results, threads_option
-
-N_GPU_LAYERS_HELP = "Layers to offload to the GPU (default: all when llama.cpp has a GPU backend, else 0)."
+from tools.cli_options import N_GPU_LAYERS_HELP, artifact_options, emit_json, json_option, read_results, threads_option
 
 
 def _mib(n: int) -> str:
@@ -304,12 +302,12 @@ def chat_cmd(model, once, system, system_task, max_tokens, temperature, top_k, t
     tools chat runs/gguf-q3kl              # /reset, /system TEXT, /exit
     tools chat model.gguf --once "What is metformin used for?"
     """
-    from release.chat import chat_main
+    from release.chat import ChatSpec, chat_main
 
     sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p}
-    raise SystemExit(chat_main(model, system=system, system_task=system_task, once=once, sampling=sampling,
-                               max_tokens=max_tokens, n_ctx=n_ctx, seed=seed, threads=threads,
-                               n_gpu_layers=n_gpu_layers))
+    raise SystemExit(chat_main(ChatSpec(model, system=system, system_task=system_task, once=once, sampling=sampling,
+                                        max_tokens=max_tokens, n_ctx=n_ctx, seed=seed, threads=threads,
+                                        n_gpu_layers=n_gpu_layers)))
 
 
 def register(cli: click.Group) -> None:

@@ -15,13 +15,20 @@ when a request has none; a conversation whose last message is the assistant's is
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 from pathlib import Path
 
+from corpora.sft import system_prompt
+from tools.artifact import Stage, is_artifact
 from tools.errors import UserError, WorkError
 from tools.ggufpath import gguf_shards, resolve_gguf
+from tools.llm import SAMPLING_DEFAULTS
+from tools.progress import log
+
+from .ggufinfo import gguf_module, read_gguf
 
 OLLAMA_PARAMS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repeat_penalty", "presence_penalty",
                  "frequency_penalty")
@@ -184,7 +191,6 @@ def _parse_expr(tokens: list[str], i: int):
             args.append(node)
             continue
         if t.startswith('"'):
-            import json
             args.append(("lit", json.loads(t)))
         elif re.fullmatch(r"-?\d+", t):
             args.append(("lit", int(t)))
@@ -388,8 +394,6 @@ def modelfile_text(gguf_name: str, template: str, system: str, params: dict, sto
 
 def parse_modelfile(text: str) -> dict:
     """FROM / ADAPTER / TEMPLATE / SYSTEM / PARAMETER of a Modelfile (Ollama's syntax, triple quotes too)."""
-    import json
-
     out: dict = {"params": {}, "stop": []}
     i = 0
     n = len(text)
@@ -429,8 +433,6 @@ def parse_modelfile(text: str) -> dict:
 
 def read_chat_parts(gguf: Path) -> dict:
     """The GGUF's chat template, BOS/EOS texts and whether llama.cpp adds BOS."""
-    from .ggufinfo import gguf_module, read_gguf
-
     info = read_gguf(gguf, tensors=False)
     tpl = info["chat_template"]
     if not tpl:
@@ -479,12 +481,10 @@ def _link(src: Path, dst: Path) -> None:
 
 
 def _sampling() -> dict:
-    from tools.llm import SAMPLING_DEFAULTS
     return {k: SAMPLING_DEFAULTS[k] for k in OLLAMA_PARAMS if k in SAMPLING_DEFAULTS}
 
 
 def default_system(task: str = "pubmedqa") -> str:
-    from corpora.sft import system_prompt
     try:
         return system_prompt(task)
     except KeyError:
@@ -494,9 +494,6 @@ def default_system(task: str = "pubmedqa") -> str:
 def export_ollama(model, out, *, name: str | None = None, system: str | None = None, system_task: str = "pubmedqa",
                   adapter=None, force: bool = False):
     """Artifact ``out`` (stage ``export.ollama``): the GGUF (hard link), Modelfile, README.md."""
-    from tools.artifact import Stage, is_artifact
-    from tools.progress import log
-
     model = Path(model)
     gguf = resolve_gguf(model, "MODEL")
     parts = read_chat_parts(gguf)
@@ -543,9 +540,6 @@ def export_lmstudio(model, out, *, publisher: str = "medilora", name: str | None
     """Artifact ``out`` (stage ``export.lmstudio``): ``PUBLISHER/MODEL-GGUF/<file>.gguf`` + README.md,
     the folder layout LM Studio's model directory (~/.lmstudio/models) expects. LM Studio reads the
     chat template from the GGUF itself."""
-    from tools.artifact import Stage, is_artifact
-    from tools.progress import log
-
     model = Path(model)
     gguf = resolve_gguf(model, "MODEL")
     read_chat_parts(gguf)  # a GGUF with a chat template
