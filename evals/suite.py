@@ -32,8 +32,9 @@ from lm_eval.api.task import ConfigurableTask
 
 from tools.artifact import Artifact, Stage
 from tools.errors import UserError
+from tools.ggufpath import resolve_gguf
 from tools.io import sha256_bytes, sha256_file, write_json, write_jsonl
-from tools.llm import LlamaRunner, check_gguf, common_prefix
+from tools.llm import LlamaRunner, common_prefix
 from tools.paths import bundled_data, embedded_gguf
 from tools.progress import log, progress
 
@@ -254,7 +255,7 @@ def run_suite(spec: SuiteSpec) -> Artifact:
         raise UserError("must be at least 1", field="--limit")
     if spec.answer_base not in (None, 0, 1):
         raise UserError("must be 0 or 1", field="--answer-base")
-    model = check_gguf(spec.model) if spec.model else embedded_gguf()
+    model = resolve_gguf(spec.model, "--model") if spec.model else embedded_gguf()
     files, skipped = resolve_data(spec)
     out = Path(spec.out) if spec.out else Path("runs") / "eval" / f"open-medical-{model.stem}"
     params = {"suite": "open-medical", "limit": spec.limit, "n_ctx": spec.n_ctx, "answer_base": spec.answer_base,
