@@ -165,11 +165,11 @@ def test_split_max_size_shards_load_like_the_single_file(tiny_f16, tmp_path):
 
     from release.ggufinfo import find_gguf, gguf_module, parse_size
     from release.push import plan_push
-    from release.quantize import quantize_stage
+    from release.quantize import QuantOptions, quantize_stage
 
-    one = quantize_stage(tiny_f16.path, "Q8_0", tmp_path / "one", threads=1)
+    one = quantize_stage(tiny_f16.path, "Q8_0", tmp_path / "one", QuantOptions(threads=1))
     size = (one.path / one.extra["file"]).stat().st_size
-    split = quantize_stage(tiny_f16.path, "Q8_0", tmp_path / "split", threads=1, split_max_size=size // 3)
+    split = quantize_stage(tiny_f16.path, "Q8_0", tmp_path / "split", QuantOptions(threads=1, split_max_size=size // 3))
     shards = split.extra["shards"]
     stem = one.extra["file"][:-len(".gguf")]
     n = len(shards)
