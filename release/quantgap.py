@@ -146,7 +146,7 @@ def mean_ci95(x, block: int = 32) -> list[float]:
         return [float(x.mean()), float(x.mean())]
     means = x[: n * block].reshape(n, block).mean(axis=1)
     half = 1.96 * means.std(ddof=1) / math.sqrt(n)
-    return [round(float(x.mean() - half), 6), round(float(x.mean() + half), 6)]
+    return [float(f"{x.mean() - half:.6g}"), float(f"{x.mean() + half:.6g}")]
 
 
 def gap_figures(g: dict) -> dict:
@@ -155,7 +155,7 @@ def gap_figures(g: dict) -> dict:
 
     kl, n = g["kl"], len(g["kl"])
     ref_ppl, q_ppl = math.exp(float(np.mean(g["nll_ref"]))), math.exp(float(np.mean(g["nll_quant"])))
-    r6 = lambda x: round(float(x), 6)  # noqa: E731
+    r6 = lambda x: float(f"{float(x):.6g}")  # noqa: E731 - six significant digits (a Q8_0's KL is ~1e-6)
     return {"tokens_scored": n, "ref_perplexity": r6(ref_ppl), "quant_perplexity": r6(q_ppl),
             "perplexity_ratio": r6(q_ppl / ref_ppl), "perplexity_delta_pct": r6(100 * (q_ppl / ref_ppl - 1)),
             "mean_kl": r6(kl.mean()), "mean_kl_ci95": mean_ci95(kl), "median_kl": r6(np.median(kl)),
