@@ -110,6 +110,7 @@ class Row:
     ram_bytes: int | None = None
     status: str = "not measured"
     same_as: list = field(default_factory=list)  # other recipes llama.cpp turns into exactly this file
+    seconds: float = 0.0  # quantizing + measuring it
 
     def as_dict(self) -> dict:
         f = self.figures or {}
@@ -119,7 +120,7 @@ class Row:
                 "ram_bytes": self.ram_bytes, "status": self.status, "mean_kl": f.get("mean_kl"),
                 "mean_kl_ci95": f.get("mean_kl_ci95"), "top1_agreement": f.get("top1_agreement"),
                 "perplexity": f.get("quant_perplexity"), "ref_perplexity": f.get("ref_perplexity"),
-                "tokens_scored": f.get("tokens_scored")}
+                "tokens_scored": f.get("tokens_scored"), "seconds": round(self.seconds, 2)}
 
 
 def _ladder_step(types: list[str], rows: list[int], step: int) -> str | None:
@@ -151,7 +152,8 @@ def family(base: str, base_plan: dict, shapes: dict) -> list[Recipe]:
     return out
 
 
-def enumerate_rows(src: Path, stock: tuple[str, ...], imat: dict | None, threads: int) -> list[Row]:
+def enumerate_rows(src: Path, stock: tuple[str, ...], imat: dict | None, threads: int,
+                   mix_bases: tuple[str, ...] | None = None) -> list[Row]:
     """Every candidate, planned by llama.cpp's dry run; duplicates (same tensor types) dropped, stock first."""
     shapes = {t["name"]: t["shape"] for t in read_gguf(src)["tensors"]}
     rows, seen = [], {}
@@ -170,7 +172,7 @@ def enumerate_rows(src: Path, stock: tuple[str, ...], imat: dict | None, threads
     for q in stock:
         plans[q] = plan(src, q, imatrix=imat, threads=threads)
         add(Recipe(q), True, plans[q])
-    for q in stock:
+    for q in stock if mix_bases is None else [b for b in mix_bases if b in plans]:
         for r in family(q, plans[q], shapes):
             add(r, False, plan(src, q, overrides=r.overrides, imatrix=imat, threads=threads))
     return rows
@@ -189,6 +191,7 @@ class SearchSpec:
     window: int = 512
     threads: int | None = None
     measure_all: bool = False
+    mix_bases: tuple[str, ...] | None = None  # the stock types mixes are built around [all of them]
 
 
 def _stock(spec: SearchSpec) -> tuple[str, ...]:
@@ -221,13 +224,15 @@ def _measure(row: Row, src: Path, ref: Reference, work: Path, opts: QuantOptions
     return art
 
 
-def search(src: Path, spec: SearchSpec, work: Path, text: Path) -> tuple[list[Row], Row | None, dict]:
-    """Run the search in ``work``; returns every row, the chosen one (or None) and its ``gguf`` artifact."""
+def search(src: Path, spec: SearchSpec, work: Path, text: Path) -> tuple[list[Row], Row | None, dict, float]:
+    """Run the search in ``work``; returns every row, the chosen one (or None), the ``gguf`` artifacts by
+    recipe and the seconds spent before measuring (dry runs and the reference)."""
+    t0 = time.monotonic()
     b = spec.budget
     opts = QuantOptions(imatrix=spec.imatrix, threads=spec.threads)
     imat = load_imatrix(_imatrix_file(spec.imatrix)) if spec.imatrix else None
     threads = opts.threads or max(1, os.cpu_count() or 1)
-    rows = enumerate_rows(src, _stock(spec), imat, threads)
+    rows = enumerate_rows(src, _stock(spec), imat, threads, spec.mix_bases)
     info = read_gguf(src)
     overhead = info["size_bytes"] - sum(h["bytes"] for h in info["tensor_types"].values())
     shape = shape_of(info)
@@ -244,7 +249,7 @@ def search(src: Path, spec: SearchSpec, work: Path, text: Path) -> tuple[list[Ro
     if sum(len(w) - 1 for w in ref.windows) < spec.min_tokens:
         raise UserError(f"the held-out text gives {sum(len(w) - 1 for w in ref.windows)} scored tokens, fewer than "
                         f"{spec.min_tokens}: give a longer --text", path=str(text))
-    chosen, arts = None, {}
+    chosen, arts, setup = None, {}, time.monotonic() - t0
     for r in rows:
         why = _fits(r, b)
         if why:
@@ -253,14 +258,16 @@ def search(src: Path, spec: SearchSpec, work: Path, text: Path) -> tuple[list[Ro
         if chosen is not None and b.max_kl is not None and not spec.measure_all:
             r.status = f"skipped: larger than {chosen.recipe.label}, already within budget"
             continue
+        t1 = time.monotonic()
         arts[r.recipe.label] = _measure(r, src, ref, work / "candidates", opts)
+        r.seconds = time.monotonic() - t1
         r.ram_bytes = needed_bytes({**shape, "weights_bytes": arts[r.recipe.label].extra["memory"]["weights_bytes"]}, b.ctx)
         why = _fits(r, b)  # the real file's size
         r.status = why or ("within budget" if _within(r, b) else "over the KL budget")
         better = chosen is None or (b.max_kl is None and r.figures["mean_kl"] < chosen.figures["mean_kl"])
         if not why and _within(r, b) and better:
             chosen = r
-    return rows, chosen, arts
+    return rows, chosen, arts, setup
 
 
 def _imatrix_file(imatrix) -> Path:
@@ -367,7 +374,7 @@ def quantize_budget(src: str | os.PathLike, out: str | os.PathLike, spec: Search
     b = spec.budget
     params = {"budget": {"max_kl": b.max_kl, "max_size": b.max_size, "max_ram": b.max_ram, "ctx": b.ctx},
               "types": list(_stock(spec)), "imatrix": bool(spec.imatrix), "min_tokens": spec.min_tokens,
-              "window": spec.window, "measure_all": spec.measure_all,
+              "window": spec.window, "measure_all": spec.measure_all, "mix_bases": spec.mix_bases,
               "text": Path(spec.text_file).name if spec.text_file else "pubmedqa-test-heldout"}
     with Stage("gguf", out, params, inputs=inputs, force=force, log=log) as st:
         if st.skipped:
@@ -378,7 +385,7 @@ def quantize_budget(src: str | os.PathLike, out: str | os.PathLike, spec: Search
             text.write_text(heldout_text(80), encoding="utf-8")
         work = st.path("search")
         work.mkdir(exist_ok=True)
-        rows, chosen, arts = search(gpath, spec, work, text)
+        rows, chosen, arts, setup = search(gpath, spec, work, text)
         if chosen is None:
             raise UserError(f"no candidate within the budget ({b.describe()}); {_best_line(rows, b)}", field="--budget")
         art = arts[chosen.recipe.label]
@@ -386,7 +393,8 @@ def quantize_budget(src: str | os.PathLike, out: str | os.PathLike, spec: Search
         shutil.rmtree(work)
         table = [r.as_dict() for r in rows]
         write_json(st.path("candidates.json"), {"source": gpath.name, "budget": params["budget"], "chosen":
-                                                chosen.recipe.label, "candidates": table})
+                                                chosen.recipe.label, "setup_seconds": round(setup, 2),
+                                                "candidates": table})
         st.path("candidates.md").write_text(candidates_markdown(rows, spec, gpath.name, chosen), encoding="utf-8")
         plot_pareto(rows, chosen, b, st.path("pareto.png"))
         measured = sum(r.figures is not None for r in rows)

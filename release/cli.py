@@ -76,6 +76,7 @@ def convert_cmd(model_dir, outtype, out, name, lora, base, fidelity_tokens, max_
 @click.option("--max-ram", help="Budget: weights + KV cache at --ctx tokens may need at most this much (4G).")
 @click.option("--types", help="Budget: stock types to search from, comma-separated [all llama.cpp k/legacy types; "
               "IQ types too with --imatrix].")
+@click.option("--mix-bases", help="Budget: stock types the mixes are built around, comma-separated [all searched].")
 @click.option("--measure-all", is_flag=True, help="Budget: measure every candidate (no skipping), for the full front.")
 @click.option("--min-tokens", type=int, default=4096, show_default=True, help="Budget: held-out tokens scored.")
 @click.option("--imatrix", type=click.Path(path_type=Path),
@@ -91,7 +92,7 @@ def convert_cmd(model_dir, outtype, out, name, lora, base, fidelity_tokens, max_
 @click.option("--split-max-size", help="Cut each GGUF into llama.cpp gguf-split shards of at most this much tensor "
               "data (50G, 500M, bytes); NAME-00001-of-0000N.gguf, load the first.")
 @artifact_options("GGUF artifact folder [beside MODEL, named by type].", path_type=Path)
-def quantize_cmd(model, qtype, budget, max_size, max_ram, types, measure_all, min_tokens, imatrix, out, name,
+def quantize_cmd(model, qtype, budget, max_size, max_ram, types, mix_bases, measure_all, min_tokens, imatrix, out, name,
                  allow_requantize, threads, text_file, ctx, max_tokens, split_max_size, force, as_json):
     """Quantize a GGUF in-process with llama.cpp; report the real tensor-type mix and bits per weight.
 
@@ -109,10 +110,10 @@ def quantize_cmd(model, qtype, budget, max_size, max_ram, types, measure_all, mi
     if budget or max_size or max_ram:
         from release import budget as qb
 
-        spec = qb.SearchSpec(qb.parse_budget(budget, max_size, max_ram, ctx or 4096),
-                             types=tuple(t.strip().upper() for t in types.split(",") if t.strip()) if types else None,
+        names = lambda s: tuple(t.strip().upper() for t in s.split(",") if t.strip()) if s else None  # noqa: E731
+        spec = qb.SearchSpec(qb.parse_budget(budget, max_size, max_ram, ctx or 4096), types=names(types),
                              imatrix=imatrix, text_file=text_file, min_tokens=min_tokens, threads=threads,
-                             measure_all=measure_all)
+                             measure_all=measure_all, mix_bases=names(mix_bases))
         art = qb.quantize_budget(model, out or default_out(model, "budget"), spec, force=force)
         if as_json:
             return emit_json(art, read_results(art, "candidates.json"))

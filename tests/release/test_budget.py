@@ -125,3 +125,34 @@ def test_size_and_memory_limits_pick_the_best_that_fits(everything, f16, tools_c
     card = build_card([tmp_path / "s"], tmp_path / "card").path / "README.md"
     text = card.read_text()
     assert f"recipe `{r['chosen']}`" in text and "Laptop fit: runs in" in text and "at 2,048 tokens" in text
+
+
+def test_bench_quant_budget_tiny(f16, tmp_path):
+    """bench/bench_quant_budget.py --tiny: the report's dominance and search accounting agree with its table and
+    with a real search."""
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    p = subprocess.run([sys.executable, str(REPO / "bench" / "bench_quant_budget.py"), "--tiny", "--f16", str(f16),
+                        "--out", str(tmp_path / "b")], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    r = json.loads((tmp_path / "b" / "bench_quant_budget.json").read_text())
+    rows = json.loads((tmp_path / "b" / "all" / "candidates.json").read_text())["candidates"]
+    assert r["candidates"] == len(rows) >= 6 and r["stock"] == 3 and r["tokens_scored"] == 511
+    for d in r["dominated_stock_types"]:
+        s = next(x for x in rows if x["recipe"] == d["stock"])
+        m = next(x for x in rows if x["recipe"] == d["by"])
+        assert not m["stock"] and m["size_bytes"] <= s["size_bytes"] and m["mean_kl"] <= s["mean_kl"]
+        assert (m["size_bytes"], m["mean_kl"]) != (s["size_bytes"], s["mean_kl"])
+        assert d["size_ratio"] == pytest.approx(m["size_bytes"] / s["size_bytes"], abs=1e-4)
+    undominated = {x["recipe"] for x in rows if x["stock"]} - {d["stock"] for d in r["dominated_stock_types"]}
+    for name in undominated:  # nothing strictly better exists for these
+        s = next(x for x in rows if x["recipe"] == name)
+        assert not any((m["size_bytes"] <= s["size_bytes"] and m["mean_kl"] < s["mean_kl"])
+                       or (m["size_bytes"] < s["size_bytes"] and m["mean_kl"] <= s["mean_kl"]) for m in rows if not m["stock"])
+    assert r["front_dominates_two_or_more"] == (len(r["dominated_stock_types"]) >= 2)
+    assert r["real_search_pick"] == r["search_pick"] and r["real_search_measured"] == r["search_measured"]
+    assert r["search_seconds"] <= r["every_candidate_seconds"]
+    assert "stock type | dominated by" in (tmp_path / "b" / "bench_quant_budget.md").read_text()
