@@ -55,7 +55,7 @@ def dev_corpus(out: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     from release.convert import convert_hf_to_gguf
     from release.ggufinfo import read_gguf, resolve_ftype
-    from release.imatrix import imatrix_stage
+    from release.imatrix import ImatrixRun, imatrix_stage
     from release.quantgap import Scoring, compare_quant
     from release.quantize import QuantOptions, _quantize_call, describe_mix, quantize_stage
     from tools.hfmodels import gguf_to_hf
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     if not f16.is_file():
         convert_hf_to_gguf(hf, f16, "f16")
     corpus = a.corpus or dev_corpus(out / "corpus-dev")
-    imx = imatrix_stage(f16, corpus, out / "imatrix", chunks=a.chunks, ctx=a.ctx, threads=threads)
+    imx = imatrix_stage(f16, corpus, out / "imatrix", ImatrixRun(chunks=a.chunks, ctx=a.ctx, threads=threads))
     print(f"imatrix: {imx.extra['entries']} weights, {imx.extra['chunks']} chunks x {imx.extra['ctx']} tokens "
           f"({imx.extra['seconds']:.0f} s), corpus {imx.extra['corpus_stage']}")
 

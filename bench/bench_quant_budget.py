@@ -56,8 +56,8 @@ def search_time(table: dict, max_kl: float) -> tuple[float, str | None, int]:
 def setup(a, out: Path):
     """The f16 GGUF and the imatrix artifact (tiny: a tiny Llama; full: SmolLM2-135M)."""
     from bench.bench_imatrix import dev_corpus
-    from release.convert import convert_stage
-    from release.imatrix import imatrix_stage
+    from release.convert import Gate, convert_stage
+    from release.imatrix import ImatrixRun, imatrix_stage
     from tools.hfmodels import gguf_to_hf
     from tools.paths import embedded_gguf
     from tools.tinymodel import tiny_base_model
@@ -66,10 +66,10 @@ def setup(a, out: Path):
         f16 = a.f16
     else:
         hf = tiny_base_model(out / "tiny-hf").path if a.tiny else gguf_to_hf(embedded_gguf(), out / "hf").path
-        art = convert_stage(hf, out / "f16", "f16", fidelity_tokens=0 if a.tiny else 256)
+        art = convert_stage(hf, out / "f16", "f16", gate=Gate(tokens=0 if a.tiny else 256))
         f16 = art.path / art.extra["file"]
-    imx = imatrix_stage(f16, dev_corpus(out / "corpus-dev"), out / "imatrix", chunks=2 if a.tiny else 16,
-                        ctx=128 if a.tiny else 512, threads=a.threads)
+    imx = imatrix_stage(f16, dev_corpus(out / "corpus-dev"), out / "imatrix",
+                        ImatrixRun(chunks=2 if a.tiny else 16, ctx=128 if a.tiny else 512, threads=a.threads))
     return f16, imx
 
 

@@ -122,7 +122,7 @@ class TrialEval:
 
         from evals.bench import BenchSpec, run_bench
         from evals.sweep import bench_figures
-        from release.convert import convert_stage
+        from release.convert import Gate, convert_stage
 
         model_dir = trained.path
         if trained.extra.get("adapter"):
@@ -130,9 +130,7 @@ class TrialEval:
             model_dir = merge_stage_dir(trial_dir, out / "merged", force=force).path
         # The trials are compared with each other on the same bench; the release fidelity gate (HF vs GGUF
         # next-token KL) runs when the chosen model is converted with `tools convert`, not per trial.
-        import inspect
-        gate_off = {"fidelity_tokens": 0} if "fidelity_tokens" in inspect.signature(convert_stage).parameters else {}
-        gguf = convert_stage(model_dir, out / "gguf", "f16", force=force, **gate_off)
+        gguf = convert_stage(model_dir, out / "gguf", "f16", force=force, gate=Gate(tokens=0))
         spec = replace(BenchSpec.from_options(self.task, self.params), model=str(gguf.path),
                        out=str(out / f"bench-{self.task}"), force=force, plots=False)
         log(f"trial {trial_dir.name}: {self.spec}")

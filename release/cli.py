@@ -57,10 +57,10 @@ def convert_cmd(model_dir, outtype, out, name, lora, base, fidelity_tokens, max_
     tools convert runs/merged --outtype f16 --out runs/gguf-f16 --name "MediLoRA SmolLM2 135M"
     tools convert runs/sft/output --lora --base runs/merge1 --out runs/lora-gguf
     """
-    from release.convert import convert_model, summary_lines
+    from release.convert import Gate, convert_model, summary_lines
 
-    art = convert_model(model_dir, outtype, out, name=name, lora=lora, base=base, fidelity_tokens=fidelity_tokens,
-                        max_kl=max_kl, min_top1=min_top1, force=force)
+    art = convert_model(model_dir, outtype, out, name=name, lora=lora, base=base,
+                        gate=Gate(tokens=fidelity_tokens, max_kl=max_kl, min_top1=min_top1), force=force)
     if as_json:
         return emit_json(art)
     click.echo("\n".join(summary_lines(art)))
@@ -147,11 +147,12 @@ def imatrix_cmd(model, corpus, chunks, ctx, process_output, threads, n_gpu_layer
     \b
     tools imatrix runs/gguf-f16 --corpus runs/corpus-notes --chunks 100 --out runs/imatrix
     """
-    from release.imatrix import imatrix_stage
+    from release.imatrix import ImatrixRun, imatrix_stage
     from release.quantize import default_out
 
-    art = imatrix_stage(model, corpus, out or default_out(model, "imatrix"), chunks=chunks, ctx=ctx,
-                        process_output=process_output, threads=threads, n_gpu_layers=n_gpu_layers, force=force)
+    art = imatrix_stage(model, corpus, out or default_out(model, "imatrix"),
+                        ImatrixRun(chunks=chunks, ctx=ctx, process_output=process_output, threads=threads,
+                                   n_gpu_layers=n_gpu_layers), force=force)
     e = art.extra
     if as_json:
         return emit_json(art)

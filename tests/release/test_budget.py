@@ -12,9 +12,9 @@ TYPES = ["--types", "Q4_0,Q8_0", "--min-tokens", "511"]  # one window of 512 tok
 
 @pytest.fixture(scope="module")
 def f16(tiny_llama, tmp_path_factory):
-    from release.convert import convert_stage
+    from release.convert import Gate, convert_stage
 
-    a = convert_stage(tiny_llama, tmp_path_factory.mktemp("budget") / "f16", "f16", fidelity_tokens=0)
+    a = convert_stage(tiny_llama, tmp_path_factory.mktemp("budget") / "f16", "f16", gate=Gate(tokens=0))
     return a.path / a.extra["file"]
 
 
