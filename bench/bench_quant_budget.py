@@ -69,7 +69,7 @@ def setup(a, out: Path):
         art = convert_stage(hf, out / "f16", "f16", gate=Gate(tokens=0 if a.tiny else 256))
         f16 = art.path / art.extra["file"]
     imx = imatrix_stage(f16, dev_corpus(out / "corpus-dev"), out / "imatrix",
-                        ImatrixRun(chunks=2 if a.tiny else 16, ctx=128 if a.tiny else 512, threads=a.threads))
+                        ImatrixRun(chunks=2 if a.tiny else a.imatrix_chunks, ctx=128 if a.tiny else 512, threads=a.threads))
     return f16, imx
 
 
@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heldout-items", type=int, default=40, help="PubMedQA test contexts in the held-out text.")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--f16", type=Path, help="An f16 GGUF to start from instead of converting one.")
+    ap.add_argument("--imatrix-chunks", type=int, default=16, help="Imatrix chunks of 512 tokens (PubMedQA dev).")
     a = ap.parse_args(argv)
     if a.tiny:
         a.types, a.mix_bases, a.min_tokens = a.types or "Q4_0,Q8_0,IQ4_NL", "Q4_0,Q8_0", min(a.min_tokens, 511)
