@@ -266,7 +266,11 @@ def search(src: Path, spec: SearchSpec, work: Path, text: Path) -> tuple[list[Ro
         r.status = why or ("within budget" if _within(r, b) else "over the KL budget")
         better = chosen is None or (b.max_kl is None and r.figures["mean_kl"] < chosen.figures["mean_kl"])
         if not why and _within(r, b) and better:
+            if chosen is not None:  # only the chosen file is kept on disk (a 7B candidate is gigabytes)
+                shutil.rmtree(arts.pop(chosen.recipe.label).path)
             chosen = r
+        else:
+            shutil.rmtree(arts.pop(r.recipe.label).path)
     return rows, chosen, arts, setup
 
 
