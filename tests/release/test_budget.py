@@ -127,6 +127,7 @@ def test_size_and_memory_limits_pick_the_best_that_fits(everything, f16, tools_c
     assert f"recipe `{r['chosen']}`" in text and "Laptop fit: runs in" in text and "at 2,048 tokens" in text
 
 
+@pytest.mark.slow
 def test_bench_quant_budget_tiny(f16, tmp_path):
     """bench/bench_quant_budget.py --tiny: the report's dominance and search accounting agree with its table and
     with a real search."""
