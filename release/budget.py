@@ -28,11 +28,12 @@ from pathlib import Path
 
 from tools.artifact import Stage, is_artifact
 from tools.errors import UserError
+from tools.ggufpath import default_threads, resolve_gguf
 from tools.io import write_json
 from tools.progress import log
 
 from .fit import needed_bytes, shape_of
-from .ggufinfo import find_gguf, gguf_filename, gguf_module, is_quantized, parse_size, read_gguf
+from .ggufinfo import gguf_filename, gguf_module, is_quantized, parse_size, read_gguf
 from .quantgap import Reference, Scoring, gap_figures, heldout_text, read_text
 from .quantize import QuantOptions, load_imatrix, needs_imatrix, plan, quantize_stage
 
@@ -231,7 +232,7 @@ def search(src: Path, spec: SearchSpec, work: Path, text: Path) -> tuple[list[Ro
     b = spec.budget
     opts = QuantOptions(imatrix=spec.imatrix, threads=spec.threads)
     imat = load_imatrix(_imatrix_file(spec.imatrix)) if spec.imatrix else None
-    threads = opts.threads or max(1, os.cpu_count() or 1)
+    threads = default_threads(opts.threads)
     rows = enumerate_rows(src, _stock(spec), imat, threads, spec.mix_bases)
     info = read_gguf(src)
     overhead = info["size_bytes"] - sum(h["bytes"] for h in info["tensor_types"].values())
@@ -350,7 +351,7 @@ def plot_pareto(rows: list[Row], chosen: Row | None, b: Budget, path: Path) -> N
 
 
 def _check(src: Path, spec: SearchSpec) -> tuple[Path, dict]:
-    gpath = find_gguf(src)
+    gpath = resolve_gguf(src)
     info = read_gguf(gpath, tensors=False)
     if is_quantized(read_gguf(gpath)):
         raise UserError(f"already quantized ({info['file_type']}): the search starts from the f16/bf16/f32 GGUF",

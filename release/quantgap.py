@@ -16,6 +16,7 @@ from pathlib import Path
 
 from tools.artifact import Stage
 from tools.errors import UserError
+from tools.ggufpath import default_threads
 from tools.io import require_file, write_json
 from tools.progress import log, progress
 
@@ -72,8 +73,7 @@ class Scoring:
             raise UserError("--ctx must be at least 8", field="--ctx")
         if self.max_tokens is not None and self.max_tokens < 2:
             raise UserError("--max-tokens must be at least 2", field="--max-tokens")
-        threads = self.threads or max(1, int(os.environ.get("OMP_NUM_THREADS", "0")) or (os.cpu_count() or 1))
-        return replace(self, threads=threads)
+        return replace(self, threads=default_threads(self.threads))
 
 
 class Reference:

@@ -16,11 +16,11 @@ from pathlib import Path
 
 from tools.artifact import Stage, is_artifact
 from tools.errors import UserError, WorkError
+from tools.ggufpath import default_threads, resolve_gguf
 from tools.progress import log, progress
 
 from .fit import memory_figures
 from .ggufinfo import (
-    find_gguf,
     gguf_filename,
     gguf_module,
     is_quantized,
@@ -124,10 +124,6 @@ class QuantOptions:
     split_max_size: int | None = None
     overrides: tuple[tuple[str, str], ...] = ()
     label: str | None = None
-
-
-def _default_threads() -> int:
-    return max(1, min(os.cpu_count() or 1, int(os.environ.get("OMP_NUM_THREADS", "0")) or 64))
 
 
 def _imatrix_array(imatrix: dict, keep: list):
@@ -240,7 +236,7 @@ def _expected_bytes(info: dict, qtype: str) -> int:
 def _check_source(src: Path, qname: str, opts: QuantOptions) -> tuple[Path, dict]:
     if needs_imatrix(qname) and not opts.imatrix:
         refuse_without_imatrix(qname)
-    gpath = find_gguf(src)
+    gpath = resolve_gguf(src)
     info = read_gguf(gpath)  # bad/truncated input -> UserError before anything is written
     if is_quantized(info) and not opts.allow_requantize:
         raise UserError(f"already quantized ({info['file_type']}): requantizing loses quality; "
@@ -259,7 +255,7 @@ def _run_quantize(gpath: Path, dst: Path, ftype: int, qname: str, opts: QuantOpt
     def work():
         try:
             result["rc"] = _quantize_call(gpath, dst, ftype, allow_requantize=opts.allow_requantize,
-                                          threads=opts.threads or _default_threads(), imatrix=imat,
+                                          threads=default_threads(opts.threads), imatrix=imat,
                                           overrides=opts.overrides)
         except Exception as e:  # noqa: BLE001 - reported below
             result["error"] = e
@@ -413,7 +409,7 @@ def quantize_set(src: str | os.PathLike, qtypes: list[str], out: str | os.PathLi
     if not names:
         raise UserError("no quantization type given", field="--q")
     target = Path(src)
-    gpath = find_gguf(target)
+    gpath = resolve_gguf(target)
     info = read_gguf(gpath, tensors=False)
     if text_file is not None:
         read_text(text_file)
