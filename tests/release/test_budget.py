@@ -68,7 +68,8 @@ def test_chosen_files_kl_recomputed_with_numpy_equals_the_table(everything, f16,
     """Plain llama-cpp-python logits and numpy, on the windows the search says it scored (512 tokens each)."""
     import llama_cpp
 
-    from release.ggufinfo import find_gguf, read_gguf
+    from release.ggufinfo import read_gguf
+    from tools.ggufpath import resolve_gguf
 
     add_bos = bool(read_gguf(f16, tensors=False)["metadata"].get("tokenizer.ggml.add_bos_token", True))
     tools_cli("quantize", f16, "--budget", "kl=10", *TYPES, "--out", tmp_path / "c", check=True)
@@ -77,7 +78,7 @@ def test_chosen_files_kl_recomputed_with_numpy_equals_the_table(everything, f16,
     row = next(r for r in table["candidates"] if r["recipe"] == table["chosen"])
     text = (art / "heldout.txt").read_text(encoding="utf-8").encode("utf-8")
     logits = []
-    for path in (f16, find_gguf(art)):
+    for path in (f16, resolve_gguf(art)):
         llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_batch=512, n_ubatch=512, logits_all=True,
                               n_threads=1, verbose=False)
         toks = llm.tokenize(text, add_bos=add_bos, special=False)[:512]
