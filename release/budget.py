@@ -300,7 +300,7 @@ def candidates_markdown(rows: list[Row], spec: SearchSpec, src_name: str, chosen
          "status |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         d = r.as_dict()
-        kl = f"{d['mean_kl']:.5f} [{d['mean_kl_ci95'][0]:.5f}, {d['mean_kl_ci95'][1]:.5f}]" if r.figures else "-"
+        kl = f"{d['mean_kl']:.4g} [{d['mean_kl_ci95'][0]:.4g}, {d['mean_kl_ci95'][1]:.4g}]" if r.figures else "-"
         top = f"{100 * d['top1_agreement']:.1f}%" if r.figures else "-"
         ppl = f"{d['perplexity']:.3f}" if r.figures else "-"
         mark = "**" if r is chosen else ""
@@ -418,7 +418,7 @@ def summary_lines(art) -> list[str]:
     lo, hi = c["mean_kl_ci95"]
     return [f"{art.path / art.extra['file']}  {c['recipe']}  {c['size_bytes'] / 1e6:.1f} MB  "
             f"{c['bits_per_weight']:.2f} bits/weight",
-            f"mean KL {c['mean_kl']:.5f} [{lo:.5f}, {hi:.5f}], top-1 {100 * c['top1_agreement']:.1f}%, perplexity "
+            f"mean KL {c['mean_kl']:.4g} [{lo:.4g}, {hi:.4g}], top-1 {100 * c['top1_agreement']:.1f}%, perplexity "
             f"{c['perplexity']:.3f} (f16 {c['ref_perplexity']:.3f}) on {c['tokens_scored']} held-out tokens",
             f"budget: {art.extra['budget_text'] or 'none'}; {art.extra['measured']} of {art.extra['candidates']} "
             f"candidates measured; table: {art.path / 'candidates.md'}, plot: {art.path / 'pareto.png'}"]
