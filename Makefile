@@ -38,7 +38,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install lint llama-cpp smoke system-deps test demo bench bench-llama bench-corpus bench-eval bench-imatrix bench-suite bench-shape clean
+.PHONY: install lint llama-cpp smoke system-deps test demo bench bench-llama bench-corpus bench-eval bench-imatrix bench-suite bench-quant-budget bench-shape clean
 
 install: $(STAMP)
 
@@ -103,7 +103,7 @@ demo: install
 lint: install
 	$(VENV)/bin/ruff check .
 
-bench: bench-llama bench-corpus bench-eval bench-imatrix bench-suite bench-shape
+bench: bench-llama bench-corpus bench-eval bench-imatrix bench-suite bench-quant-budget bench-shape
 
 bench-llama: install
 	$(PY) bench/bench_llama.py
@@ -121,6 +121,9 @@ bench-imatrix: install
 # MedMCQA joins with MEDMCQA=path/to/dev.json (not shipped)
 bench-suite: install
 	$(PY) bench/bench_suite_validity.py $(if $(MEDMCQA),--medmcqa $(MEDMCQA))
+
+bench-quant-budget: install
+	$(PY) bench/bench_quant_budget.py
 
 bench-shape: install
 	$(PY) bench/shape_figures.py

@@ -55,9 +55,9 @@ def dev_corpus(out: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     from release.convert import convert_hf_to_gguf
     from release.ggufinfo import read_gguf, resolve_ftype
-    from release.imatrix import imatrix_stage
-    from release.quantgap import compare_quant
-    from release.quantize import _quantize_call, describe_mix, quantize_stage
+    from release.imatrix import ImatrixRun, imatrix_stage
+    from release.quantgap import Scoring, compare_quant
+    from release.quantize import QuantOptions, _quantize_call, describe_mix, quantize_stage
     from tools.hfmodels import gguf_to_hf
     from tools.llm import physical_cores
     from tools.paths import embedded_gguf
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     if not f16.is_file():
         convert_hf_to_gguf(hf, f16, "f16")
     corpus = a.corpus or dev_corpus(out / "corpus-dev")
-    imx = imatrix_stage(f16, corpus, out / "imatrix", chunks=a.chunks, ctx=a.ctx, threads=threads)
+    imx = imatrix_stage(f16, corpus, out / "imatrix", ImatrixRun(chunks=a.chunks, ctx=a.ctx, threads=threads))
     print(f"imatrix: {imx.extra['entries']} weights, {imx.extra['chunks']} chunks x {imx.extra['ctx']} tokens "
           f"({imx.extra['seconds']:.0f} s), corpus {imx.extra['corpus_stage']}")
 
@@ -105,11 +105,11 @@ def main(argv: list[str] | None = None) -> int:
                 info = read_gguf(gpath)
                 mix, bpw = describe_mix(info["tensor_types"]), info["bits_per_weight"]
             else:
-                q = quantize_stage(f16, qtype, out / tag, imatrix=imx.path if with_imx else None, threads=threads)
+                q = quantize_stage(f16, qtype, out / tag, QuantOptions(imatrix=imx.path if with_imx else None, threads=threads))
                 gpath = q.path / q.extra["file"]
                 mix, bpw = describe_mix(q.extra["tensor_types"]), q.extra["bits_per_weight"]
-            c = compare_quant(f16, gpath, heldout, out / f"compare-{tag}", ctx=a.ctx, max_tokens=a.max_tokens,
-                              threads=threads)
+            c = compare_quant(f16, gpath, heldout, out / f"compare-{tag}",
+                              Scoring(ctx=a.ctx, max_tokens=a.max_tokens, threads=threads))
             e = c.extra
             rows.append({"type": qtype, "imatrix": with_imx, "bits_per_weight": bpw, "tensor_mix": mix,
                          "mean_kl": e["mean_kl"], "perplexity": e["quant_perplexity"],

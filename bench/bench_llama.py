@@ -41,7 +41,7 @@ def speed(model: Path, threads: int, guard: bool, quick: bool = False) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from release.quantize import quantize_stage
+    from release.quantize import QuantOptions, quantize_stage
     from tools.llamacpp import built_with_amx, cpu_flags, system_info
     from tools.llm import physical_cores
     from tools.paths import embedded_gguf
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"llama.cpp build: {info}")
     print(f"CPU has AMX: {amx_cpu}; build has AMX: {built_with_amx(info)}; {threads} threads")
     with tempfile.TemporaryDirectory() as tmp:
-        q3 = quantize_stage(embedded_gguf(), "Q3_K_L", Path(tmp) / "q3", allow_requantize=True, threads=threads)
+        q3 = quantize_stage(embedded_gguf(), "Q3_K_L", Path(tmp) / "q3", QuantOptions(allow_requantize=True, threads=threads))
         models = {"Q4_1": embedded_gguf(), "Q3_K_L": q3.path / q3.extra["file"]}
         report = {"system_info": info, "cpu_amx": amx_cpu, "threads": threads, "models": {}}
         print(f"{'model':8} {'load':28} {'pp tok/s':>9} {'tg tok/s':>9}   before (native build): pp / tg")

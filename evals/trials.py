@@ -14,7 +14,7 @@ import yaml
 from recipes.seq2seq import CONFIG_FILE, predict
 from recipes.stage import StageSpec, write_stage
 from recipes.train import train_stage
-from release.convert import convert_stage
+from release.convert import Gate, convert_stage
 from release.merge import merge_stage_dir
 from tools.artifact import read_artifact
 from tools.errors import UserError
@@ -145,7 +145,7 @@ class TrialEval:
             model_dir = merge_stage_dir(trial_dir, out / "merged", force=force).path
         # The trials are compared with each other on the same bench; the release fidelity gate (HF vs GGUF
         # next-token KL) runs when the chosen model is converted with `tools convert`, not per trial.
-        gguf = convert_stage(model_dir, out / "gguf", "f16", force=force, fidelity_tokens=0)
+        gguf = convert_stage(model_dir, out / "gguf", "f16", force=force, gate=Gate(tokens=0))
         spec = replace(BenchSpec.from_options(self.task, self.params), model=str(gguf.path),
                        out=str(out / f"bench-{self.task}"), force=force, plots=False)
         log(f"trial {trial_dir.name}: {self.spec}")

@@ -12,6 +12,8 @@ from tools.artifact import Artifact, Lineage, Stage, read_artifact
 from tools.errors import UserError
 from tools.progress import log
 
+from .fit import fit_line
+
 ACK_CREDENTIALED = "credentialed-training"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 MODEL_STAGES = ("train", "merge", "gguf")
@@ -271,6 +273,21 @@ def _ci(ci) -> str:
     return f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else ""
 
 
+def _fit_lines(e: dict) -> list[str]:
+    """A GGUF's budget choice (``tools quantize --budget``) and its laptop fit (``release.fit``)."""
+    L = []
+    c = e.get("chosen")
+    if c and e.get("budget_text") is not None:
+        lo, hi = c["mean_kl_ci95"]
+        L.append(f"  - Chosen by `tools quantize --budget` ({e['budget_text'] or 'lowest mean KL'}): recipe "
+                 f"`{c['recipe']}`, mean KL vs f16 {c['mean_kl']:.4f} [95 % CI {lo:.4f}, {hi:.4f}], top-1 agreement "
+                 f"{_pct(c['top1_agreement'])}, perplexity {c['perplexity']:.3f} (f16 {c['ref_perplexity']:.3f}) on "
+                 f"{c['tokens_scored']} held-out tokens; {e['measured']} of {e['candidates']} candidates measured")
+    if e.get("memory"):
+        L.append(f"  - Laptop fit: {fit_line(e['memory'])}")
+    return L
+
+
 def _body(name, base, relation, groups, benches, compares, lin: Lineage, ack: bool, lic, train_src=(),
           eval_src=()) -> str:
     L = [f"# {name}", ""]
@@ -300,6 +317,7 @@ def _body(name, base, relation, groups, benches, compares, lin: Lineage, ack: bo
             line += (f". Note: only {_pct(e.get('primary_type_share', 0))} of the weights are {e.get('primary_type')}; "
                      "llama.cpp fell back to other types for rows that are not a multiple of its block size")
         L.append(line)
+        L += _fit_lines(e)
     for a in groups["gguf.lora"]:
         L.append(f"- `{a.extra.get('file')}`: the LoRA adapter as a GGUF ({a.extra.get('file_type')}); apply it to the "
                  f"base GGUF (llama.cpp `--lora`, Ollama `ADAPTER`).")

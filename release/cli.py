@@ -55,10 +55,10 @@ def convert_cmd(model_dir, outtype, out, name, lora, base, fidelity_tokens, max_
     tools convert runs/merged --outtype f16 --out runs/gguf-f16 --name "MediLoRA SmolLM2 135M"
     tools convert runs/sft/output --lora --base runs/merge1 --out runs/lora-gguf
     """
-    from release.convert import convert_model, summary_lines
+    from release.convert import Gate, convert_model, summary_lines
 
-    art = convert_model(model_dir, outtype, out, name=name, lora=lora, base=base, fidelity_tokens=fidelity_tokens,
-                        max_kl=max_kl, min_top1=min_top1, force=force)
+    art = convert_model(model_dir, outtype, out, name=name, lora=lora, base=base,
+                        gate=Gate(tokens=fidelity_tokens, max_kl=max_kl, min_top1=min_top1), force=force)
     if as_json:
         return emit_json(art)
     click.echo("\n".join(summary_lines(art)))
@@ -68,20 +68,30 @@ def convert_cmd(model_dir, outtype, out, name, lora, base, fidelity_tokens, max_
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--q", "qtype", default="Q3_K_L", show_default=True,
               help="Any llama.cpp type name (Q4_K_M, IQ4_XS, ...); several, comma-separated, give one GGUF each + a table.")
+@click.option("--budget", multiple=True, help="Instead of --q: the smallest candidate within this quality budget, "
+              "kl=NATS (mean KL vs MODEL on held-out text); see release/budget.py.")
+@click.option("--max-size", help="Budget: the file may be at most this large (90M, 2G, bytes).")
+@click.option("--max-ram", help="Budget: weights + KV cache at --ctx tokens may need at most this much (4G).")
+@click.option("--types", help="Budget: stock types to search from, comma-separated [all llama.cpp k/legacy types; "
+              "IQ types too with --imatrix].")
+@click.option("--mix-bases", help="Budget: stock types the mixes are built around, comma-separated [all searched].")
+@click.option("--measure-all", is_flag=True, help="Budget: measure every candidate (no skipping), for the full front.")
+@click.option("--min-tokens", type=int, default=4096, show_default=True, help="Budget: held-out tokens scored.")
 @click.option("--imatrix", type=click.Path(path_type=Path),
               help="Importance matrix: a file (GGUF or legacy .dat) or a `tools imatrix` artifact.")
 @click.option("--name", help="Output file name (default: <BaseName>-<SizeLabel>-<FineTune>-<Type>.gguf).")
 @click.option("--allow-requantize", is_flag=True, help="Quantize an already-quantized file (loses quality).")
 @threads_option
 @click.option("--text", "text_file", type=click.Path(path_type=Path),
-              help="Several types: held-out text for the table [PubMedQA test abstracts].")
-@click.option("--ctx", default=256, show_default=True, help="Several types: window size for the table's PPL/KL.")
+              help="Several types / budget: held-out text for the table [PubMedQA test abstracts].")
+@click.option("--ctx", type=int, default=None, help="Several types: window size for the table's PPL/KL [256]; "
+              "budget: the context --max-ram is judged at [4096].")
 @click.option("--max-tokens", type=int, default=512, show_default=True, help="Several types: tokens scored.")
 @click.option("--split-max-size", help="Cut each GGUF into llama.cpp gguf-split shards of at most this much tensor "
               "data (50G, 500M, bytes); NAME-00001-of-0000N.gguf, load the first.")
 @artifact_options("GGUF artifact folder [beside MODEL, named by type].", path_type=Path)
-def quantize_cmd(model, qtype, imatrix, out, name, allow_requantize, threads, text_file, ctx, max_tokens,
-                 split_max_size, force, as_json):
+def quantize_cmd(model, qtype, budget, max_size, max_ram, types, mix_bases, measure_all, min_tokens, imatrix, out, name,
+                 allow_requantize, threads, text_file, ctx, max_tokens, split_max_size, force, as_json):
     """Quantize a GGUF in-process with llama.cpp; report the real tensor-type mix and bits per weight.
 
     \b
@@ -89,12 +99,27 @@ def quantize_cmd(model, qtype, imatrix, out, name, allow_requantize, threads, te
     tools quantize model-F16.gguf --q Q4_K_M --imatrix imatrix.gguf
     tools quantize runs/gguf-f16 --q Q3_K_L,Q4_K_M,Q8_0 --out runs/gguf-set   # one GGUF per type + table
     tools quantize runs/gguf-f16 --q IQ3_XXS --imatrix runs/imatrix --split-max-size 2G
+    tools quantize runs/gguf-f16 --budget kl=0.05 --max-ram 4G --ctx 4096 --out runs/gguf-fit
     """
-    from release.quantize import quantize_many, summary_lines, warning_for
+    from release.ggufinfo import parse_size
+    from release.quantgap import Scoring
+    from release.quantize import QuantOptions, default_out, quantize_many, summary_lines, warning_for
 
-    art = quantize_many(model, qtype, out, name=name, imatrix=imatrix, allow_requantize=allow_requantize,
-                        threads=threads, text_file=text_file, ctx=ctx, max_tokens=max_tokens,
-                        split_max_size=split_max_size, force=force)
+    if budget or max_size or max_ram:
+        from release import budget as qb
+
+        names = lambda s: tuple(t.strip().upper() for t in s.split(",") if t.strip()) if s else None  # noqa: E731
+        spec = qb.SearchSpec(qb.parse_budget(budget, max_size, max_ram, ctx or 4096), types=names(types),
+                             imatrix=imatrix, text_file=text_file, min_tokens=min_tokens, threads=threads,
+                             measure_all=measure_all, mix_bases=names(mix_bases))
+        art = qb.quantize_budget(model, out or default_out(model, "budget"), spec, force=force)
+        if as_json:
+            return emit_json(art, read_results(art, "candidates.json"))
+        return click.echo("\n".join(qb.summary_lines(art)))
+    opts = QuantOptions(imatrix=imatrix, allow_requantize=allow_requantize, threads=threads, name=name,
+                        split_max_size=parse_size(split_max_size) if split_max_size is not None else None)
+    art = quantize_many(model, qtype, out, opts, Scoring(ctx=ctx or 256, max_tokens=max_tokens, threads=threads),
+                        text_file=text_file, force=force)
     warn = warning_for(art.extra) if art.stage == "gguf" else None
     if warn:
         click.echo(warn, err=True)
@@ -120,11 +145,12 @@ def imatrix_cmd(model, corpus, chunks, ctx, process_output, threads, n_gpu_layer
     \b
     tools imatrix runs/gguf-f16 --corpus runs/corpus-notes --chunks 100 --out runs/imatrix
     """
-    from release.imatrix import imatrix_stage
+    from release.imatrix import ImatrixRun, imatrix_stage
     from release.quantize import default_out
 
-    art = imatrix_stage(model, corpus, out or default_out(model, "imatrix"), chunks=chunks, ctx=ctx,
-                        process_output=process_output, threads=threads, n_gpu_layers=n_gpu_layers, force=force)
+    art = imatrix_stage(model, corpus, out or default_out(model, "imatrix"),
+                        ImatrixRun(chunks=chunks, ctx=ctx, process_output=process_output, threads=threads,
+                                   n_gpu_layers=n_gpu_layers), force=force)
     e = art.extra
     if as_json:
         return emit_json(art)
@@ -168,11 +194,11 @@ def compare_quant_cmd(ref, quant, text_file, ctx, max_tokens, threads, n_gpu_lay
     \b
     tools compare-quant --ref runs/gguf-f16 --quant runs/gguf-q3kl --text notes.txt --out runs/qgap
     """
-    from release.quantgap import compare_quant
+    from release.quantgap import Scoring, compare_quant
     from tools.ggufpath import resolve_gguf
 
-    art = compare_quant(resolve_gguf(ref, "--ref"), resolve_gguf(quant, "--quant"), text_file, out, ctx=ctx,
-                        max_tokens=max_tokens, threads=threads, n_gpu_layers=n_gpu_layers, force=force)
+    art = compare_quant(resolve_gguf(ref, "--ref"), resolve_gguf(quant, "--quant"), text_file, out,
+                        Scoring(ctx=ctx, max_tokens=max_tokens, threads=threads, n_gpu_layers=n_gpu_layers), force=force)
     res = read_results(art)
     if as_json:
         return emit_json(art, res)
@@ -246,8 +272,9 @@ def export_group():
 @click.option("--system", help="System prompt [the MediLoRA prompt of --system-task].")
 @click.option("--system-task", type=click.Choice(["pubmedqa", "medqa"]), default="pubmedqa", show_default=True)
 @click.option("--adapter", type=click.Path(path_type=Path), help="A LoRA adapter GGUF (tools convert --lora) to apply.")
+@click.option("--ram", help="Set num_ctx to the largest context whose weights + KV cache fit in this much memory (8G).")
 @artifact_options("Export folder (Modelfile, GGUF, README).", out_required=True, path_type=Path)
-def export_ollama_cmd(model, name, system, system_task, adapter, out, force, as_json):
+def export_ollama_cmd(model, name, system, system_task, adapter, ram, out, force, as_json):
     """Modelfile with FROM, TEMPLATE (the GGUF's chat template in Go syntax), SYSTEM, PARAMETER lines.
 
     \b
@@ -255,7 +282,8 @@ def export_ollama_cmd(model, name, system, system_task, adapter, out, force, as_
     """
     from release.export import export_ollama
 
-    art = export_ollama(model, out, name=name, system=system, system_task=system_task, adapter=adapter, force=force)
+    art = export_ollama(model, out, name=name, system=system, system_task=system_task, adapter=adapter, ram=ram,
+                      force=force)
     if as_json:
         return emit_json(art)
     click.echo(f"{art.path / 'Modelfile'}  (ollama create {art.extra['name']} -f Modelfile)")

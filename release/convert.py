@@ -7,18 +7,29 @@ the llama-cpp-python source distribution of the *installed* version, which ``mak
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from tools.errors import UserError, WorkError
 from tools.ggufpath import default_threads
 from tools.progress import log
 
+from .fit import memory_figures
 from .llamasrc import llama_cpp_version, run_script
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0", "auto")
 # the fidelity gate: largest mean KL(HF float32 || GGUF) per output type, smallest top-1 agreement
 FIDELITY_MAX_KL = {"f32": 0.002, "f16": 0.01, "bf16": 0.03, "q8_0": 0.03}
 FIDELITY_MIN_TOP1 = 0.9
+
+
+@dataclass(frozen=True)
+class Gate:
+    """The fidelity gate: ``tokens`` held-out tokens scored (0 skips it), the largest mean KL(HF || GGUF)
+    (None: :data:`FIDELITY_MAX_KL` of the output type) and the smallest top-1 agreement."""
+    tokens: int = 256
+    max_kl: float | None = None
+    min_top1: float = FIDELITY_MIN_TOP1
 
 
 def convert_hf_to_gguf(model_dir: str | os.PathLike, outfile: str | os.PathLike, outtype: str = "f16",
@@ -118,12 +129,12 @@ def default_name(model_dir: Path) -> str | None:
 
 
 def convert_stage(model_dir: str | os.PathLike, out: str | os.PathLike, outtype: str = "f16", *,
-                  force: bool = False, name: str | None = None, fidelity_tokens: int = 256,
-                  max_kl: float | None = None, min_top1: float = FIDELITY_MIN_TOP1, threads: int | None = None):
+                  force: bool = False, name: str | None = None, gate: Gate = Gate(), threads: int | None = None):
     """HF folder -> artifact ``out`` (stage ``gguf``) holding ``<BaseName>-<Size>-<FineTune>-<TYPE>.gguf``.
 
     The GGUF must carry the HF tokenizer's chat template, byte for byte, and pass the fidelity gate
-    (see :func:`fidelity_check`; ``fidelity_tokens=0`` skips it).
+    (see :func:`fidelity_check`; ``Gate(tokens=0)`` skips it). The artifact records the memory the GGUF needs
+    at several context sizes (``extra.memory``, release.fit).
     """
     from tools.artifact import Stage
 
@@ -142,7 +153,8 @@ def convert_stage(model_dir: str | os.PathLike, out: str | os.PathLike, outtype:
                         "add it to tokenizer_config.json or chat_template.jinja", path=str(model_dir))
     name = name or default_name(model_dir)
     meta = name_metadata(name)
-    max_kl = FIDELITY_MAX_KL[outtype] if max_kl is None else max_kl
+    fidelity_tokens, min_top1 = gate.tokens, gate.min_top1
+    max_kl = FIDELITY_MAX_KL[outtype] if gate.max_kl is None else gate.max_kl
     params = {"outtype": outtype, "converter": f"llama.cpp convert_hf_to_gguf.py (llama-cpp-python {llama_cpp_version()})",
               "name": name, "fidelity": {"tokens": fidelity_tokens, "max_kl": max_kl, "min_top1": min_top1}}
     with Stage("gguf", out, params, inputs=_model_inputs(model_dir), force=force, log=log) as st:
@@ -159,7 +171,7 @@ def convert_stage(model_dir: str | os.PathLike, out: str | os.PathLike, outtype:
         st.extra.update({"file": name_, "architecture": info["architecture"], "file_type": info["file_type"],
                          "parameters": info["parameters"], "bits_per_weight": info["bits_per_weight"],
                          "tensor_types": info["tensor_types"], "chat_template_sha256": _sha(template),
-                         "source": "convert", "name": info["name"]})
+                         "source": "convert", "name": info["name"], "memory": memory_figures(info)})
         if fidelity_tokens:
             fid = fidelity_check(model_dir, st.path(name_), max_tokens=fidelity_tokens, threads=threads)
             fid.update({"threshold_kl": max_kl, "threshold_top1": min_top1})
@@ -278,7 +290,7 @@ def convert_lora_stage(adapter_dir: str | os.PathLike, base_dir: str | os.PathLi
 
 def convert_model(model_dir: str | os.PathLike, outtype: str = "f16", out: str | os.PathLike | None = None, *,
                   name: str | None = None, lora: bool = False, base: str | os.PathLike | None = None,
-                  fidelity_tokens: int = 256, max_kl: float | None = None, min_top1: float = 0.9, force: bool = False):
+                  gate: Gate = Gate(), force: bool = False):
     """`tools convert`: an HF model folder -> ``gguf`` artifact (with the fidelity gate), or with ``lora`` an
     adapter -> ``gguf.lora`` artifact (needs ``base``). OUT defaults to MODEL_DIR-OUTTYPE beside it."""
     model_dir = Path(model_dir)
@@ -289,10 +301,10 @@ def convert_model(model_dir: str | os.PathLike, outtype: str = "f16", out: str |
         return convert_lora_stage(model_dir, base, out, outtype, name=name, force=force)
     if base is not None:
         raise UserError("--base goes with --lora", field="--base")
-    if fidelity_tokens < 0:
+    if gate.tokens < 0:
         raise UserError("must be 0 or more", field="--fidelity-tokens")
     return convert_stage(model_dir, out or model_dir.parent / f"{model_dir.name}-{outtype}", outtype, force=force,
-                         name=name, fidelity_tokens=fidelity_tokens, max_kl=max_kl, min_top1=min_top1)
+                         name=name, gate=gate)
 
 
 def summary_lines(art) -> list[str]:

@@ -28,10 +28,11 @@ from tools.ggufpath import gguf_shards, resolve_gguf
 from tools.llm import SAMPLING_DEFAULTS
 from tools.progress import log
 
+from .fit import largest_context, parse_ram
 from .ggufinfo import gguf_module, read_gguf
 
-OLLAMA_PARAMS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repeat_penalty", "presence_penalty",
-                 "frequency_penalty")
+OLLAMA_PARAMS = ("num_ctx", "temperature", "top_k", "top_p", "min_p", "typical_p", "repeat_penalty",
+                 "presence_penalty", "frequency_penalty")
 _S = {"system": "\u2063sys\u2063", "user": "\u2063usr\u2063", "assistant": "\u2063ast\u2063"}
 
 
@@ -492,8 +493,9 @@ def default_system(task: str = "pubmedqa") -> str:
 
 
 def export_ollama(model, out, *, name: str | None = None, system: str | None = None, system_task: str = "pubmedqa",
-                  adapter=None, force: bool = False):
-    """Artifact ``out`` (stage ``export.ollama``): the GGUF (hard link), Modelfile, README.md."""
+                  adapter=None, ram: str | None = None, force: bool = False):
+    """Artifact ``out`` (stage ``export.ollama``): the GGUF (hard link), Modelfile, README.md. ``ram`` (8G):
+    ``num_ctx`` is the largest context whose weights + f16 KV cache fit in it (``release.fit``)."""
     model = Path(model)
     gguf = resolve_gguf(model, "MODEL")
     parts = read_chat_parts(gguf)
@@ -504,6 +506,8 @@ def export_ollama(model, out, *, name: str | None = None, system: str | None = N
     check_template(tpl, parts["template"], parts["bos"] if parts["add_bos"] else "", parts["eos"], system)
     stops = stop_strings(probe, parts["eos"])
     params = _sampling()
+    if ram is not None:
+        params["num_ctx"] = _fitting_ctx(gguf, ram)
     name = name or re.sub(r"[^a-z0-9._-]+", "-", gguf.stem.lower()).strip("-")
     inputs = [model if is_artifact(model) else gguf] + ([Path(adapter)] if adapter else [])
     with Stage("export.ollama", out, {"name": name, "system": system, "params": params, "stop": stops},
@@ -521,6 +525,13 @@ def export_ollama(model, out, *, name: str | None = None, system: str | None = N
                          "template_checked_conversations": len(PROBE_CONVERSATIONS),
                          "adapter": adapter_gguf.name if adapter_gguf else None})
     return st.result
+
+
+def _fitting_ctx(gguf: Path, ram: str) -> int:
+    n = largest_context(read_gguf(gguf), parse_ram(ram))
+    if n < 1:
+        raise UserError(f"{gguf.name} does not fit in {ram} even at 256 tokens of context", field="--ram")
+    return n
 
 
 def _ollama_readme(name, file, params, stops) -> str:

@@ -24,6 +24,7 @@ import contextlib
 import ctypes
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from tools.artifact import Stage, is_artifact, read_artifact
@@ -313,15 +314,27 @@ def resolve_imatrix(target: str | os.PathLike) -> tuple[Path, Path]:
     return p, p
 
 
-def imatrix_stage(model: str | os.PathLike, corpus: str | os.PathLike, out: str | os.PathLike, *,
-                  chunks: int | None = None, ctx: int = 512, process_output: bool = False,
-                  threads: int | None = None, n_gpu_layers: int | None = None, force: bool = False):
+@dataclass(frozen=True)
+class ImatrixRun:
+    """How the importance matrix is collected: ``chunks`` of ``ctx`` tokens (None: all the corpus holds),
+    ``process_output`` (also output.weight, llama-imatrix's flag), llama.cpp threads and GPU layers."""
+    chunks: int | None = None
+    ctx: int = 512
+    process_output: bool = False
+    threads: int | None = None
+    n_gpu_layers: int | None = None
+
+
+def imatrix_stage(model: str | os.PathLike, corpus: str | os.PathLike, out: str | os.PathLike,
+                  run: ImatrixRun = ImatrixRun(), *, force: bool = False):
     """Artifact ``out`` (stage ``imatrix``): ``imatrix.gguf`` from ``model`` (a GGUF or ``gguf`` artifact)
     run over the text of the ``corpus`` artifact. Lineage (credentialed for MIMIC) comes from the corpus."""
     import llama_cpp
 
     from tools.llamacpp import load
 
+    chunks, ctx, process_output, threads, n_gpu_layers = run.chunks, run.ctx, run.process_output, run.threads, \
+        run.n_gpu_layers
     target = Path(model)
     gpath = resolve_gguf(target)
     info = read_gguf(gpath, tensors=False)

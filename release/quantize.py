@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import threading
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tools.artifact import Stage, is_artifact
@@ -17,6 +19,7 @@ from tools.errors import UserError, WorkError
 from tools.ggufpath import default_threads, resolve_gguf
 from tools.progress import log, progress
 
+from .fit import memory_figures
 from .ggufinfo import (
     gguf_filename,
     gguf_module,
@@ -27,6 +30,7 @@ from .ggufinfo import (
     split_gguf,
     type_share,
 )
+from .quantgap import Scoring, compare_quant, heldout_text, read_text
 
 MOSTLY_APPLIED = 0.5
 LOG_LINES: list[str] = []  # warn when less than half the weight-matrix elements got the requested type
@@ -106,29 +110,72 @@ def load_imatrix(path: str | os.PathLike) -> dict[str, list[float]]:
     return data
 
 
-def _quantize_call(src: Path, dst: Path, ftype: int, *, allow_requantize: bool, threads: int,
-                   imatrix: dict | None) -> int:
+@dataclass(frozen=True)
+class QuantOptions:
+    """How one GGUF is quantized. ``imatrix``: a file or an ``imatrix`` artifact (its lineage flows on).
+    ``overrides``: llama.cpp tensor-type overrides, ``((regex, ggml type), ...)`` (``llama-quantize
+    --tensor-type``; the first pattern that matches a tensor's name wins, llama.cpp still falls back where a
+    row does not fit the type's block). ``split_max_size``: bytes of tensor data per file, written in
+    llama.cpp's gguf-split format. ``name``: the output file name."""
+    imatrix: str | os.PathLike | None = None
+    allow_requantize: bool = False
+    threads: int | None = None
+    name: str | None = None
+    split_max_size: int | None = None
+    overrides: tuple[tuple[str, str], ...] = ()
+    label: str | None = None
+
+
+def _imatrix_array(imatrix: dict, keep: list):
     import llama_cpp
     import numpy as np
+
+    n = len(imatrix)
+    arr = (llama_cpp.llama_model_imatrix_data * (n + 1))()
+    for i, (name, vals) in enumerate(sorted(imatrix.items())):
+        buf = np.ascontiguousarray(vals, dtype=np.float32)
+        cname = ctypes.c_char_p(name.encode("utf-8"))
+        keep += [buf, cname]
+        arr[i].name = cname.value
+        arr[i].data = buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        arr[i].size = buf.size
+    arr[n].name = None  # terminator
+    keep.append(arr)
+    return ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+
+
+def _overrides_array(overrides, keep: list):
+    """``llama_model_tensor_override[]`` (pattern, ggml type), terminated by a null pattern."""
+    import llama_cpp
+
+    g = gguf_module()
+    arr = (llama_cpp.llama_model_tensor_override * (len(overrides) + 1))()
+    for i, (pattern, tname) in enumerate(overrides):
+        cpat = ctypes.c_char_p(pattern.encode("utf-8"))
+        keep.append(cpat)
+        arr[i].pattern = cpat.value
+        arr[i].type = int(g.GGMLQuantizationType[tname])
+    arr[len(overrides)].pattern = None
+    keep.append(arr)
+    return ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
+
+
+def _quantize_call(src: Path, dst: Path, ftype: int, *, allow_requantize: bool, threads: int,
+                   imatrix: dict | None, overrides=(), dry_run: bool = False) -> int:
+    """``llama_model_quantize`` with llama.cpp's own parameters; its log goes to ``LOG_LINES``. ``dry_run``:
+    llama.cpp decides every tensor's type and logs it, writing nothing (see :func:`plan`)."""
+    import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = threads
     params.allow_requantize = allow_requantize
-    keep = []
+    params.dry_run = dry_run
+    keep: list = []
     if imatrix:
-        n = len(imatrix)
-        arr = (llama_cpp.llama_model_imatrix_data * (n + 1))()
-        for i, (name, vals) in enumerate(sorted(imatrix.items())):
-            buf = np.ascontiguousarray(vals, dtype=np.float32)
-            cname = ctypes.c_char_p(name.encode("utf-8"))
-            keep += [buf, cname]
-            arr[i].name = cname.value
-            arr[i].data = buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-            arr[i].size = buf.size
-        arr[n].name = None  # terminator
-        keep.append(arr)
-        params.imatrix = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+        params.imatrix = _imatrix_array(imatrix, keep)
+    if overrides:
+        params.tt_overrides = _overrides_array(overrides, keep)
     from llama_cpp import _logger
 
     # llama.cpp writes one line per tensor (and one per fallback): collect them instead of flooding
@@ -147,6 +194,34 @@ def _quantize_call(src: Path, dst: Path, ftype: int, *, allow_requantize: bool, 
     return int(rc)
 
 
+_PLAN_RE = re.compile(r"\]\s+(\S+)\s+-\s+\[([^\]]*)\], type =\s*(\S+), size =\s*[\d.]+ MiB(?: ->\s*[\d.]+ MiB \((\S+)\))?")
+
+
+def plan(src: Path, qtype: str, *, overrides=(), imatrix: dict | None = None, threads: int = 1) -> dict:
+    """What llama.cpp would write, without writing it (its dry run): each tensor's type, the exact tensor
+    bytes (rows x llama.cpp's row size of that type) and whether the mix needs an importance matrix."""
+    g = gguf_module()
+    _, ftype = resolve_ftype(qtype)
+    rc = _quantize_call(Path(src), Path(src).with_suffix(".dry-run"), ftype, allow_requantize=False, threads=threads,
+                        imatrix=imatrix, overrides=overrides, dry_run=True)
+    text = "".join(LOG_LINES)
+    if rc != 0:
+        raise WorkError(f"llama.cpp's dry run of {qtype} failed on {src}")
+    types, nbytes = {}, 0
+    for m in _PLAN_RE.finditer(text):
+        name, shape = m.group(1), [int(x) for x in m.group(2).replace(" ", "").split(",") if x]
+        t = (m.group(4) or m.group(3)).upper()
+        types[name] = t
+        block, tbytes = g.GGML_QUANT_SIZES[g.GGMLQuantizationType[t]]
+        rows = 1
+        for d in shape[1:]:
+            rows *= d
+        nbytes += rows * (shape[0] // block) * tbytes
+    if not types:
+        raise WorkError(f"llama.cpp's dry run of {qtype} logged no tensors (log format changed?)")
+    return {"types": types, "tensor_bytes": nbytes, "needs_imatrix": "will require an imatrix" in text}
+
+
 def _expected_bytes(info: dict, qtype: str) -> int:
     """A rough size of the output (for the progress bar): weight matrices at the requested type."""
     g = gguf_module()
@@ -158,96 +233,107 @@ def _expected_bytes(info: dict, qtype: str) -> int:
     return max(1, int(mat * tbytes / block))
 
 
-def quantize_stage(src: str | os.PathLike, qtype: str, out: str | os.PathLike, *,
-                   imatrix: str | os.PathLike | None = None, allow_requantize: bool = False,
-                   name: str | None = None, threads: int | None = None, split_max_size: int | None = None,
-                   force: bool = False):
-    """Quantize ``src`` (.gguf or a ``gguf`` artifact) into artifact ``out`` (stage ``gguf``). ``imatrix``: a
-    file or an ``imatrix`` artifact (its lineage flows on). ``split_max_size``: bytes of tensor data per
-    file, written in llama.cpp's gguf-split format (``extra.file`` is then the first shard)."""
-    from .imatrix import resolve_imatrix
-
-    qname, ftype = resolve_ftype(qtype)
-    if needs_imatrix(qname) and not imatrix:
+def _check_source(src: Path, qname: str, opts: QuantOptions) -> tuple[Path, dict]:
+    if needs_imatrix(qname) and not opts.imatrix:
         refuse_without_imatrix(qname)
-    target = Path(src)
-    gpath = resolve_gguf(target)
+    gpath = resolve_gguf(src)
     info = read_gguf(gpath)  # bad/truncated input -> UserError before anything is written
-    if is_quantized(info) and not allow_requantize:
+    if is_quantized(info) and not opts.allow_requantize:
         raise UserError(f"already quantized ({info['file_type']}): requantizing loses quality; "
                         "start from the f16/bf16/f32 GGUF or pass --allow-requantize", path=str(gpath))
-    if name is not None and (not name.endswith(".gguf") or "/" in name):
+    if opts.name is not None and (not opts.name.endswith(".gguf") or "/" in opts.name):
         raise UserError("--name must be a file name ending in .gguf", field="--name")
-    imatrix_file, imatrix_input = resolve_imatrix(imatrix) if imatrix else (None, None)
-    imat = load_imatrix(imatrix_file) if imatrix else None
-    if split_max_size is not None and split_max_size < 1:
+    if opts.split_max_size is not None and opts.split_max_size < 1:
         raise UserError("must be more than 0 bytes", field="--split-max-size")
-    threads = default_threads(threads)
-    inputs = [target if is_artifact(target) else gpath] + ([imatrix_input] if imatrix else [])
-    params = {"q": qname, "imatrix": bool(imatrix), "allow_requantize": allow_requantize, "name": name}
-    if split_max_size:
-        params["split_max_size"] = split_max_size
-    with Stage("gguf", out, params, inputs=inputs, force=force, log=log) as st:
-        if st.skipped:
-            return st.result
-        fname = name or gguf_filename(info["metadata"], qname)
-        dst = st.path(fname)
-        result: dict = {}
+    return gpath, info
 
-        def work():
-            try:
-                result["rc"] = _quantize_call(gpath, dst, ftype, allow_requantize=allow_requantize,
-                                              threads=threads, imatrix=imat)
-            except Exception as e:  # noqa: BLE001 - reported below
-                result["error"] = e
 
-        t0 = time.monotonic()
-        th = threading.Thread(target=work, daemon=True)
-        total = _expected_bytes(info, qname)
-        with progress(f"quantize {qname}", total=total, unit="bytes") as advance:
-            th.start()
-            done = 0
-            while th.is_alive():
-                th.join(0.25)
-                now = min(dst.stat().st_size if dst.exists() else 0, total)
-                if now > done:
-                    advance(now - done)
-                    done = now
-            advance(max(0, total - done))
-        if "error" in result or result.get("rc") != 0 or not dst.is_file():
-            logtext = "".join(LOG_LINES)
-            said = [ln.strip() for ln in logtext.splitlines() if ln.strip()][-1:]
-            needs = [ln.split(":", 1)[1].strip() for ln in logtext.splitlines() if "offending tensor" in ln]
-            if "requires an importance matrix" in logtext and not imatrix:
-                raise UserError(f"{qname} needs an importance matrix (llama.cpp refuses to quantize "
-                                f"{needs[0] if needs else 'a weight'} without one): compute one with "
-                                "`tools imatrix F16.gguf --corpus CORPUS --out DIR` and pass --imatrix DIR",
-                                field="--imatrix")
-            raise WorkError(f"llama_model_quantize failed on {gpath} "
-                            f"({result.get('error') or 'rc=' + str(result.get('rc'))}{': ' + said[0] if said else ''})")
-        fallbacks = sum(1 for ln in "".join(LOG_LINES).splitlines() if "falling back" in ln)
-        qinfo = read_gguf(dst)
-        main = primary_tensor_type(qname)
-        share = type_share(qinfo, main)
-        st.extra.update({
-            "file": fname, "source": "quantize", "requested_type": qname, "file_type": qinfo["file_type"],
+def _run_quantize(gpath: Path, dst: Path, ftype: int, qname: str, opts: QuantOptions, imat, total: int) -> None:
+    """The quantization in a thread, the output file's growth as progress; a failure -> one clear error."""
+    result: dict = {}
+
+    def work():
+        try:
+            result["rc"] = _quantize_call(gpath, dst, ftype, allow_requantize=opts.allow_requantize,
+                                          threads=default_threads(opts.threads), imatrix=imat,
+                                          overrides=opts.overrides)
+        except Exception as e:  # noqa: BLE001 - reported below
+            result["error"] = e
+
+    th = threading.Thread(target=work, daemon=True)
+    with progress(f"quantize {opts.label or qname}", total=total, unit="bytes") as advance:
+        th.start()
+        done = 0
+        while th.is_alive():
+            th.join(0.25)
+            now = min(dst.stat().st_size if dst.exists() else 0, total)
+            if now > done:
+                advance(now - done)
+                done = now
+        advance(max(0, total - done))
+    if "error" in result or result.get("rc") != 0 or not dst.is_file():
+        logtext = "".join(LOG_LINES)
+        said = [ln.strip() for ln in logtext.splitlines() if ln.strip()][-1:]
+        needs = [ln.split(":", 1)[1].strip() for ln in logtext.splitlines() if "offending tensor" in ln]
+        if "requires an importance matrix" in logtext and not imat:
+            raise UserError(f"{qname} needs an importance matrix (llama.cpp refuses to quantize "
+                            f"{needs[0] if needs else 'a weight'} without one): compute one with "
+                            "`tools imatrix F16.gguf --corpus CORPUS --out DIR` and pass --imatrix DIR",
+                            field="--imatrix")
+        raise WorkError(f"llama_model_quantize failed on {gpath} "
+                        f"({result.get('error') or 'rc=' + str(result.get('rc'))}{': ' + said[0] if said else ''})")
+
+
+def _describe(fname: str, qname: str, qinfo: dict, info: dict, gpath: Path, opts: QuantOptions) -> dict:
+    fallbacks = sum(1 for ln in "".join(LOG_LINES).splitlines() if "falling back" in ln)
+    main = primary_tensor_type(qname)
+    share = type_share(qinfo, main)
+    return {"file": fname, "source": "quantize", "requested_type": qname, "file_type": qinfo["file_type"],
             "architecture": qinfo["architecture"], "parameters": qinfo["parameters"],
             "tensor_types": qinfo["tensor_types"], "bits_per_weight": qinfo["bits_per_weight"],
             "matrix_bits_per_weight": qinfo["matrix_bits_per_weight"], "primary_type": main,
             "primary_type_share": round(share, 4), "size_bytes": qinfo["size_bytes"],
             "source_file": gpath.name, "source_size_bytes": info["size_bytes"],
-            "imatrix": bool(imatrix), "fallback_tensors": fallbacks, "mostly_applied": share >= MOSTLY_APPLIED,
-            "chat_template_present": bool(qinfo["chat_template"]),
-        })
+            "imatrix": bool(opts.imatrix), "fallback_tensors": fallbacks, "mostly_applied": share >= MOSTLY_APPLIED,
+            "chat_template_present": bool(qinfo["chat_template"]), "memory": memory_figures(qinfo),
+            "overrides": [list(o) for o in opts.overrides], "recipe": opts.label or qname}
+
+
+def quantize_stage(src: str | os.PathLike, qtype: str, out: str | os.PathLike, opts: QuantOptions = QuantOptions(), *,
+                   force: bool = False):
+    """Quantize ``src`` (.gguf or a ``gguf`` artifact) into artifact ``out`` (stage ``gguf``) as ``opts`` says.
+    With ``split_max_size`` the file is cut into gguf-split shards (``extra.file`` is then the first)."""
+    from .imatrix import resolve_imatrix
+
+    qname, ftype = resolve_ftype(qtype)
+    target = Path(src)
+    gpath, info = _check_source(target, qname, opts)
+    imatrix_file, imatrix_input = resolve_imatrix(opts.imatrix) if opts.imatrix else (None, None)
+    imat = load_imatrix(imatrix_file) if opts.imatrix else None
+    inputs = [target if is_artifact(target) else gpath] + ([imatrix_input] if opts.imatrix else [])
+    params = {"q": qname, "imatrix": bool(opts.imatrix), "allow_requantize": opts.allow_requantize, "name": opts.name}
+    if opts.split_max_size:
+        params["split_max_size"] = opts.split_max_size
+    if opts.overrides:
+        params["overrides"] = [list(o) for o in opts.overrides]
+    with Stage("gguf", out, params, inputs=inputs, force=force, log=log) as st:
+        if st.skipped:
+            return st.result
+        fname = opts.name or gguf_filename(info["metadata"], qname)
+        dst = st.path(fname)
+        t0 = time.monotonic()
+        _run_quantize(gpath, dst, ftype, qname, opts, imat, _expected_bytes(info, qname))
+        qinfo = read_gguf(dst)
+        st.extra.update(_describe(fname, qname, qinfo, info, gpath, opts))
         if qinfo["chat_template"] != info["chat_template"]:
             raise WorkError("quantization changed or dropped the chat template")
         shards = [dst]
-        if split_max_size and qinfo["size_bytes"] > split_max_size:
-            shards = split_gguf(dst, split_max_size)
+        if opts.split_max_size and qinfo["size_bytes"] > opts.split_max_size:
+            shards = split_gguf(dst, opts.split_max_size)
         st.extra["shards"] = [p.name for p in shards]
         st.extra["file"] = shards[0].name
         if len(shards) > 1:
-            log(f"split into {len(shards)} shards of at most {split_max_size} bytes of tensor data "
+            log(f"split into {len(shards)} shards of at most {opts.split_max_size} bytes of tensor data "
                 f"(llama.cpp loads {shards[0].name})")
         st.extra["seconds"] = round(time.monotonic() - t0, 2)
     return st.result
@@ -300,10 +386,9 @@ def table_markdown(rows: list[dict], ref_name: str, tokens: int | None) -> str:
     return "\n".join(L) + "\n"
 
 
-def quantize_set(src: str | os.PathLike, qtypes: list[str], out: str | os.PathLike, *,
-                 imatrix: str | os.PathLike | None = None, allow_requantize: bool = False, threads: int | None = None,
-                 text_file: str | os.PathLike | None = None, ctx: int = 256, max_tokens: int | None = 512,
-                 n_gpu_layers: int | None = None, split_max_size: int | None = None, force: bool = False):
+def quantize_set(src: str | os.PathLike, qtypes: list[str], out: str | os.PathLike, opts: QuantOptions = QuantOptions(),
+                 scoring: Scoring = Scoring(ctx=256, max_tokens=512), *, text_file: str | os.PathLike | None = None,
+                 force: bool = False):
     """Several types in one call: artifact ``out`` (stage ``gguf.set``) holding one ``gguf`` artifact per
     type (``out/<TYPE>/<name>-<TYPE>.gguf``), a ``compare-quant`` artifact per type (``out/compare/<TYPE>``)
     and ``quant-table.json`` / ``quant-table.md``: size, bits/weight, the real tensor mix, perplexity
@@ -312,14 +397,13 @@ def quantize_set(src: str | os.PathLike, qtypes: list[str], out: str | os.PathLi
     from tools.io import write_json
 
     from .imatrix import resolve_imatrix
-    from .quantgap import compare_quant, heldout_text, read_text
 
     names = []
     for q in qtypes:
         n, _ = resolve_ftype(q)
         if n in names:
             raise UserError(f"type {n} given twice", field="--q")
-        if needs_imatrix(n) and not imatrix:
+        if needs_imatrix(n) and not opts.imatrix:
             refuse_without_imatrix(n)
         names.append(n)
     if not names:
@@ -329,12 +413,12 @@ def quantize_set(src: str | os.PathLike, qtypes: list[str], out: str | os.PathLi
     info = read_gguf(gpath, tensors=False)
     if text_file is not None:
         read_text(text_file)
-    inputs = [target if is_artifact(target) else gpath] + ([resolve_imatrix(imatrix)[1]] if imatrix else []) + \
+    inputs = [target if is_artifact(target) else gpath] + ([resolve_imatrix(opts.imatrix)[1]] if opts.imatrix else []) + \
         ([Path(text_file)] if text_file else [])
-    params = {"q": names, "imatrix": bool(imatrix), "allow_requantize": allow_requantize, "ctx": ctx,
-              "max_tokens": max_tokens, "text": Path(text_file).name if text_file else "pubmedqa-test-heldout"}
-    if split_max_size:
-        params["split_max_size"] = split_max_size
+    params = {"q": names, "imatrix": bool(opts.imatrix), "allow_requantize": opts.allow_requantize, "ctx": scoring.ctx,
+              "max_tokens": scoring.max_tokens, "text": Path(text_file).name if text_file else "pubmedqa-test-heldout"}
+    if opts.split_max_size:
+        params["split_max_size"] = opts.split_max_size
     with Stage("gguf.set", out, params, inputs=inputs, force=force, log=log) as st:
         if st.skipped:
             return st.result
@@ -343,13 +427,12 @@ def quantize_set(src: str | os.PathLike, qtypes: list[str], out: str | os.PathLi
             text.write_text(heldout_text(), encoding="utf-8")
         arts, comps = {}, {}
         for q in names:
-            arts[q] = quantize_stage(gpath, q, st.path(q), imatrix=imatrix, allow_requantize=allow_requantize,
-                                     threads=threads, split_max_size=split_max_size)
+            arts[q] = quantize_stage(gpath, q, st.path(q), replace(opts, name=None))
             warn = warning_for(arts[q].extra)
             if warn:
                 log(warn)
             comps[q] = compare_quant(gpath, arts[q].path / arts[q].extra["file"], text, st.path(f"compare/{q}"),
-                                     ctx=ctx, max_tokens=max_tokens, threads=threads, n_gpu_layers=n_gpu_layers)
+                                     scoring)
         rows = quant_table_rows(arts, comps)
         tokens = next(iter(comps.values())).extra["tokens_scored"] if comps else None
         write_json(st.path("quant-table.json"), {"source": gpath.name, "source_file_type": info["file_type"],
@@ -369,27 +452,20 @@ def default_out(model: Path, suffix: str) -> Path:
     return parent.parent / f"{parent.name}-{suffix}" if model.is_dir() else parent / f"{model.stem}-{suffix}"
 
 
-def quantize_many(model: str | os.PathLike, qtypes: str, out: str | os.PathLike | None = None, *,
-                  name: str | None = None, imatrix: str | os.PathLike | None = None, allow_requantize: bool = False,
-                  threads: int | None = None, text_file: str | os.PathLike | None = None, ctx: int = 256,
-                  max_tokens: int = 512, split_max_size: str | None = None, force: bool = False):
+def quantize_many(model: str | os.PathLike, qtypes: str, out: str | os.PathLike | None = None,
+                  opts: QuantOptions = QuantOptions(), scoring: Scoring = Scoring(ctx=256, max_tokens=512), *,
+                  text_file: str | os.PathLike | None = None, force: bool = False):
     """`tools quantize`: one type (comma-free ``qtypes``) -> a ``gguf`` artifact; several -> a ``gguf.set``
     (one GGUF per type and the quant table)."""
-    from .ggufinfo import parse_size
-
     model = Path(model)
-    split = parse_size(split_max_size) if split_max_size is not None else None
     types = [t for t in (x.strip() for x in qtypes.split(",")) if t]
     if len(types) > 1:
-        if name:
+        if opts.name:
             raise UserError("--name names one file; with several types the names come from the GGUF", field="--name")
-        return quantize_set(model, types, out or default_out(model, "set"), imatrix=imatrix,
-                            allow_requantize=allow_requantize, threads=threads, text_file=text_file, ctx=ctx,
-                            max_tokens=max_tokens, split_max_size=split, force=force)
+        return quantize_set(model, types, out or default_out(model, "set"), opts, scoring, text_file=text_file,
+                            force=force)
     qname, _ = resolve_ftype(types[0] if types else qtypes)
-    return quantize_stage(model, qname, out or default_out(model, qname), imatrix=imatrix,
-                          allow_requantize=allow_requantize, name=name, threads=threads, split_max_size=split,
-                          force=force)
+    return quantize_stage(model, qname, out or default_out(model, qname), opts, force=force)
 
 
 def summary_lines(art) -> list[str]:

@@ -27,7 +27,8 @@ def _env() -> dict:
 def test_every_bench_script_has_a_tiny_run_here():
     tested = {"bench_corpus.py", "bench_eval.py", "bench_imatrix.py", "bench_llama.py", "bench_samples.py",
               "shape_figures.py",
-              "bench_suite_validity.py"}  # its tiny run: tests/evals/test_suite_validity.py (needs the smollm2_hf fixture)
+              "bench_suite_validity.py",  # its tiny run: tests/evals/test_suite_validity.py (needs the smollm2_hf fixture)
+              "bench_quant_budget.py"}  # its tiny run: tests/release/test_budget.py
     assert set(SCRIPTS) == tested, f"a bench/ script without a tiny run: {set(SCRIPTS) - tested}"
 
 

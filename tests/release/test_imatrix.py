@@ -47,9 +47,9 @@ def read_imatrix_gguf(path):
 
 @pytest.fixture(scope="module")
 def tiny_f16(tiny_llama, tmp_path_factory):
-    from release.convert import convert_stage
+    from release.convert import Gate, convert_stage
 
-    return convert_stage(tiny_llama, tmp_path_factory.mktemp("imx-tiny") / "gguf", "f16", fidelity_tokens=0)
+    return convert_stage(tiny_llama, tmp_path_factory.mktemp("imx-tiny") / "gguf", "f16", gate=Gate(tokens=0))
 
 
 @pytest.mark.native
@@ -60,12 +60,12 @@ def test_imatrix_sums_are_the_squared_inputs_of_every_weight(tiny_f16, tmp_path)
     import numpy as np
 
     from release.ggufinfo import gguf_module, read_gguf
-    from release.imatrix import corpus_text, imatrix_stage
+    from release.imatrix import ImatrixRun, corpus_text, imatrix_stage
     from release.quantize import load_imatrix
 
     corpus = write_corpus(tmp_path / "corpus", credentialed=True)
     f16 = tiny_f16.path / tiny_f16.extra["file"]
-    art = imatrix_stage(tiny_f16.path, corpus, tmp_path / "imx", chunks=2, ctx=32, threads=1)
+    art = imatrix_stage(tiny_f16.path, corpus, tmp_path / "imx", ImatrixRun(chunks=2, ctx=32, threads=1))
     assert art.manifest["stage"] == "imatrix" and art.lineage.credentialed is True
     assert art.extra["chunks"] == 2 and art.extra["tokens"] == 64 and art.extra["entries_short_of_tokens"] == []
 
@@ -165,12 +165,12 @@ def test_split_max_size_shards_load_like_the_single_file(tiny_f16, tmp_path):
 
     from release.ggufinfo import gguf_module, parse_size
     from release.push import plan_push
-    from release.quantize import quantize_stage
+    from release.quantize import QuantOptions, quantize_stage
     from tools.ggufpath import resolve_gguf
 
-    one = quantize_stage(tiny_f16.path, "Q8_0", tmp_path / "one", threads=1)
+    one = quantize_stage(tiny_f16.path, "Q8_0", tmp_path / "one", QuantOptions(threads=1))
     size = (one.path / one.extra["file"]).stat().st_size
-    split = quantize_stage(tiny_f16.path, "Q8_0", tmp_path / "split", threads=1, split_max_size=size // 3)
+    split = quantize_stage(tiny_f16.path, "Q8_0", tmp_path / "split", QuantOptions(threads=1, split_max_size=size // 3))
     shards = split.extra["shards"]
     stem = one.extra["file"][:-len(".gguf")]
     n = len(shards)

@@ -320,7 +320,7 @@ def test_compare_quant_kl_is_kl_of_ref_against_quant(smol_ggufs, tmp_path):
     import numpy as np
 
     from release.ggufinfo import read_gguf
-    from release.quantgap import compare_quant
+    from release.quantgap import Scoring, compare_quant
     from tools.llamacpp import load
     from tools.paths import bundled_data
 
@@ -329,7 +329,7 @@ def test_compare_quant_kl_is_kl_of_ref_against_quant(smol_ggufs, tmp_path):
     row = json.loads((bundled_data() / "pubmedqa" / "dev.jsonl").read_text().splitlines()[0])
     text = tmp_path / "text.txt"
     text.write_text(" ".join(row["CONTEXTS"]))
-    art = compare_quant(ref, quant, text, tmp_path / "gap", ctx=48, max_tokens=48, threads=1)
+    art = compare_quant(ref, quant, text, tmp_path / "gap", Scoring(ctx=48, max_tokens=48, threads=1))
     reported = json.loads((art.path / "results.json").read_text())
 
     add_bos = bool(read_gguf(ref, tensors=False)["metadata"].get("tokenizer.ggml.add_bos_token", True))
@@ -355,7 +355,7 @@ def test_imatrix_is_used(tiny_f16, tmp_path):
     import numpy as np
 
     from release.ggufinfo import gguf_module, read_gguf
-    from release.quantize import load_imatrix, quantize_stage
+    from release.quantize import QuantOptions, load_imatrix, quantize_stage
 
     f16 = tiny_f16.path / tiny_f16.extra["file"]
     g = gguf_module()
@@ -372,12 +372,12 @@ def test_imatrix_is_used(tiny_f16, tmp_path):
     w.close()
     im = load_imatrix(tmp_path / "imatrix.gguf")
     assert len(im) == 15 and all(v.shape == (64,) or v.shape == (128,) for v in im.values())
-    a = quantize_stage(f16, "Q4_K_M", tmp_path / "with", imatrix=tmp_path / "imatrix.gguf")
+    a = quantize_stage(f16, "Q4_K_M", tmp_path / "with", QuantOptions(imatrix=tmp_path / "imatrix.gguf"))
     b = quantize_stage(f16, "Q4_K_M", tmp_path / "without")
     assert a.manifest["params"]["imatrix"] is True and a.extra["imatrix"] is True
     assert (a.path / a.extra["file"]).read_bytes() != (b.path / b.extra["file"]).read_bytes()
     bad = tmp_path / "imatrix.txt"
     bad.write_text("not an imatrix")
     with pytest.raises(UserError, match="imatrix"):
-        quantize_stage(f16, "Q4_K_M", tmp_path / "bad", imatrix=bad)
+        quantize_stage(f16, "Q4_K_M", tmp_path / "bad", QuantOptions(imatrix=bad))
     assert not (tmp_path / "bad").exists()

@@ -118,6 +118,11 @@ def test_shipped_pipelines_pass_dry_run(repo, tools_cli, tmp_path):
         assert r.stdout.count("[to do]") >= 15
     r = tools_cli("run", repo / "recipes" / "pipelines" / "medilora.yaml", "--dry-run", "--run-dir", tmp_path / "m")
     assert "--gpus 4 --shard zero2" in r.stdout and "quantize" in r.stdout and "--q Q3_K_L" in r.stdout
+    # a quality budget instead of a fixed type (tools quantize --budget), options checked by the dry run
+    r = tools_cli("run", repo / "recipes" / "pipelines" / "medilora.yaml", "--dry-run", "--run-dir", tmp_path / "b",
+                  "--var", "quant=--budget kl=0.05 --max-ram 8G --ctx 4096")
+    assert r.returncode == 0, r.stderr
+    assert "quantize" in r.stdout and "--budget kl=0.05 --max-ram 8G --ctx 4096" in r.stdout
 
 
 def test_dry_run_catches_unknown_verbs_and_options(tmp_path, tools_cli):

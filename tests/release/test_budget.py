@@ -1,0 +1,160 @@
+"""`tools quantize --budget`: the smallest candidate within budget, every candidate in the table, exit 2 with
+nothing written when none is, and the chosen file's KL recomputed here with plain numpy."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+TYPES = ["--types", "Q4_0,Q8_0", "--min-tokens", "511"]  # one window of 512 tokens: seconds
+
+
+@pytest.fixture(scope="module")
+def f16(tiny_llama, tmp_path_factory):
+    from release.convert import Gate, convert_stage
+
+    a = convert_stage(tiny_llama, tmp_path_factory.mktemp("budget") / "f16", "f16", gate=Gate(tokens=0))
+    return a.path / a.extra["file"]
+
+
+@pytest.fixture(scope="module")
+def everything(f16, tmp_path_factory):
+    """Every candidate around Q4_0 and Q8_0 measured (a loose budget, --measure-all)."""
+    from tests.helpers import run_tools
+
+    out = tmp_path_factory.mktemp("all") / "all"
+    p = run_tools("quantize", f16, "--budget", "kl=10", "--measure-all", *TYPES, "--out", out, "--json", check=True)
+    return json.loads(p.stdout)["results"]["candidates"]
+
+
+def one_line_error(p) -> str:
+    """Exit 2, no traceback, the reason in one last line (progress of the search may come before it)."""
+    lines = [ln for ln in p.stderr.strip().splitlines() if ln.strip()]
+    assert p.returncode == 2 and lines[-1].startswith("error: "), (p.returncode, p.stderr)
+    assert "Traceback" not in p.stderr and sum(ln.startswith("error: ") for ln in lines) == 1
+    return lines[-1]
+
+
+def test_a_budget_only_q8_0_meets_picks_q8_0(everything, f16, tools_cli, tmp_path):
+    rows = {r["recipe"]: r for r in everything}
+    assert "Q8_0" in rows and "Q4_0" in rows and len(rows) >= 4  # stock types and their mixes
+    assert all(r["mean_kl"] is not None for r in everything)
+    others = [r["mean_kl"] for k, r in rows.items() if k != "Q8_0"]
+    assert rows["Q8_0"]["mean_kl"] < min(others)
+    budget = (rows["Q8_0"]["mean_kl"] + min(others)) / 2
+    p = tools_cli("quantize", f16, "--budget", f"kl={budget:.9f}", *TYPES, "--out", tmp_path / "q8", "--json", check=True)
+    res = json.loads(p.stdout)
+    assert res["results"]["chosen"] == "Q8_0"
+    assert res["manifest"]["extra"]["chosen"]["recipe"] == "Q8_0" and res["manifest"]["extra"]["file_type"] == "Q8_0"
+    by = {r["recipe"]: r for r in res["results"]["candidates"]}
+    # smallest first: every smaller candidate was measured and missed the budget, Q8_0 is the largest
+    assert all(r["status"] == "over the KL budget" for k, r in by.items() if k != "Q8_0")
+    assert (tmp_path / "q8" / "pareto.png").stat().st_size > 5000
+    md = (tmp_path / "q8" / "candidates.md").read_text()
+    assert all(k in md for k in by) and "**Q8_0**" in md
+    # a looser budget picks a smaller file, and larger candidates are skipped, not measured
+    loose = sorted(everything, key=lambda r: r["size_bytes"])[1]["mean_kl"] * 1.0001
+    p = tools_cli("quantize", f16, "--budget", f"kl={loose:.9f}", *TYPES, "--out", tmp_path / "loose", "--json",
+                  check=True)
+    r = json.loads(p.stdout)["results"]
+    chosen = next(c for c in r["candidates"] if c["recipe"] == r["chosen"])
+    assert chosen["size_bytes"] < by["Q8_0"]["size_bytes"] and chosen["mean_kl"] <= loose
+    assert any(c["status"].startswith("skipped: larger than") for c in r["candidates"])
+
+
+@pytest.mark.native
+def test_chosen_files_kl_recomputed_with_numpy_equals_the_table(everything, f16, tools_cli, tmp_path):
+    """Plain llama-cpp-python logits and numpy, on the windows the search says it scored (512 tokens each)."""
+    import llama_cpp
+
+    from release.ggufinfo import read_gguf
+    from tools.ggufpath import resolve_gguf
+
+    add_bos = bool(read_gguf(f16, tensors=False)["metadata"].get("tokenizer.ggml.add_bos_token", True))
+    tools_cli("quantize", f16, "--budget", "kl=10", *TYPES, "--out", tmp_path / "c", check=True)
+    art = tmp_path / "c"
+    table = json.loads((art / "candidates.json").read_text())
+    row = next(r for r in table["candidates"] if r["recipe"] == table["chosen"])
+    text = (art / "heldout.txt").read_text(encoding="utf-8").encode("utf-8")
+    logits = []
+    for path in (f16, resolve_gguf(art)):
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_batch=512, n_ubatch=512, logits_all=True,
+                              n_threads=1, verbose=False)
+        toks = llm.tokenize(text, add_bos=add_bos, special=False)[:512]
+        per = []
+        for i in range(0, len(toks), 512):
+            llm.reset()
+            llm.eval(toks[i:i + 512])
+            per.append(np.array(llm.scores[: len(toks[i:i + 512])], dtype=np.float64)[:-1])
+        logits.append(np.concatenate(per))
+        llm.close()
+    p_log = logits[0] - np.logaddexp.reduce(logits[0], axis=1, keepdims=True)
+    q_log = logits[1] - np.logaddexp.reduce(logits[1], axis=1, keepdims=True)
+    kl = np.maximum((np.exp(p_log) * (p_log - q_log)).sum(axis=1), 0)
+    assert len(kl) == row["tokens_scored"] == 511
+    assert row["mean_kl"] == pytest.approx(float(kl.mean()), rel=1e-3, abs=1e-7)
+    assert row["mean_kl_ci95"][0] <= row["mean_kl"] <= row["mean_kl_ci95"][1]
+    top1 = float((p_log.argmax(1) == q_log.argmax(1)).mean())
+    assert row["top1_agreement"] == pytest.approx(top1, abs=1e-6)
+
+
+def test_impossible_budget_exits_2_names_the_best_and_writes_nothing(everything, f16, tools_cli, tmp_path):
+    best = min(everything, key=lambda r: r["mean_kl"])
+    assert best["recipe"] == "Q8_0"
+    p = tools_cli("quantize", f16, "--budget", f"kl={best['mean_kl'] / 10:.12f}", "--types", "Q8_0", "--min-tokens",
+                  "511", "--out", tmp_path / "none")
+    line = one_line_error(p)
+    assert "no candidate within the budget" in line and f"best found {best['recipe']}" in line
+    assert not (tmp_path / "none").exists() and list(tmp_path.iterdir()) == []
+    line = one_line_error(tools_cli("quantize", f16, "--budget", "ppl=3", "--out", tmp_path / "bad"))
+    assert "--budget" in line and not (tmp_path / "bad").exists()
+
+
+def test_size_and_memory_limits_pick_the_best_that_fits(everything, f16, tools_cli, tmp_path):
+    from release.card import build_card
+
+    sizes = sorted(r["size_bytes"] for r in everything)
+    limit = sizes[len(sizes) // 2]
+    p = tools_cli("quantize", f16, "--max-size", str(limit), "--max-ram", "1G", "--ctx", "2048", *TYPES,
+                  "--out", tmp_path / "s", "--json", check=True)
+    r = json.loads(p.stdout)["results"]
+    fitting = [c for c in r["candidates"] if c["size_bytes"] <= limit]
+    chosen = next(c for c in r["candidates"] if c["recipe"] == r["chosen"])
+    assert chosen["mean_kl"] == min(c["mean_kl"] for c in fitting) and chosen["size_bytes"] <= limit
+    assert all(c["status"].startswith("over --max-size") for c in r["candidates"] if c["size_bytes"] > limit)
+    card = build_card([tmp_path / "s"], tmp_path / "card").path / "README.md"
+    text = card.read_text()
+    assert f"recipe `{r['chosen']}`" in text and "Laptop fit: runs in" in text and "at 2,048 tokens" in text
+
+
+@pytest.mark.slow
+def test_bench_quant_budget_tiny(f16, tmp_path):
+    """bench/bench_quant_budget.py --tiny: the report's dominance and search accounting agree with its table and
+    with a real search."""
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    p = subprocess.run([sys.executable, str(REPO / "bench" / "bench_quant_budget.py"), "--tiny", "--f16", str(f16),
+                        "--out", str(tmp_path / "b")], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    r = json.loads((tmp_path / "b" / "bench_quant_budget.json").read_text())
+    rows = json.loads((tmp_path / "b" / "all" / "candidates.json").read_text())["candidates"]
+    assert r["candidates"] == len(rows) >= 6 and r["stock"] == 3 and r["tokens_scored"] == 511
+    for d in r["dominated_stock_types"]:
+        s = next(x for x in rows if x["recipe"] == d["stock"])
+        m = next(x for x in rows if x["recipe"] == d["by"])
+        assert not m["stock"] and m["size_bytes"] <= s["size_bytes"] and m["mean_kl"] <= s["mean_kl"]
+        assert (m["size_bytes"], m["mean_kl"]) != (s["size_bytes"], s["mean_kl"])
+        assert d["size_ratio"] == pytest.approx(m["size_bytes"] / s["size_bytes"], abs=1e-4)
+    undominated = {x["recipe"] for x in rows if x["stock"]} - {d["stock"] for d in r["dominated_stock_types"]}
+    for name in undominated:  # nothing strictly better exists for these
+        s = next(x for x in rows if x["recipe"] == name)
+        assert not any((m["size_bytes"] <= s["size_bytes"] and m["mean_kl"] < s["mean_kl"])
+                       or (m["size_bytes"] < s["size_bytes"] and m["mean_kl"] <= s["mean_kl"]) for m in rows if not m["stock"])
+    assert r["front_dominates_two_or_more"] == (len(r["dominated_stock_types"]) >= 2)
+    assert r["real_search_pick"] == r["search_pick"] and r["real_search_measured"] == r["search_measured"]
+    assert r["search_seconds"] <= r["every_candidate_seconds"]
+    assert "stock type | dominated by" in (tmp_path / "b" / "bench_quant_budget.md").read_text()
