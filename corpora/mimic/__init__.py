@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from tools.errors import UserError
 
+from ..canaries import CanarySpec, plant_in_stage
 from .csv_source import BLOCK, MAX_RECORD, arrow_rows, csv_tasks, python_rows, read_csv_header
 from .notes import LICENSE, SOURCE, SOURCE_IV, VERSIONS, NoteOptions, check_version, clean_note, json_string
 from .pg_source import DbSource, connect, db_snapshot, db_tasks, pg_ident, redact_dsn, resolve_db_source
@@ -29,7 +30,8 @@ __all__ = ["BLOCK", "LICENSE", "MAX_RECORD", "SOURCE", "SOURCE_IV", "SPOOL_PREFI
 
 def build_corpus(out, *, csv_path=None, dsn=None, schema=None, table=None, version: str = "auto",
                  opts: NoteOptions | None = None, workers: int | None = None, dedup: bool = True,
-                 refuse_duplicate_ids: bool = False, force: bool = False, plot: bool = True, log=None):
+                 refuse_duplicate_ids: bool = False, force: bool = False, plot: bool = True, log=None,
+                 canaries: CanarySpec | None = None):
     """The ``corpus.mimic`` stage (MIMIC-III NOTEEVENTS or MIMIC-IV-Note): returns the Artifact.
     ``schema``/``table`` default to mimiciii.noteevents, then mimiciv_note.discharge."""
     from tools.artifact import Lineage, Stage
@@ -42,6 +44,8 @@ def build_corpus(out, *, csv_path=None, dsn=None, schema=None, table=None, versi
     check_version(version)
     workers = workers or default_workers()
     params = {"notes": opts.params(), "dedup": dedup, "refuse_duplicate_ids": refuse_duplicate_ids}
+    if canaries:
+        params["canaries"] = canaries.params()
     inputs = []
     if csv_path is not None:
         csv_path = require_file(csv_path, "notes CSV")
@@ -78,6 +82,7 @@ def build_corpus(out, *, csv_path=None, dsn=None, schema=None, table=None, versi
         st.extra["stats"] = stats
         st.extra["version"] = version
         st.extra["workers"] = workers
+        plant_in_stage(st, canaries, where)
     return st.result
 
 
