@@ -64,7 +64,8 @@ class AuditSpec:
 
     def params(self) -> dict:
         d = {k: v for k, v in asdict(self).items() if k not in ("model", "train", "heldout", "base", "canaries_from")}
-        return {**d, "base": self.base is not None}
+        base = self.base if self.base is None or Path(self.base).exists() else str(self.base)  # a Hub id, by name
+        return {**d, "base": base if isinstance(base, str) else self.base is not None}
 
 
 def _doc_text(row: dict) -> str | None:
@@ -240,13 +241,13 @@ def run_audit(spec: AuditSpec, out, *, force: bool = False):
     from .audit_report import plot_audit, render_audit
 
     n_ctx = max(512, spec.max_tokens + 8, spec.prefix + spec.suffix + 8)
-    inputs = [spec.model, spec.train, spec.heldout, *([spec.base] if spec.base else []),
+    inputs = [spec.model, spec.train, spec.heldout, *([spec.base] if spec.base and Path(spec.base).exists() else []),
               *([spec.canaries_from] if spec.canaries_from else [])]
     with Stage("audit", out, spec.params(), inputs=inputs, force=force, log=log) as st:
         if st.skipped:
             return st.result
         scorer = open_scorer(spec.model, n_ctx)
-        base = open_scorer(spec.base, n_ctx) if spec.base else None
+        base = open_scorer(spec.base, n_ctx, hub_ok=True) if spec.base else None
         try:
             res = measure(spec, scorer, base)
         finally:

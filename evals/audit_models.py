@@ -11,12 +11,14 @@ what `tools push` matches against the files it uploads.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from tools.errors import UserError
 from tools.io import sha256_file
 from tools.llm import LlamaRunner, check_gguf
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 HF_WEIGHTS = ("model.safetensors", "adapter_model.safetensors", "pytorch_model.bin", "adapter_model.bin")
 BATCH = 64
 
@@ -57,19 +59,22 @@ class HFScorer:
 
     kind = "hf"
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path | str):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        weights = sorted(p for p in path.iterdir() if p.name in HF_WEIGHTS or
-                         (p.name.startswith("model-") and p.suffix == ".safetensors"))
-        if not weights:
-            raise UserError("no model weights (model*.safetensors or adapter_model.safetensors)", path=str(path),
-                            field="MODEL")
-        self.files = [{"name": p.name, "sha256": sha256_file(p)} for p in weights]
-        self.name = path.name
+        self.files = []
+        if Path(path).is_dir():  # else a Hub id (a base model, from the local cache): no file of ours to vouch for
+            path = Path(path)
+            weights = sorted(p for p in path.iterdir() if p.name in HF_WEIGHTS or
+                             (p.name.startswith("model-") and p.suffix == ".safetensors"))
+            if not weights:
+                raise UserError("no model weights (model*.safetensors or adapter_model.safetensors)", path=str(path),
+                                field="MODEL")
+            self.files = [{"name": p.name, "sha256": sha256_file(p)} for p in weights]
+        self.name = Path(path).name if Path(path).is_dir() else str(path)
         tok_dir = path
-        if (path / "adapter_config.json").exists():
+        if Path(path).is_dir() and (path / "adapter_config.json").exists():
             from peft import AutoPeftModelForCausalLM
 
             self.model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -111,11 +116,14 @@ class HFScorer:
         self.model = None
 
 
-def open_scorer(path: str | Path, n_ctx: int = 1024):
-    """A GGUF (file or gguf artifact) or an HF folder (merge, full fine-tune, adapter, base-model artifact)."""
+def open_scorer(path: str | Path, n_ctx: int = 1024, *, hub_ok: bool = False):
+    """A GGUF (file or gguf artifact) or an HF folder (merge, full fine-tune, adapter, base-model artifact);
+    with ``hub_ok`` (the base) also a Hub id such as ``meta-llama/Llama-3.2-1B-Instruct``."""
     p = Path(path)
     if not p.exists():
-        raise UserError("model not found", path=str(p), field="MODEL")
+        if hub_ok and HUB_ID.match(str(path)):
+            return HFScorer(str(path))
+        raise UserError("model not found", path=str(p), field="--base" if hub_ok else "MODEL")
     gguf = _gguf_of(p)
     if gguf is not None:
         return GGUFScorer(gguf, n_ctx)

@@ -391,8 +391,8 @@ def sweep_cmd(stage_dir, grids, optuna_trials, objective, evals, seed, out, forc
               help="What the model was trained on: a corpus or dataset artifact, or a JSONL file.")
 @click.option("--heldout", required=True, type=click.Path(path_type=Path),
               help="Documents of the same kind it never saw (corpus/dataset artifact or JSONL; a split's test.jsonl).")
-@click.option("--base", type=click.Path(path_type=Path), default=None,
-              help="The model it was trained from (GGUF or HF): extraction and loss are compared with it.")
+@click.option("--base", default=None,
+              help="The model it was trained from (GGUF, HF folder or Hub id): extraction and loss are compared with it.")
 @click.option("--canaries-from", type=click.Path(path_type=Path), default=None,
               help="Corpus artifact whose manifest lists the canaries [--train].")
 @click.option("--docs", default=100, show_default=True, type=click.IntRange(1), help="Documents sampled from each side.")
