@@ -392,7 +392,8 @@ def sweep_cmd(stage_dir, grids, optuna_trials, objective, evals, seed, out, forc
 @click.option("--heldout", required=True, type=click.Path(path_type=Path),
               help="Documents of the same kind it never saw (corpus/dataset artifact or JSONL; a split's test.jsonl).")
 @click.option("--base", default=None,
-              help="The model it was trained from (GGUF, HF folder or Hub id): extraction and loss are compared with it.")
+              help="The model it was trained from (GGUF, HF folder, Hub id, or `embedded` for the packaged "
+                   "SmolLM2 GGUF): extraction and loss are compared with it.")
 @click.option("--canaries-from", type=click.Path(path_type=Path), default=None,
               help="Corpus artifact whose manifest lists the canaries [--train].")
 @click.option("--docs", default=100, show_default=True, type=click.IntRange(1), help="Documents sampled from each side.")
@@ -428,6 +429,9 @@ def audit_cmd(model, train, heldout, base, canaries_from, docs, prefix, suffix, 
 
     from .audit import AuditSpec, Limits, run_audit
 
+    if base == "embedded":
+        from tools.paths import embedded_gguf
+        base = embedded_gguf()
     spec = AuditSpec(model, train, heldout, base=base, canaries_from=canaries_from, docs=docs, prefix=prefix,
                      suffix=suffix, max_tokens=max_tokens, candidates=candidates, seed=seed,
                      limits=Limits(max_extraction_excess, max_auc, max_exposure))
