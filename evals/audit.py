@@ -72,8 +72,8 @@ def _doc_text(row: dict) -> str | None:
     if isinstance(row.get("text"), str):
         return row["text"]
     msgs = row.get("messages")
-    if isinstance(msgs, list):
-        return "\n".join(str(m.get("content", "")) for m in msgs if isinstance(m, dict))
+    if isinstance(msgs, list):  # the system prompt is the same public text in every row: not a document's own
+        return "\n".join(str(m.get("content", "")) for m in msgs if isinstance(m, dict) and m.get("role") != "system")
     return None
 
 
