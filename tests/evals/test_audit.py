@@ -43,18 +43,17 @@ def run(tmp_path_factory, tiny_llama):
     return root
 
 
-def _audit(run, tools_cli, model, name):
-    p = tools_cli("audit", model, "--train", run / "train", "--heldout", run / "heldout", "--base", run.base,
+def _audit(run, tools_cli, model, name, base):
+    p = tools_cli("audit", model, "--train", run / "train", "--heldout", run / "heldout", "--base", base,
                   *AUDIT, "--out", run / name, "--json")
     assert p.returncode == 0, p.stderr[-3000:]
     return json.loads(p.stdout)["results"]
 
 
 def test_memorizing_model_fails_base_and_one_step_pass(run, tiny_llama, tools_cli):
-    run.base = tiny_llama
-    many = _audit(run, tools_cli, run / "many" / "output", "audit-many")
-    base = _audit(run, tools_cli, tiny_llama, "audit-base")
-    one = _audit(run, tools_cli, run / "one" / "output", "audit-one")
+    many = _audit(run, tools_cli, run / "many" / "output", "audit-many", tiny_llama)
+    base = _audit(run, tools_cli, tiny_llama, "audit-base", tiny_llama)
+    one = _audit(run, tools_cli, run / "one" / "output", "audit-one", tiny_llama)
     assert not many["passed"] and base["passed"] and one["passed"], (many["checks"], base["checks"], one["checks"])
     exp = {c["check"]: c for c in many["checks"]}
     assert not exp["canaries"]["pass"] and not exp["extraction"]["pass"]
