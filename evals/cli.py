@@ -411,10 +411,12 @@ def sweep_cmd(stage_dir, grids, optuna_trials, objective, evals, seed, out, forc
               help="Fail when the membership AUC's lower 95 % bound exceeds this.")
 @click.option("--max-exposure", default=10.0, show_default=True, type=float,
               help="Fail when a canary's exposure exceeds this many bits.")
+@click.option("--min-loss-gap", default=0.05, show_default=True, type=float,
+              help="Judge the membership AUC only when training documents gained this many nats/token over held-out.")
 @click.option("--check", is_flag=True, help="Exit 1 when the audit fails (the artifact is written either way).")
 @artifact_options("Audit artifact folder (audit.json, audit.md, audit.png).", out_required=True, path_type=Path)
 def audit_cmd(model, train, heldout, base, canaries_from, docs, prefix, suffix, max_tokens, candidates, seed,
-              max_extraction_excess, max_auc, max_exposure, check, out, force, as_json):
+              max_extraction_excess, max_auc, max_exposure, min_loss_gap, check, out, force, as_json):
     """Memorization audit: extraction vs the base, membership-inference AUC, canary exposure; pass or fail.
 
     MODEL is the GGUF that ships (or a gguf artifact) or an HF checkpoint (merge, full fine-tune,
@@ -434,7 +436,7 @@ def audit_cmd(model, train, heldout, base, canaries_from, docs, prefix, suffix, 
         base = embedded_gguf()
     spec = AuditSpec(model, train, heldout, base=base, canaries_from=canaries_from, docs=docs, prefix=prefix,
                      suffix=suffix, max_tokens=max_tokens, candidates=candidates, seed=seed,
-                     limits=Limits(max_extraction_excess, max_auc, max_exposure))
+                     limits=Limits(max_extraction_excess, max_auc, max_exposure, min_loss_gap))
     art = run_audit(spec, out, force=force)
     res = read_results(art, "audit.json")
     if as_json:
