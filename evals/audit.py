@@ -47,7 +47,7 @@ class Limits:
     max_extraction_excess: float = 0.02
     max_auc: float = 0.6
     max_exposure: float = 10.0
-    min_loss_gap: float = 0.05
+    min_loss_gap: float = 0.1
 
 
 @dataclass

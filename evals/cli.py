@@ -411,7 +411,7 @@ def sweep_cmd(stage_dir, grids, optuna_trials, objective, evals, seed, out, forc
               help="Fail when the membership AUC's lower 95 % bound exceeds this.")
 @click.option("--max-exposure", default=10.0, show_default=True, type=float,
               help="Fail when a canary's exposure exceeds this many bits.")
-@click.option("--min-loss-gap", default=0.05, show_default=True, type=float,
+@click.option("--min-loss-gap", default=0.1, show_default=True, type=float,
               help="Judge the membership AUC only when training documents gained this many nats/token over held-out.")
 @click.option("--check", is_flag=True, help="Exit 1 when the audit fails (the artifact is written either way).")
 @artifact_options("Audit artifact folder (audit.json, audit.md, audit.png).", out_required=True, path_type=Path)
