@@ -30,6 +30,7 @@ from tools.artifact import read_artifact
 from tools.errors import UserError
 from tools.io import read_jsonl_numbered
 from tools.progress import log, progress
+from tools.stages import AUDIT
 
 from .stats import auc_hanley_mcneil, wilson
 
@@ -252,7 +253,7 @@ def run_audit(spec: AuditSpec, out, *, force: bool = False):
     n_ctx = max(512, spec.max_tokens + 8, spec.prefix + spec.suffix + 8)
     inputs = [spec.model, spec.train, spec.heldout, *([spec.base] if spec.base and Path(spec.base).exists() else []),
               *([spec.canaries_from] if spec.canaries_from else [])]
-    with Stage("audit", out, spec.params(), inputs=inputs, force=force, log=log) as st:
+    with Stage(AUDIT, out, spec.params(), inputs=inputs, force=force, log=log) as st:
         if st.skipped:
             return st.result
         scorer = open_scorer(spec.model, n_ctx)

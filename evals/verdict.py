@@ -15,6 +15,7 @@ is not significant either way; "do not ship" when the base is better or a check 
 from __future__ import annotations
 
 from tools.artifact import Artifact
+from tools.stages import AUDIT, in_family
 
 from .stats import mcnemar_items_needed, paired_diff_ci
 
@@ -56,7 +57,7 @@ def _quant(a: Artifact) -> dict | None:
 
 def _audit(a: Artifact) -> dict | None:
     au = a.extra.get("audit")
-    if a.stage != "audit" or not au:
+    if not in_family(a.stage, AUDIT) or not au:
         return None
     s = au.get("summary", {})
     can = f", largest canary exposure {s['max_exposure_bits']:.1f} bits" if "max_exposure_bits" in s else ""

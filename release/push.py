@@ -22,6 +22,7 @@ from tools.artifact import MANIFEST, Artifact, read_artifact
 from tools.errors import UserError, WorkError
 from tools.io import sha256_file
 from tools.progress import log
+from tools.stages import AUDIT, in_family
 
 from .card import ACK_CREDENTIALED, DUA_NOTE, HUB_ID
 
@@ -54,7 +55,7 @@ def _files_for(art: Artifact, *, adapter_prefix: str) -> list[tuple[Path, str]]:
         return files
     if st == "card":
         return [(art.path / "README.md", "README.md")]
-    if st == "audit":  # evidence for the guard, never uploaded
+    if in_family(st, AUDIT):  # evidence for the guard, never uploaded
         return []
     if st == "imatrix":  # one computed from open text may go up beside the GGUFs (llama-imatrix's own format)
         return [(art.path / o, o) for o in outs if o.endswith((".gguf", ".dat"))]
@@ -81,7 +82,7 @@ def plan_push(paths, *, acknowledge_credentialed: bool = False) -> tuple[list[tu
             raise UserError("refused: a model trained on credentialed data goes up only with a card that states the "
                             "acknowledgement (tools card ... --acknowledge-credentialed-training)",
                             path=str(cred[0].path))
-        _require_audits(cred, [a for a in arts if a.stage == "audit"])
+        _require_audits(cred, [a for a in arts if in_family(a.stage, AUDIT)])
     has_merge = any(a.stage == "merge" for a in arts)
     plan: list[tuple[Path, str]] = []
     seen: dict[str, Path] = {}
