@@ -15,8 +15,9 @@ import re
 from pathlib import Path
 
 from tools.errors import UserError
+from tools.ggufpath import gguf_shards, resolve_gguf
 from tools.io import sha256_file
-from tools.llm import LlamaRunner, check_gguf
+from tools.llm import LlamaRunner
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 HF_WEIGHTS = ("model.safetensors", "adapter_model.safetensors", "pytorch_model.bin", "adapter_model.bin")
@@ -24,21 +25,23 @@ BATCH = 64
 
 
 def _gguf_of(path: Path) -> Path | None:
-    if path.is_file() and path.suffix == ".gguf":
-        return path
-    if path.is_dir() and len(list(path.glob("*.gguf"))) == 1 and not (path / "config.json").exists():
-        return check_gguf(path)
+    """The GGUF llama.cpp loads for MODEL (tools.ggufpath.resolve_gguf: a file, or a folder with one .gguf or one
+    gguf-split set), None for an HF folder."""
+    if (path.is_file() and path.suffix == ".gguf") or \
+            (path.is_dir() and any(path.glob("*.gguf")) and not (path / "config.json").exists()):
+        return resolve_gguf(path, "MODEL")
     return None
 
 
 class GGUFScorer:
-    """A GGUF file (or a gguf artifact holding one) scored by llama.cpp."""
+    """A GGUF file (or a gguf artifact holding one) scored by llama.cpp; ``files`` are all its shards (what push
+    uploads) when it is a gguf-split set."""
 
     kind = "gguf"
 
     def __init__(self, path: Path, n_ctx: int):
         self.runner = LlamaRunner(path, n_ctx=n_ctx)
-        self.files = [{"name": self.runner.path.name, "sha256": sha256_file(self.runner.path)}]
+        self.files = [{"name": p.name, "sha256": sha256_file(p)} for p in gguf_shards(self.runner.path)]
         self.name = self.runner.path.name
 
     def tokenize(self, text: str) -> list[int]:
