@@ -55,3 +55,23 @@ def test_more_canaries_than_documents_is_refused(tmp_path, tools_cli):
     assert p.returncode == 2 and len(lines) == 1 and "need 6 documents, the corpus has 4" in lines[0], p.stderr
     assert "[--canaries]" in lines[0] and not (tmp_path / "out").exists()
     assert not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_mimic_carries_canaries_through_its_spec(tmp_path, tools_cli, demo_notes_csv):
+    """`build-corpus mimic --canaries` reaches the stage through MimicSpec: planted, in params and manifest."""
+    from corpora.canaries import CanarySpec
+    from corpora.mimic import MimicSpec, build_corpus, note_options
+
+    tools_cli("build-corpus", "mimic", "--csv", demo_notes_csv, "--category", "Physician", "--workers", "1",
+              "--canaries", "2", "--canary-seed", "5", "--out", tmp_path / "cli", check=True)
+    a = read_artifact(tmp_path / "cli")
+    can = a.extra["canaries"]
+    assert a.params["canaries"] == {"n": 2, "seed": 5, "repeats": 1} and len(can["items"]) == 2
+    docs = {json.loads(x)["id"]: json.loads(x)["text"] for x in (tmp_path / "cli" / "corpus.jsonl").read_text().splitlines()}
+    for c in can["items"]:
+        assert [docs[d][:len(c["prefix"]) + 12] for d in c["docs"]] == [c["prefix"] + c["secret"]]
+    # the library call with a spec plants the same canaries in the same notes
+    b = build_corpus(tmp_path / "lib", MimicSpec(csv_path=demo_notes_csv, workers=1, plot=False,
+                                                 opts=note_options(categories=("Physician",)), canaries=CanarySpec(2, 5)))
+    assert b.extra["canaries"]["items"] == can["items"]
+
