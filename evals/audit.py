@@ -26,7 +26,7 @@ from pathlib import Path
 from scipy.stats import skewnorm
 
 from corpora.canaries import SPACE_BITS, candidates, recorded
-from tools.artifact import read_artifact
+from tools.artifact import is_artifact, read_artifact
 from tools.errors import UserError
 from tools.io import read_jsonl_numbered
 from tools.progress import log, progress
@@ -241,6 +241,17 @@ def measure(spec: AuditSpec, scorer, base) -> dict:
     return res
 
 
+def _inputs(p) -> list[Path]:
+    """What the manifest records of one input: an artifact or file as is, the weight files of a plain model
+    folder (the tiny Llama, a checkout), nothing for a Hub id."""
+    if p is None or not Path(p).exists():
+        return []
+    p = Path(p)
+    if p.is_file() or is_artifact(p):
+        return [p]
+    return sorted(f for f in p.iterdir() if f.suffix in (".safetensors", ".gguf", ".bin") or f.name == "config.json")
+
+
 def run_audit(spec: AuditSpec, out, *, force: bool = False):
     """The ``audit`` stage: audit.json, audit.md, audit.png; the manifest's extra.audit holds the verdict
     and the sha256 of every audited weight file (what `tools push` checks)."""
@@ -251,8 +262,7 @@ def run_audit(spec: AuditSpec, out, *, force: bool = False):
     from .audit_report import plot_audit, render_audit
 
     n_ctx = max(512, spec.max_tokens + 8, spec.prefix + spec.suffix + 8)
-    inputs = [spec.model, spec.train, spec.heldout, *([spec.base] if spec.base and Path(spec.base).exists() else []),
-              *([spec.canaries_from] if spec.canaries_from else [])]
+    inputs = [x for p in (spec.model, spec.train, spec.heldout, spec.base, spec.canaries_from) for x in _inputs(p)]
     with Stage(AUDIT, out, spec.params(), inputs=inputs, force=force, log=log) as st:
         if st.skipped:
             return st.result
