@@ -28,6 +28,21 @@ def _report(art, as_json: bool, summary: str) -> None:
 _common = artifact_options("Output artifact folder.", out_required=True)
 
 
+def _canary_options(f):
+    """--canaries N [--canary-seed S --canary-repeats R] on every build-corpus verb (corpora/canaries.py)."""
+    f = click.option("--canary-repeats", default=1, show_default=True, type=click.IntRange(1),
+                     help="Documents each canary is planted in.")(f)
+    f = click.option("--canary-seed", default=0, show_default=True, type=int, help="Seed of the canaries.")(f)
+    return click.option("--canaries", default=0, show_default=True, type=click.IntRange(0),
+                        help="Plant N random MRN-shaped secrets (recorded only in this manifest) for `tools audit`.")(f)
+
+
+def _spec(canaries: int, seed: int, repeats: int):
+    from .canaries import CanarySpec
+
+    return CanarySpec(canaries, seed, repeats) if canaries else None
+
+
 @click.command("mimic")
 @click.option("--csv", "csv_path", type=click.Path(),
               help="NOTEEVENTS.csv[.gz] (MIMIC-III) or discharge/radiology.csv[.gz] (MIMIC-IV-Note), instead of --dsn.")
@@ -49,9 +64,11 @@ _common = artifact_options("Output artifact folder.", out_required=True)
 @click.option("--refuse-duplicate-ids", is_flag=True,
               help="Stop on two notes with one id (default: keep the first, count the others in the manifest).")
 @click.option("--workers", type=click.IntRange(1), help="Worker processes (default: all cores).")
+@_canary_options
 @_common
 def mimic(csv_path, dsn, schema, table, mimic_version, categories, keep_errors, sections_file, all_sections,
-          placeholder, min_chars, no_dedup, refuse_duplicate_ids, workers, out, force, as_json):
+          placeholder, min_chars, no_dedup, refuse_duplicate_ids, workers, canaries, canary_seed, canary_repeats,
+          out, force, as_json):
     """MIMIC-III NOTEEVENTS or MIMIC-IV-Note -> completion corpus (credentialed lineage).
 
     \b
@@ -59,6 +76,7 @@ def mimic(csv_path, dsn, schema, table, mimic_version, categories, keep_errors, 
       tools build-corpus mimic --dsn "host=db dbname=mimic user=me" --category "Discharge summary" --out runs/mimic
       tools build-corpus mimic --csv NOTEEVENTS.csv.gz --out runs/mimic
       tools build-corpus mimic --csv note/discharge.csv.gz --out runs/mimic-iv
+      tools build-corpus mimic --csv NOTEEVENTS.csv.gz --canaries 10 --out runs/mimic   # for `tools audit`
       tools build-corpus mimic --dsn "host=db dbname=mimiciv user=me" --schema mimiciv_note --table radiology --out runs/rad
     """
     from .mimic import build_corpus, note_options
@@ -70,7 +88,7 @@ def mimic(csv_path, dsn, schema, table, mimic_version, categories, keep_errors, 
                         all_sections=all_sections, placeholder=placeholder, min_chars=min_chars)
     art = build_corpus(out, csv_path=csv_path, dsn=dsn, schema=schema, table=table, version=mimic_version,
                        opts=opts, workers=workers, dedup=not no_dedup, refuse_duplicate_ids=refuse_duplicate_ids,
-                       force=force, log=log)
+                       canaries=_spec(canaries, canary_seed, canary_repeats), force=force, log=log)
     s = art.extra.get("stats", {})
     _report(art, as_json, f"{s.get('kept', 0):,} notes kept of {s.get('rows', 0):,} read")
 
@@ -82,8 +100,10 @@ def mimic(csv_path, dsn, schema, table, mimic_version, categories, keep_errors, 
               help="Lines with fewer tokens are joined to the next line.")
 @click.option("--min-chars", default=50, show_default=True, type=click.IntRange(0))
 @click.option("--license", "license_", default=None, help="License of the texts (recorded in the lineage).")
+@_canary_options
 @_common
-def textbooks(src, doc_words, min_tokens, min_chars, license_, out, force, as_json):
+def textbooks(src, doc_words, min_tokens, min_chars, license_, canaries, canary_seed, canary_repeats, out, force,
+              as_json):
     """USMLE textbook .txt files -> completion corpus.
 
     \b
@@ -93,7 +113,8 @@ def textbooks(src, doc_words, min_tokens, min_chars, license_, out, force, as_js
     from .textbooks import DEFAULT_LICENSE, build_corpus
 
     art = build_corpus(src, out, min_tokens=min_tokens, doc_words=doc_words, min_chars=min_chars,
-                       license=license_ or DEFAULT_LICENSE, force=force, log=log)
+                       license=license_ or DEFAULT_LICENSE, canaries=_spec(canaries, canary_seed, canary_repeats),
+                       force=force)
     _report(art, as_json, f"{art.extra['stats']['documents']:,} documents")
 
 
@@ -102,8 +123,9 @@ def textbooks(src, doc_words, min_tokens, min_chars, license_, out, force, as_js
 @click.option("--source", "sources", multiple=True, help="Keep these sources (cdc, who, nice...). Default: all.")
 @click.option("--min-chars", default=200, show_default=True, type=click.IntRange(0))
 @click.option("--terms-file", type=click.Path(), help="YAML mapping source -> license text (overrides).")
+@_canary_options
 @_common
-def guidelines(src, sources, min_chars, terms_file, out, force, as_json):
+def guidelines(src, sources, min_chars, terms_file, canaries, canary_seed, canary_repeats, out, force, as_json):
     """Clinical guidelines JSONL -> completion corpus, each source's terms in the lineage.
 
     \b
@@ -113,7 +135,7 @@ def guidelines(src, sources, min_chars, terms_file, out, force, as_json):
     from .guidelines import build_corpus
 
     art = build_corpus(src, out, sources=_multi(sources), min_chars=min_chars, terms_file=terms_file,
-                       force=force, log=log)
+                       canaries=_spec(canaries, canary_seed, canary_repeats), force=force, log=log)
     _report(art, as_json, f"{sum(art.extra['per_source'].values()):,} guidelines from "
                           f"{', '.join(art.extra['per_source'])}")
 

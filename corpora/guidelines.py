@@ -7,6 +7,7 @@ from collections import Counter
 
 from tools.errors import UserError
 
+from .canaries import CanarySpec, plant_in_stage
 from .clean import normalize_whitespace
 
 DATASET_TERMS = "epfl-llm/guidelines: Common Crawl Foundation Terms of Use"
@@ -25,7 +26,7 @@ SOURCE_TERMS = {
 
 
 def build_corpus(src, out, *, sources: tuple[str, ...] = (), min_chars: int = 200, terms_file=None,
-                 force: bool = False, log=None):
+                 canaries: CanarySpec | None = None, force: bool = False, log=None):
     from tools.artifact import Stage
     from tools.io import read_jsonl, require_file
 
@@ -43,6 +44,8 @@ def build_corpus(src, out, *, sources: tuple[str, ...] = (), min_chars: int = 20
             raise UserError("expected a mapping source -> license text", path=str(tf))
         terms.update({str(k).lower(): v for k, v in extra.items()})
     params = {"sources": list(wanted), "min_chars": min_chars, "terms": terms}
+    if canaries:
+        params["canaries"] = canaries.params()
     with Stage("corpus.guidelines", out, params, inputs=[src], force=force, log=log) as st:
         if st.skipped:
             return st.result
@@ -83,4 +86,5 @@ def build_corpus(src, out, *, sources: tuple[str, ...] = (), min_chars: int = 20
             st.lineage.sources.add(f"guidelines/{s}")
         st.extra["stats"] = dict(sorted(stats.items()))
         st.extra["per_source"] = dict(sorted(kept_sources.items()))
+        plant_in_stage(st, canaries, str(src))
     return st.result

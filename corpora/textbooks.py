@@ -10,6 +10,7 @@ from typing import Iterator
 
 from tools.errors import UserError
 
+from .canaries import CanarySpec, plant_in_stage
 from .clean import has_alnum, strip_noise
 
 DEFAULT_LICENSE = "user-supplied textbooks (rights not checked: keep private unless you hold them)"
@@ -94,9 +95,10 @@ def documents(lines, doc_words: int = 512) -> Iterator[str]:
 
 
 def build_corpus(src, out, *, min_tokens: int = 5, doc_words: int = 512, min_chars: int = 50,
-                 license: str = DEFAULT_LICENSE, force: bool = False, log=None):
+                 license: str = DEFAULT_LICENSE, canaries: CanarySpec | None = None, force: bool = False):
+    """The ``corpus.textbooks`` stage (progress and log lines on stderr); returns the Artifact."""
     from tools.artifact import Stage
-    from tools.progress import progress
+    from tools.progress import log, progress
 
     src = Path(src)
     if not src.is_dir():
@@ -109,6 +111,8 @@ def build_corpus(src, out, *, min_tokens: int = 5, doc_words: int = 512, min_cha
             raise UserError("text file is empty", path=str(p))
     params = {"min_tokens": min_tokens, "doc_words": doc_words, "min_chars": min_chars, "license": license,
               "files": [p.relative_to(src).as_posix() for p in files]}
+    if canaries:
+        params["canaries"] = canaries.params()
     with Stage("corpus.textbooks", out, params, inputs=files, force=force, log=log) as st:
         if st.skipped:
             return st.result
@@ -135,4 +139,5 @@ def build_corpus(src, out, *, min_tokens: int = 5, doc_words: int = 512, min_cha
         st.lineage.licenses.add(license)
         st.lineage.sources.add(f"textbooks: {src.name}")
         st.extra["stats"] = stats
+        plant_in_stage(st, canaries, str(src))
     return st.result

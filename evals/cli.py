@@ -2,10 +2,12 @@
 analyze errors, report, sweep. Each parses, calls one library function and prints (heavy imports inside)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from tools.cli_options import N_GPU_LAYERS_HELP, artifact_options, emit_json, json_option, read_results, threads_option
-from tools.errors import UserError
+from tools.errors import UserError, WorkError
 
 
 def _table(title: str, columns: list[str], rows: list[list]) -> None:
@@ -371,8 +373,11 @@ def errors_cmd(results_dir, min_tokens, out, force, as_json):
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the paired bootstrap.")
 @click.option("--include", "includes", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="A file to append as a section (Markdown as is, others as a code block), e.g. a quant table.")
+@click.option("--evidence", "evidence", multiple=True, type=click.Path(exists=True, file_okay=False),
+              help="Release evidence for the ship-or-not verdict: the shipped gguf (budget, memory), the "
+                   "quantization table, the memorization audit (repeatable).")
 @artifact_options("Report artifact folder (report.md + compare.png).", out_required=True)
-def report_cmd(bench_dirs, labels, title, seed, includes, out, force, as_json):
+def report_cmd(bench_dirs, labels, title, seed, includes, evidence, out, force, as_json):
     """Put bench runs side by side on the same items: accuracy, valid-response rate, macro-F1, each
     with its 95 % interval; every run after the first is tested against the first on the shared items
     (exact McNemar on accuracy, paired bootstrap on macro-F1) and the report says whether it beats it.
@@ -380,11 +385,13 @@ def report_cmd(bench_dirs, labels, title, seed, includes, out, force, as_json):
     \b
     Example:
       tools report runs/demo/bench_base runs/demo/bench_tuned --label base --label tuned --out runs/demo/report
+      tools report runs/demo/bench_base runs/demo/bench_tuned --evidence runs/demo/q3kl --evidence runs/demo/audit \\
+        --out runs/demo/report      # opens with the ship-or-not verdict
     """
     from .paired import DEFAULT_TITLE, run_report
 
     art = run_report(bench_dirs, out, labels=labels, title=title or DEFAULT_TITLE, seed=seed, includes=includes,
-                     force=force)
+                     evidence=evidence, force=force)
     if as_json:
         return emit_json(art, read_results(art, "compare.json"))
     click.echo((art.path / "report.md").read_text())
@@ -430,6 +437,67 @@ def sweep_cmd(stage_dir, grids, optuna_trials, objective, evals, seed, out, forc
     click.echo(f"best: trial {art.extra['best']['trial']} {art.extra['best']['params']}  ({art.path})")
 
 
+@click.command("audit")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--train", "train", required=True, type=click.Path(path_type=Path),
+              help="What the model was trained on: a corpus or dataset artifact, or a JSONL file.")
+@click.option("--heldout", required=True, type=click.Path(path_type=Path),
+              help="Documents of the same kind it never saw (corpus/dataset artifact or JSONL; a split's test.jsonl).")
+@click.option("--base", default=None,
+              help="The model it was trained from (GGUF, HF folder, Hub id, or `embedded` for the packaged "
+                   "SmolLM2 GGUF): extraction and loss are compared with it.")
+@click.option("--canaries-from", type=click.Path(path_type=Path), default=None,
+              help="Corpus artifact whose manifest lists the canaries [--train].")
+@click.option("--docs", default=100, show_default=True, type=click.IntRange(1), help="Documents sampled from each side.")
+@click.option("--prefix", default=32, show_default=True, type=click.IntRange(1), help="Extraction prefix (tokens).")
+@click.option("--suffix", default=32, show_default=True, type=click.IntRange(1),
+              help="Tokens greedy decoding must reproduce verbatim.")
+@click.option("--max-tokens", default=256, show_default=True, type=click.IntRange(2),
+              help="Tokens of each document scored for the membership loss.")
+@click.option("--candidates", default=1000, show_default=True, type=click.IntRange(10),
+              help="Random secrets each canary is ranked against.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--max-extraction-excess", default=0.02, show_default=True, type=float,
+              help="Fail when the extraction rate exceeds the base's by more than this.")
+@click.option("--max-auc", default=0.6, show_default=True, type=float,
+              help="Fail when the membership AUC's lower 95 % bound exceeds this.")
+@click.option("--max-exposure", default=10.0, show_default=True, type=float,
+              help="Fail when a canary's exposure exceeds this many bits.")
+@click.option("--min-loss-gap", default=0.1, show_default=True, type=float,
+              help="Judge the membership AUC only when training documents gained this many nats/token over held-out.")
+@click.option("--check", is_flag=True, help="Exit 1 when the audit fails (the artifact is written either way).")
+@artifact_options("Audit artifact folder (audit.json, audit.md, audit.png).", out_required=True, path_type=Path)
+def audit_cmd(model, train, heldout, base, canaries_from, docs, prefix, suffix, max_tokens, candidates, seed,
+              max_extraction_excess, max_auc, max_exposure, min_loss_gap, check, out, force, as_json):
+    """Memorization audit: extraction vs the base, membership-inference AUC, canary exposure; pass or fail.
+
+    MODEL is the GGUF that ships (or a gguf artifact) or an HF checkpoint (merge, full fine-tune,
+    adapter) for comparison. A model trained on credentialed data goes up (`tools push`) only with
+    a passing audit of that exact file.
+
+    \b
+    Example:
+      tools audit runs/q3kl --train runs/notes --heldout runs/notes-heldout --base runs/base-gguf --out runs/audit
+    """
+    from .audit import AuditSpec, Limits, run_audit
+
+    if base == "embedded":
+        from tools.paths import embedded_gguf
+        base = embedded_gguf()
+    spec = AuditSpec(model, train, heldout, base=base, canaries_from=canaries_from, docs=docs, prefix=prefix,
+                     suffix=suffix, max_tokens=max_tokens, candidates=candidates, seed=seed,
+                     limits=Limits(max_extraction_excess, max_auc, max_exposure, min_loss_gap))
+    art = run_audit(spec, out, force=force)
+    res = read_results(art, "audit.json")
+    if as_json:
+        emit_json(art, res)
+    else:
+        click.echo((art.path / "audit.md").read_text().split("## Extraction")[0].rstrip())
+        click.echo(f"audit -> {art.path}")
+    if check and not res["passed"]:
+        raise WorkError(f"the memorization audit failed ({art.path / 'audit.md'})")
+
+
 def parse_eval(text: str):
     """``--eval "bench TASK OPTIONS"`` / ``"eval semantic OPTIONS"`` parsed by that verb's own options."""
     import shlex
@@ -464,5 +532,6 @@ def register(cli):
     group("rag").add_command(query_cmd)
     group("analyze").add_command(errors_cmd)
     cli.add_command(report_cmd)
+    cli.add_command(audit_cmd)
     cli.add_command(sweep_cmd)
 

@@ -72,12 +72,16 @@ def paired(a: tuple, b: tuple, seed: int = 0) -> dict:
 
 
 def run_report(bench_dirs, out, *, labels=(), title: str = DEFAULT_TITLE, seed: int = 0, includes=(),
-               force: bool = False) -> Artifact:
+               evidence=(), force: bool = False) -> Artifact:
     """`tools report`: put bench runs side by side on the same items: accuracy, valid-response rate,
     macro-F1, each with its 95 % interval; every run after the first is tested against the first on the
-    shared items (exact McNemar on accuracy, paired bootstrap on macro-F1). Artifact ``report.compare``."""
-    from tools.artifact import Stage
+    shared items (exact McNemar on accuracy, paired bootstrap on macro-F1). With ``evidence`` (quantization,
+    audit and GGUF artifacts) the report opens with the ship-or-not verdict (evals/verdict.py).
+    Artifact ``report.compare``."""
+    from tools.artifact import Stage, read_artifact
     from tools.io import write_json
+
+    from .verdict import verdict_block
 
     if labels and len(labels) != len(bench_dirs):
         raise UserError(f"{len(labels)} labels for {len(bench_dirs)} runs", field="--label")
@@ -85,8 +89,12 @@ def run_report(bench_dirs, out, *, labels=(), title: str = DEFAULT_TITLE, seed: 
     runs = [(lab, *_load(d)) for lab, d in zip(labels, bench_dirs)]
     table = compare_rows(runs)
     tests = [paired(runs[0], r, seed=seed) for r in runs[1:]]
+    if evidence and not tests:
+        raise UserError("a verdict needs two runs (the base first)", field="--evidence")
+    verdict = verdict_block(tests[0], [read_artifact(e) for e in evidence]) if evidence else None
     params = {"labels": labels, "title": title, **({"seed": seed} if seed else {})}
-    with Stage("report.compare", out, params, inputs=list(bench_dirs) + list(includes), force=force) as st:
+    with Stage("report.compare", out, params, inputs=list(bench_dirs) + list(includes) + list(evidence),
+               force=force) as st:
         if not st.skipped:
             # timings stay out of the data file (DESIGN: times live only in the manifest)
             doc = {"title": title, "runs": [{k: v for k, v in r.items() if k != "s_per_item"} for r in table],
@@ -95,45 +103,56 @@ def run_report(bench_dirs, out, *, labels=(), title: str = DEFAULT_TITLE, seed: 
                 doc["mcnemar"] = {"a": tests[0]["a"], "b": tests[0]["b"], **tests[0]["mcnemar"]}
                 doc["b_beats_a_95"] = tests[0]["b_beats_a_95"]
                 doc["verdict"] = tests[0]["verdict"]
+            if verdict:
+                doc["ship"] = verdict
+                st.extra["ship"] = verdict["decision"]
             write_json(st.path("compare.json"), doc)
             _plot(table, st.path("compare.png"), title)
-            lines = [f"# {title}", "", f"Task: {runs[0][1]['task']}, split {runs[0][1].get('split')}, "
-                     f"{table[0]['n']} items in the first run.", "",
-                     "| run | model | accuracy [95 % CI] | valid (lenient) [95 % CI] | valid (strict) | "
-                     "macro-F1 [95 % CI] | s/item |",
-                     "|---|---|---|---|---|---|---|"]
-            for r in table:
-                def pct(x, ci=None):
-                    if x is None:
-                        return "-"
-                    return f"{100 * x:.1f} %" + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
-                f1 = "-" if r["macro_f1"] is None else f"{r['macro_f1']:.3f}" + (
-                    f" [{r['macro_f1_ci95'][0]:.3f}, {r['macro_f1_ci95'][1]:.3f}]" if r.get("macro_f1_ci95") else "")
-                spi = "-" if r["s_per_item"] is None else f"{r['s_per_item']:.2f}"
-                lines.append(f"| {r['run']} | {r['model']} | {pct(r['accuracy'], r.get('accuracy_ci95'))} | "
-                             f"{pct(r['valid_rate'], r.get('valid_rate_ci95'))} | {pct(r['valid_strict'])} | {f1} | "
-                             f"{spi} |")
-            if tests:
-                lines += ["", "## Paired tests (on the items both runs answered)", "",
-                          "| A | B | items | A right, B wrong | A wrong, B right | McNemar p | "
-                          "macro-F1 B − A [95 % CI] | B beats A at 95 % |", "|---|---|---|---|---|---|---|---|"]
-                for t in tests:
-                    mc, f = t["mcnemar"], t["macro_f1_paired_bootstrap"]
-                    lines.append(f"| {t['a']} | {t['b']} | {t['n_shared']} | {mc['a_right_b_wrong']} | "
-                                 f"{mc['a_wrong_b_right']} | {mc['p']:.4g} | {f['diff']:+.3f} "
-                                 f"[{f['ci95'][0]:+.3f}, {f['ci95'][1]:+.3f}] | {'yes' if t['b_beats_a_95'] else 'no'} |")
-                lines.append("")
-                lines += [t["verdict"] for t in tests]
+            st.path("report.md").write_text("\n".join(_markdown(title, runs, table, tests, verdict) + _included(includes)))
             gold = [row["gold"] for row in runs[0][2]]
             maj = max(sorted(set(gold)), key=gold.count)
-            lines += ["", f"Majority class on these items: {maj!r} ({100 * gold.count(maj) / len(gold):.1f} %).", "",
-                      "![comparison](compare.png)", ""]
-            lines += _included(includes)
-            st.path("report.md").write_text("\n".join(lines))
             st.extra["runs"] = {r["run"]: {"accuracy": r["accuracy"], "valid_rate": r["valid_rate"],
                                            "s_per_item": r["s_per_item"]} for r in table}
             st.extra["majority_rate"] = gold.count(maj) / len(gold)
     return st.result
+
+
+def _pct(x, ci=None) -> str:
+    if x is None:
+        return "-"
+    return f"{100 * x:.1f} %" + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
+
+
+def _markdown(title: str, runs: list, table: list[dict], tests: list[dict], verdict: dict | None) -> list[str]:
+    """report.md: the verdict (when asked), the runs table, the paired tests, the majority class."""
+    from .verdict import verdict_markdown
+
+    lines = [f"# {title}", ""]
+    if verdict:
+        lines += verdict_markdown(verdict)
+    lines += [f"Task: {runs[0][1]['task']}, split {runs[0][1].get('split')}, {table[0]['n']} items in the first run.",
+              "", "| run | model | accuracy [95 % CI] | valid (lenient) [95 % CI] | valid (strict) | "
+              "macro-F1 [95 % CI] | s/item |", "|---|---|---|---|---|---|---|"]
+    for r in table:
+        f1 = "-" if r["macro_f1"] is None else f"{r['macro_f1']:.3f}" + (
+            f" [{r['macro_f1_ci95'][0]:.3f}, {r['macro_f1_ci95'][1]:.3f}]" if r.get("macro_f1_ci95") else "")
+        spi = "-" if r["s_per_item"] is None else f"{r['s_per_item']:.2f}"
+        lines.append(f"| {r['run']} | {r['model']} | {_pct(r['accuracy'], r.get('accuracy_ci95'))} | "
+                     f"{_pct(r['valid_rate'], r.get('valid_rate_ci95'))} | {_pct(r['valid_strict'])} | {f1} | {spi} |")
+    if tests:
+        lines += ["", "## Paired tests (on the items both runs answered)", "",
+                  "| A | B | items | A right, B wrong | A wrong, B right | McNemar p | "
+                  "macro-F1 B − A [95 % CI] | B beats A at 95 % |", "|---|---|---|---|---|---|---|---|"]
+        for t in tests:
+            mc, f = t["mcnemar"], t["macro_f1_paired_bootstrap"]
+            lines.append(f"| {t['a']} | {t['b']} | {t['n_shared']} | {mc['a_right_b_wrong']} | "
+                         f"{mc['a_wrong_b_right']} | {mc['p']:.4g} | {f['diff']:+.3f} "
+                         f"[{f['ci95'][0]:+.3f}, {f['ci95'][1]:+.3f}] | {'yes' if t['b_beats_a_95'] else 'no'} |")
+        lines += ["", *[t["verdict"] for t in tests]]
+    gold = [row["gold"] for row in runs[0][2]]
+    maj = max(sorted(set(gold)), key=gold.count)
+    return lines + ["", f"Majority class on these items: {maj!r} ({100 * gold.count(maj) / len(gold):.1f} %).", "",
+                    "![comparison](compare.png)", ""]
 
 
 def _included(files) -> list[str]:

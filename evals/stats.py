@@ -128,3 +128,40 @@ def verdict(a: str, b: str, mc: dict, alpha: float = 0.05) -> str:
     if mc["p"] < alpha:
         return f"{b} does not beat {a}: {a} is better on accuracy at 95 % ({counts})."
     return f"{b} does not beat {a} at 95 %: the difference in accuracy is not significant ({counts})."
+
+
+def auc_hanley_mcneil(pos: list[float], neg: list[float], z: float = Z95) -> dict:
+    """Area under the ROC curve of scores ``pos`` (should be higher) against ``neg`` (Mann-Whitney, ties
+    half), with the Hanley-McNeil (1982) 95 % interval: how well a score tells the two groups apart."""
+    n1, n2 = len(pos), len(neg)
+    if n1 == 0 or n2 == 0:
+        raise ValueError("AUC needs scores in both groups")
+    a, b = np.asarray(pos, dtype=np.float64)[:, None], np.asarray(neg, dtype=np.float64)[None, :]
+    auc = float(((a > b).sum() + 0.5 * (a == b).sum()) / (n1 * n2))
+    q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
+    se = math.sqrt(max(0.0, auc * (1 - auc) + (n1 - 1) * (q1 - auc * auc) + (n2 - 1) * (q2 - auc * auc)) / (n1 * n2))
+    return {"auc": _r(auc), "ci95": [_r(max(0.0, auc - z * se)), _r(min(1.0, auc + z * se))], "n_pos": n1, "n_neg": n2}
+
+
+def mcnemar_items_needed(b: int, c: int, n: int, power: float = 0.8, z: float = Z95) -> int | None:
+    """Items a paired test would need to detect the observed difference at 95 % with ``power``
+    (Connor 1987's sample size for McNemar's test), from the discordant counts ``b`` (A right, B wrong)
+    and ``c`` (A wrong, B right) seen on ``n`` items; None when no difference was observed."""
+    from statistics import NormalDist
+
+    if n <= 0 or b == c:
+        return None
+    p10, p01 = b / n, c / n
+    pd, delta = p10 + p01, abs(p01 - p10)
+    zb = NormalDist().inv_cdf(power)
+    return math.ceil((z * math.sqrt(pd) + zb * math.sqrt(max(0.0, pd - delta * delta))) ** 2 / (delta * delta))
+
+
+def paired_diff_ci(b: int, c: int, n: int, z: float = Z95) -> list[float]:
+    """95 % Wald interval of accuracy(B) - accuracy(A) on ``n`` paired items, from the discordant counts
+    ``b`` (A right, B wrong) and ``c`` (A wrong, B right)."""
+    if n <= 0:
+        return [-1.0, 1.0]
+    d = (c - b) / n
+    se = math.sqrt(max(0.0, (b + c) / n - d * d) / n)
+    return [_r(max(-1.0, d - z * se)), _r(min(1.0, d + z * se))]

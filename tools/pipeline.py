@@ -295,7 +295,7 @@ def _figures(out: Path) -> str:
     parts = []
     for k in key_figures(art.stage):
         v = flat.get(k)
-        if isinstance(v, (int, float, str)) and not isinstance(v, bool):
+        if isinstance(v, (int, float, str)):  # a bool too: an audit's passed=True/False
             parts.append(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
     return ", ".join(parts)
 

@@ -29,9 +29,10 @@ ANALYZE = "analyze"
 SWEEP = "sweep"
 PREDICT = "predict"
 RAG = "rag"
+AUDIT = "audit"  # `tools audit`: memorization evidence that `tools push` checks, never uploaded
 
 FAMILIES = (BASE_MODEL, HF_FROM_GGUF, CORPUS, DATASET, DECONTAMINATE, STAGE, TRAIN, MERGE, GGUF, IMATRIX,
-            COMPARE_QUANT, CARD, EXPORT, BENCH, EVAL, REPORT, ANALYZE, SWEEP, PREDICT, RAG)
+            COMPARE_QUANT, CARD, EXPORT, BENCH, EVAL, REPORT, ANALYZE, SWEEP, PREDICT, RAG, AUDIT)
 DATA_FAMILIES = (CORPUS, DATASET)  # text artifacts: never pushed when derived from credentialed data
 
 # The figures `tools status` shows of a finished step, by family (keys of manifest.extra, one level deep).
@@ -43,6 +44,7 @@ KEY_FIGURES: dict[str, tuple[str, ...]] = {
     COMPARE_QUANT: ("quant_type", "mean_kl"),
     BENCH: ("accuracy", "valid_rate"),
     EVAL: ("accuracy",),
+    AUDIT: ("passed",),  # extra.audit.passed: the verdict `tools push` requires of a credentialed model
 }
 
 

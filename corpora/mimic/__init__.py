@@ -19,6 +19,7 @@ from tools.errors import UserError
 from tools.io import require_file
 from tools.progress import progress
 
+from ..canaries import CanarySpec, plant_in_stage
 from .csv_source import BLOCK, MAX_RECORD, arrow_rows, csv_tasks, python_rows, read_csv_header
 from .notes import LICENSE, SOURCE, SOURCE_IV, VERSIONS, NoteOptions, check_version, clean_note, json_string
 from .pg_source import DbSource, connect, db_snapshot, db_tasks, pg_ident, redact_dsn, resolve_db_source
@@ -36,7 +37,8 @@ __all__ = ["BLOCK", "LICENSE", "MAX_RECORD", "SOURCE", "SOURCE_IV", "SPOOL_PREFI
 @dataclass(frozen=True)
 class MimicSpec:
     """Where the notes come from (a CSV or a PostgreSQL DSN, schema, table, MIMIC version), which to keep
-    (``opts``, dedup, a repeated id refused or counted), how many workers, and whether to plot lengths."""
+    (``opts``, dedup, a repeated id refused or counted), how many workers, whether to plot lengths, and the
+    canaries to plant for `tools audit` (``--canaries``, corpora/canaries.py)."""
 
     csv_path: str | os.PathLike | None = None
     dsn: str | None = None
@@ -48,6 +50,7 @@ class MimicSpec:
     dedup: bool = True
     refuse_duplicate_ids: bool = False
     plot: bool = True
+    canaries: CanarySpec | None = None
 
 
 def build_corpus(out, spec: MimicSpec | None = None, *, force: bool = False, log=None, **fields):
@@ -64,6 +67,8 @@ def build_corpus(out, spec: MimicSpec | None = None, *, force: bool = False, log
     check_version(version)
     workers = workers or default_workers()
     params = {"notes": opts.params(), "dedup": dedup, "refuse_duplicate_ids": refuse_duplicate_ids}
+    if spec.canaries:
+        params["canaries"] = spec.canaries.params()
     inputs = []
     if csv_path is not None:
         csv_path = require_file(csv_path, "notes CSV")
@@ -100,6 +105,7 @@ def build_corpus(out, spec: MimicSpec | None = None, *, force: bool = False, log
         st.extra["stats"] = stats
         st.extra["version"] = version
         st.extra["workers"] = workers
+        plant_in_stage(st, spec.canaries, where)
     return st.result
 
 

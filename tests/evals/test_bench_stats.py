@@ -117,7 +117,7 @@ def test_report_pairs_only_the_items_both_runs_answered(tools_cli, tmp_path):
 
 
 def test_card_prints_the_intervals(tmp_path):
-    from release.card import _body, read_bench
+    from release.card import CardFacts, _body, read_bench
     from tools.artifact import Lineage
     d = fake_bench(tmp_path, "tuned", [i < 15 for i in range(40)], ["yes"] * 40)
     art = read_artifact(d)
@@ -125,5 +125,5 @@ def test_card_prints_the_intervals(tmp_path):
     assert b["accuracy_ci95"] == pytest.approx([0.2422, 0.5297], abs=1e-4)
     from collections import defaultdict
     groups = defaultdict(list, {"bench": [art]})
-    body = _body("demo", "base", "quantized", groups, [(art, b)], [], Lineage(), False, "mit")
+    body = _body(CardFacts("demo", "base", "quantized", groups, [(art, b)], [], Lineage(), False, "mit"))
     assert "| pubmedqa | 37.5% [24.2, 53.0] | 100.0% [91.2, 100.0] | 40 |" in body

@@ -177,6 +177,19 @@ def make_artifacts(root: Path, *, credentialed: bool = False) -> dict[str, Path]
     return arts
 
 
+def fake_audit(out: Path, weights: list[Path], *, passed: bool) -> Path:
+    """An audit artifact as `tools audit` writes it (its manifest's extra.audit), made without a model."""
+    with Stage("audit", out, {"docs": 50}) as st:
+        st.path("audit.json").write_text("{}")
+        st.extra["audit"] = {"passed": passed, "files": [{"name": w.name, "sha256": hashlib.sha256(w.read_bytes())
+                                                          .hexdigest()} for w in weights],
+                             "summary": {"passed": passed, "extraction_rate": 0.0, "extraction_base_rate": 0.0,
+                                         "extraction_docs": 50, "membership_auc": 0.512,
+                                         "membership_auc_ci95": [0.398, 0.626], "membership_kind": "relative",
+                                         "canaries": 4, "max_exposure_bits": 3.5}}
+    return out
+
+
 # -- card ------------------------------------------------------------------------------------------
 
 def test_card_from_manifests_and_eval_results(tmp_path, tools_cli):
@@ -289,8 +302,29 @@ def test_push_refuses_credentialed_data_and_needs_acknowledged_card(tmp_path, hu
               check=True)
     text = (tmp_path / "card" / "README.md").read_text()
     assert "trained on credentialed data" in text and "explicitly acknowledged" in text
-    p = tools_cli("push", a["train"], a["gguf"], tmp_path / "card", "--repo-id", "org/x",
-                  "--acknowledge-credentialed-training", env=env)
+    # ... and with the card but without a passing memorization audit of each exact file
+    weights = [a["train"] / "adapter_model.safetensors", a["gguf"] / "MediLoRA-135M-pubmedqa-Q3_K_L.gguf"]
+    push = ("push", a["train"], a["gguf"], tmp_path / "card", "--repo-id", "org/x", "--acknowledge-credentialed-training")
+    p = tools_cli(*push, env=env)
+    assert p.returncode == 2 and "no memorization audit" in p.stderr and "adapter_model.safetensors" in p.stderr
+    only_gguf = fake_audit(tmp_path / "audit-gguf", weights[1:], passed=True)
+    p = tools_cli(*push, only_gguf, env=env)
+    assert p.returncode == 2 and "adapter_model.safetensors" in p.stderr and "no memorization audit" in p.stderr
+    failed = fake_audit(tmp_path / "audit-failed", weights, passed=False)
+    p = tools_cli(*push, failed, env=env)
+    assert p.returncode == 2 and "audit of adapter_model.safetensors failed" in p.stderr
+    stale = fake_audit(tmp_path / "audit-stale", weights, passed=True)
+    weights[1].write_bytes(weights[1].read_bytes() + b"\x00")   # the file changed after its audit
+    p = tools_cli(*push, stale, env=env)
+    assert p.returncode == 2 and "MediLoRA-135M-pubmedqa-Q3_K_L.gguf" in p.stderr and "no memorization audit" in p.stderr
+    assert hub.requests == [], "nothing may reach the Hub before the guard passes"
+    audit = fake_audit(tmp_path / "audit", weights, passed=True)
+    tools_cli("card", a["train"], a["gguf"], audit, "--out", tmp_path / "card", "--acknowledge-credentialed-training",
+              check=True)
+    text = (tmp_path / "card" / "README.md").read_text()
+    assert "## Memorization audit" in text and "| pass | 0.0% / 0.0% of 50 | 0.512 [0.398, 0.626] (relative) | " \
+                                                "3.5 bits (4 canaries) |" in text, text
+    p = tools_cli(*push[:3], tmp_path / "card", *push[4:], audit, env=env)
     assert p.returncode == 0, p.stderr
     files = hub.committed_files()
     assert "README.md" in files and "adapter_model.safetensors" in files
