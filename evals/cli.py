@@ -378,9 +378,17 @@ def sweep_cmd(stage_dir, grids, optuna_trials, objective, evals, seed, out, forc
     click.echo(f"best: trial {art.extra['best']['trial']} {art.extra['best']['params']}  ({art.path})")
 
 
+def _checkpoint_selector(spec: str):
+    from .select import selector
+
+    return selector(spec)
+
+
 def register(cli):
+    from recipes.selection import register as register_selector
     from tools.cli import group
 
+    register_selector(_checkpoint_selector)  # `tools train --select-by` (recipes cannot import evals)
     for cmd in (bench_pubmedqa, bench_medqa, bench_mcq):  # options checked against BenchSpec in tests/tools/test_cli.py
         group("bench").add_command(cmd)
     for cmd in (eval_mmlu, perplexity_cmd, semantic_cmd):

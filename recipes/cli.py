@@ -130,8 +130,11 @@ def stage_sft(as_json, **kw):
 @click.option("--restart", is_flag=True,
               help="Discard the checkpoints of an earlier killed or failed run and train from step 0.")
 @click.option("--adopt", is_flag=True, help="Record an output/ written by launch.sh/sbatch as the artifact.")
+@click.option("--select-by", default=None, metavar="TASK[:N]",
+              help="Keep the checkpoint with the best dev accuracy (log-likelihood, bench's prompts): "
+                   "pubmedqa-dev[:N], medqa-dev[:N] or an MCQ .jsonl of dev/train items (test items refused).")
 @json_option
-def train_cmd(stage_dir, dry_run, force, restart, adopt, as_json):
+def train_cmd(stage_dir, dry_run, force, restart, adopt, select_by, as_json):
     """Run Axolotl on a stage folder: preprocess, then train; output/ becomes an artifact.
 
     Checkpoints live in STAGE_DIR/checkpoints (mode 0700) while training. A run that failed or was
@@ -144,12 +147,15 @@ def train_cmd(stage_dir, dry_run, force, restart, adopt, as_json):
       tools train runs/stage1 --dry-run
       tools train runs/stage1
       tools train runs/stage1 --restart
+      tools train runs/stage2 --select-by pubmedqa-dev:200
     """
     from tools.progress import out
 
+    from .selection import selector
     from .train import dry_run_lines, train_stage
 
-    res = train_stage(stage_dir, dry_run=dry_run, force=force, adopt=adopt, restart=restart)
+    res = train_stage(stage_dir, dry_run=dry_run, force=force, adopt=adopt, restart=restart,
+                      select=selector(select_by))
     plan = res if isinstance(res, dict) else None  # --dry-run: the commands, no artifact
     if as_json:
         return emit_json(None if plan else res, plan)
@@ -158,6 +164,10 @@ def train_cmd(stage_dir, dry_run, force, restart, adopt, as_json):
     out.print(f"train: {res.path}")
     for k in ("base_model", "adapter", "steps", "world_size", "resumed_from_step", "final_loss"):
         out.print(f"  {k}: {res.extra.get(k)}")
+    sel = res.extra.get("selection")
+    if sel:
+        out.print(f"  chosen checkpoint ({sel['by']}): step {sel['chosen_step']} of "
+                  + ", ".join(f"{p['step']}: {p['accuracy']:.3f}" for p in sel["checkpoints"]), markup=False)
 
 
 @click.command("memory")
@@ -192,7 +202,8 @@ def memory_cmd(stage_dir, model, batch, seq_len, regimes, lora_r, as_json):
 @click.argument("stage_dir", type=click.Path(exists=True))
 @click.option("--out", type=click.Path(), default=None, help="PNG path (default STAGE_DIR/loss.png).")
 def plot_cmd(stage_dir, out):
-    """Render train/eval loss curves from a trained stage's log history.
+    """Render train/eval loss curves from a trained stage's log history (and, after `tools train
+    --select-by`, the dev accuracy of every checkpoint next to the loss).
 
     \b
     Example:  tools plot runs/sft-stage
@@ -200,8 +211,10 @@ def plot_cmd(stage_dir, out):
     from .logs import plot_stage
 
     out, info = plot_stage(stage_dir, out)
+    sel = info.get("selection")
+    chosen = f", chosen step {sel['chosen_step']} by {sel['by']}" if sel else ""
     click.echo(f"{out}  ({info['train_points']} train points, final loss {info['final_train_loss']}, "
-               f"{info['eval_points']} eval points)")
+               f"{info['eval_points']} eval points{chosen})")
 
 
 def register(cli):
