@@ -378,6 +378,28 @@ def sweep_cmd(stage_dir, grids, optuna_trials, objective, evals, seed, out, forc
     click.echo(f"best: trial {art.extra['best']['trial']} {art.extra['best']['params']}  ({art.path})")
 
 
+@click.command("pairs")
+@click.option("--bench", "bench_dir", required=True, type=click.Path(),
+              help="A bench run on dev or train items (bench --split dev, or bench mcq on a dev file).")
+@artifact_options("Output dataset folder.", out_required=True)
+def pairs_cmd(bench_dir, out, force, as_json):
+    """Preference pairs from a bench run's mistakes: chosen = the gold answer in the protocol's format
+    (PubMedQA with its long answer), rejected = the model's own wrong or unparseable answer.
+    Test-split runs and files holding benchmark test items are refused.
+
+    \b
+    Example:
+      tools bench pubmedqa --model runs/sft.gguf --split dev --limit 200 --out runs/bench-dev
+      tools build-dataset pairs --bench runs/bench-dev --out runs/pairs
+    """
+    from .pairs import build_pairs
+
+    art = build_pairs(bench_dir, out, force=force)
+    if as_json:
+        return emit_json(art)
+    _print(f"pairs: {art.path} ({art.extra['items']} pairs of {art.extra['counts']['items']} items)")
+
+
 def _checkpoint_selector(spec: str):
     from .select import selector
 
@@ -389,6 +411,7 @@ def register(cli):
     from tools.cli import group
 
     register_selector(_checkpoint_selector)  # `tools train --select-by` (recipes cannot import evals)
+    group("build-dataset").add_command(pairs_cmd)
     for cmd in (bench_pubmedqa, bench_medqa, bench_mcq):  # options checked against BenchSpec in tests/tools/test_cli.py
         group("bench").add_command(cmd)
     for cmd in (eval_mmlu, perplexity_cmd, semantic_cmd):

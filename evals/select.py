@@ -13,8 +13,9 @@ Where it lives: the scoring is evaluation (this module); `recipes.selection` is 
 evals (layers), so evals.cli registers :func:`selector` there when the CLI starts.
 
 TASK: ``pubmedqa-dev``, ``medqa-dev`` (the bundled dev splits) or a JSONL file in `tools bench mcq`'s
-form; ``:N`` takes the first N items. Test items are refused as everywhere: a ``-test`` task, and a
-file holding any PubMedQA test PMID or MedQA test question (exit 2).
+form; ``:N`` takes the first N items the stage does not train on (an item whose question appears in
+a user turn of the stage's training files is left out, and counted). Test items are refused as
+everywhere: a ``-test`` task, and a file holding any PubMedQA test PMID or MedQA test question (exit 2).
 """
 from __future__ import annotations
 
@@ -42,14 +43,45 @@ class SelectBy:
     data: Path
     limit: int | None
 
-    def load(self) -> list[Item]:
+    def load(self, trained: frozenset[str] = frozenset()) -> tuple[list[Item], int]:
+        """(the first N items whose question the stage does not train on, how many were left out)."""
         if self.split == "custom":
             from .mcq import load_mcq
-            items = load_mcq(self.data, None, self.limit)[0]
+            items = load_mcq(self.data, None)[0]
         else:
-            items = load_items(self.flavor, self.data, self.split, self.limit)[0]
+            items = load_items(self.flavor, self.data, self.split)[0]
         refuse_test_items(items, self.flavor, self.data)
-        return items
+        kept = [it for it in items if not _trained_on(it, trained)]
+        if not kept:
+            raise UserError(f"all {len(items)} items are in the stage's training data: hold some out (tools split) "
+                            "or choose on other items", path=str(self.data), field="--select-by")
+        return kept[:self.limit] if self.limit else kept, len(items) - len(kept)
+
+
+def _norm(text: str) -> str:
+    from corpora.sft import norm_question
+    return norm_question(text)
+
+
+def _trained_on(item: Item, trained: frozenset[str]) -> bool:
+    q = _norm(item.question)
+    return bool(q) and any(q in t for t in trained)
+
+
+def trained_prompts(files: list[str | Path]) -> frozenset[str]:
+    """The user turns of a stage's ChatML training files, normalized (items asked there are left
+    out of the selection: a checkpoint is not chosen on what it was trained on)."""
+    from tools.io import read_jsonl
+
+    out = set()
+    for f in files:
+        if not Path(f).is_file() or not str(f).endswith(".jsonl"):
+            continue
+        for row in read_jsonl(f):
+            for m in row.get("messages") or [] if isinstance(row, dict) else []:
+                if isinstance(m, dict) and m.get("role") == "user" and isinstance(m.get("content"), str):
+                    out.add(_norm(m["content"]))
+    return frozenset(out)
 
 
 def parse_select_by(spec: str) -> SelectBy:
@@ -170,15 +202,17 @@ def choose(scored: list[dict]) -> dict:
 
 
 def select_checkpoint(sel: SelectBy, checkpoints: list[tuple[int, Path]], base_model: str,
-                      rows_out: Path | None = None) -> dict:
-    """Score every checkpoint on ``sel``'s items and choose one; returns the manifest record
-    (``checkpoints``: step, accuracy, accuracy_ci95, correct, n; ``chosen_step``). With ``rows_out``,
-    every (checkpoint, item) row is written there as JSONL."""
+                      rows_out: Path | None = None, train_files: tuple = ()) -> dict:
+    """Score every checkpoint on ``sel``'s items (less those asked in ``train_files``) and choose one;
+    returns the manifest record (``checkpoints``: step, accuracy, accuracy_ci95, correct, n;
+    ``chosen_step``). With ``rows_out``, every (checkpoint, item) row is written there as JSONL."""
     from tools.io import write_jsonl
 
     if not checkpoints:
         raise UserError("--select-by: the training saved no whole checkpoint to choose from", field="--select-by")
-    items = sel.load()
+    items, left_out = sel.load(trained_prompts(list(train_files)))
+    if left_out:
+        log(f"select-by {sel.spec}: {left_out} items left out (the stage trains on them)")
     scored, all_rows = [], []
     with progress(f"select-by {sel.spec}", total=len(checkpoints), unit="checkpoints") as advance:
         for step, ckpt in sorted(checkpoints):
@@ -196,16 +230,23 @@ def select_checkpoint(sel: SelectBy, checkpoints: list[tuple[int, Path]], base_m
         f"{best['accuracy_ci95']}; last step {scored[-1]['step']}: {scored[-1]['accuracy']:.3f})")
     return {"by": sel.spec, "task": sel.flavor, "split": sel.split, "n": len(items), "scorer": "hf-loglik",
             "prompt_format": PROMPT_FORMAT, "data": {"path": str(sel.data.resolve()), "sha256": sha256_file(sel.data)},
-            "rule": TIE_RULE, "checkpoints": scored, "chosen_step": best["step"], "last_step": scored[-1]["step"]}
+            "rule": TIE_RULE, "left_out_trained": left_out, "checkpoints": scored, "chosen_step": best["step"],
+            "last_step": scored[-1]["step"]}
 
 
 def selector(spec: str):
     """The callable `tools train --select-by SPEC` hands the checkpoints to (parsed and test-checked
-    now, before any training): ``fn(checkpoints, base_model, rows_out) -> record``."""
+    now, before any training): ``fn(checkpoints, base_model, rows_out, train_files) -> record``."""
     sel = parse_select_by(spec)
     sel.load()  # refuse test items (and unreadable files) before training starts
 
-    def fn(checkpoints: list[tuple[int, Path]], base_model: str, rows_out: Path | None = None) -> dict:
-        return select_checkpoint(sel, checkpoints, base_model, rows_out)
+    def fn(checkpoints: list[tuple[int, Path]], base_model: str, rows_out: Path | None = None,
+           train_files: tuple = ()) -> dict:
+        return select_checkpoint(sel, checkpoints, base_model, rows_out, train_files)
+
+    def check(train_files: tuple) -> int:
+        """Before training: items are left after those the stage trains on (UserError if none); how many."""
+        return len(sel.load(trained_prompts(list(train_files)))[0])
     fn.spec = sel.spec  # type: ignore[attr-defined]
+    fn.check = check  # type: ignore[attr-defined]
     return fn

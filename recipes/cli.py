@@ -53,10 +53,14 @@ def check_stage_options(cmd: click.Command) -> None:
     from .stage import StageSpec
 
     names = {p.name for p in cmd.params} - {"as_json"}
-    names = {"data" if n in ("corpora", "datasets") else n for n in names}
+    names = {"data" if n in ("corpora", "datasets", "pairs") else n for n in names}
     spec = {f.name for f in fields(StageSpec)} - {"kind", "arch"}
     if cmd.name == "completion":
         spec -= {"from_stage", "merged"}
+    if cmd.name != "dpo":
+        spec -= {"method"}
+    else:
+        spec -= {"base_model"}
     if names - {"arch"} != spec:
         raise AssertionError(f"{cmd.name} options and StageSpec differ: {sorted(names ^ spec)}")
 
@@ -64,7 +68,7 @@ def check_stage_options(cmd: click.Command) -> None:
 def _write(kind: str, as_json: bool, params: dict) -> None:
     from .stage import StageSpec, write_stage
 
-    data = params.pop("corpora", None) or params.pop("datasets", None) or ()
+    data = params.pop("corpora", None) or params.pop("datasets", None) or params.pop("pairs", None) or ()
     if params.get("target_modules") is not None:
         params["target_modules"] = tuple(t.strip() for t in params["target_modules"].split(",") if t.strip())
     spec = StageSpec(kind=kind, data=tuple(data), **{k: v for k, v in params.items()})
@@ -121,6 +125,28 @@ def stage_sft(as_json, **kw):
       tools stage sft --base-model runs/base --dataset d --device cpu --lora --max-steps 10 --out s
     """
     _write("sft", as_json, kw)
+
+
+@click.command("dpo")
+@click.option("--from", "from_stage", required=True, type=click.Path(),
+              help="The trained SFT stage folder the preference stage starts from.")
+@click.option("--merged", default=None, type=click.Path(),
+              help="The SFT stage's `merge` artifact: a new adapter on it, so the reference model is the SFT model "
+                   "(without it the SFT adapter is trained further and the reference is the SFT stage's base).")
+@click.option("--pairs", "pairs", multiple=True, required=True, type=click.Path(),
+              help="Preference pairs (`tools build-dataset pairs --bench RUN`); repeat for several.")
+@click.option("--method", type=click.Choice(["dpo", "ipo", "simpo", "grpo"]), default=None,
+              help="Preference objective (default dpo); grpo is written and checked, trained only with a vLLM server.")
+@_common
+def stage_dpo(as_json, **kw):
+    """Preference tuning (Axolotl `rl: dpo`) on pairs from the model's own bench mistakes.
+
+    \b
+    Example:
+      tools build-dataset pairs --bench runs/bench-dev --out runs/pairs
+      tools stage dpo --from runs/stage2 --merged runs/merge2 --pairs runs/pairs --out runs/stage3
+    """
+    _write("dpo", as_json, kw)
 
 
 @click.command("train")
@@ -221,7 +247,7 @@ def register(cli):
     from tools.cli import group
 
     stage = group("stage")
-    for cmd in (stage_completion, stage_sft):  # options checked against StageSpec in tests/tools/test_cli.py
+    for cmd in (stage_completion, stage_sft, stage_dpo):  # options checked against StageSpec in tests/tools/test_cli.py
         stage.add_command(cmd)
     for cmd in (train_cmd, memory_cmd, plot_cmd):
         cli.add_command(cmd)

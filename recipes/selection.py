@@ -25,7 +25,8 @@ _FACTORY: list[Callable] = []
 
 
 def register(factory: Callable) -> None:
-    """Set the selector factory (``evals.select.selector``): SPEC -> fn(checkpoints, base_model, rows_out)."""
+    """Set the selector factory (``evals.select.selector``): SPEC -> fn(checkpoints, base_model, rows_out,
+    train_files)."""
     _FACTORY[:] = [factory]
 
 
@@ -57,9 +58,21 @@ def apply_choice(chosen: Path, work: Path) -> list[str]:
     return copied
 
 
-def run_selection(select, checkpoints: list[tuple[int, Path]], base_model: str, work: Path) -> dict:
-    """Score ``checkpoints`` with ``select``, put the chosen one into ``work``; the manifest record."""
-    record = select(checkpoints, base_model, work / "selection.jsonl")
+def _train_files(cfg: dict) -> tuple[str, ...]:
+    return tuple(str(d["path"]) for d in cfg.get("datasets") or [] if isinstance(d, dict) and d.get("path"))
+
+
+def check_before_training(select, cfg: dict) -> None:
+    """Refuse now, not after hours of training, a selection left with no item once the stage's own
+    training items are taken out."""
+    if select is not None and hasattr(select, "check"):
+        select.check(_train_files(cfg))
+
+
+def run_selection(select, checkpoints: list[tuple[int, Path]], cfg: dict, work: Path) -> dict:
+    """Score ``checkpoints`` with ``select`` (on items the stage's ``datasets`` do not ask), put the
+    chosen one into ``work``; the manifest record."""
+    record = select(checkpoints, str(cfg.get("base_model")), work / "selection.jsonl", _train_files(cfg))
     chosen = dict(checkpoints)[record["chosen_step"]]
     last = max(step for step, _ in checkpoints)
     record["weights_from"] = chosen.name if record["chosen_step"] != last else "final"

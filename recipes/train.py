@@ -65,7 +65,7 @@ from tools.progress import log, progress
 
 from . import hardware as P
 from . import recipe as R
-from .selection import KEEP_ALL, run_selection
+from .selection import KEEP_ALL, check_before_training, run_selection
 
 # wall-clock and memory figures: they differ run to run, so they stay out of log_history.json
 VOLATILE = re.compile(r"(runtime|per_second|per_sec|memory/|_flos$|^total_flos$)")
@@ -437,6 +437,7 @@ def train_stage(stage_dir: str | os.PathLike, dry_run: bool = False, force: bool
     for d in cfg.get("datasets") or []:
         if isinstance(d, dict) and d.get("path") and str(d["path"]).startswith("/") and not Path(d["path"]).is_file():
             raise UserError("training data is gone", path=str(d["path"]), field="datasets")
+    check_before_training(select, cfg)
     out = stage_dir / "output"
     params = {"stage_fingerprint": art.manifest.get("fingerprint"), "launcher": preset.launcher,
               "adopted": bool(adopt)}
@@ -622,7 +623,7 @@ def _run_axolotl(job: _Job) -> None:
     if job.select is not None:
         whole = [(_step_of(p), p) for p in job.ckpts.glob("checkpoint-*")
                  if _step_of(p) is not None and checkpoint_problem(p, job.preset.world_size) is None]
-        extra["selection"] = run_selection(job.select, whole, str(job.cfg.get("base_model")), job.work)
+        extra["selection"] = run_selection(job.select, whole, job.cfg, job.work)
     _record(job.st, job.work, job.cfg, job.art, streamed, extra, summary, history_dir=job.ckpts)
 
 

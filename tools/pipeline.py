@@ -34,8 +34,8 @@ from .yamlio import read_yaml
 
 STATE = "run.json"
 _PH = re.compile(r"\{(run_dir|repo|vars\.[A-Za-z0-9_]+|env\.[A-Za-z0-9_]+|steps\.[A-Za-z0-9_-]+\.out)\}")
-KEY_FIGURES = ("accuracy", "valid_rate", "final_loss", "perplexity", "bits_per_weight", "size_mb", "n_docs", "n_items",
-               "rows", "file_type")
+KEY_FIGURES = ("accuracy", "valid_rate", "final_loss", "chosen_step", "perplexity", "bits_per_weight", "size_mb",
+               "n_docs", "n_items", "rows", "file_type")
 
 
 def load_pipeline(path: str | os.PathLike) -> dict:

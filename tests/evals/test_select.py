@@ -21,8 +21,6 @@ from tools.artifact import read_artifact
 from tools.errors import UserError
 from tools.io import write_jsonl
 
-pytestmark = pytest.mark.slow
-
 STEPS = 4
 CPU_FAST = ["--device", "cpu", "--lora", "--max-steps", str(STEPS), "--micro-batch", "2", "--grad-accum", "1",
             "--no-packing", "--warmup-steps", "0", "--lr", "2e-2",
@@ -71,6 +69,31 @@ def _recompute(tiny_llama: Path, ckpt: Path, items: Path) -> tuple[float, dict]:
     return sum(r["correct"] for r in rows.values()) / len(rows), rows
 
 
+def test_select_by_refuses_test_items_and_leaves_out_trained_ones(tmp_path):
+    """Fast: the item rules, before any training (a file with one PubMedQA test item is refused; the
+    items a stage trains on are left out of the N, and counted)."""
+    from evals.select import parse_select_by, selector, trained_prompts
+
+    items = _dev_items(tmp_path / "dev-items.jsonl")
+    test_row = json.loads((Path(__file__).parents[2] / "evals/data/pubmedqa/test.jsonl").read_text().splitlines()[0])
+    leaky = tmp_path / "leaky.jsonl"
+    write_jsonl(leaky, [*map(json.loads, items.read_text().splitlines()),
+                        {"id": test_row["id"], "question": test_row["QUESTION"], "options": ["yes", "no", "maybe"],
+                         "answer": test_row["final_decision"]}])
+    with pytest.raises(UserError, match="benchmark test item") as e:
+        selector(f"{leaky}:100")
+    assert str(e.value).startswith(str(leaky))
+    for bad in ("pubmedqa-test:5", "medqa-test", "pubmedqa-dev:0", "nope.jsonl:3"):
+        with pytest.raises(UserError):
+            parse_select_by(bad)
+    dataset = make_dataset(tmp_path / "dataset", n=16)  # the first 16 dev items
+    got, left = parse_select_by("pubmedqa-dev:5").load(trained_prompts([dataset / "train.jsonl"]))
+    assert left == 16 and [it.id for it in got] == [d["id"] for d in pubmedqa_rows(5, 16)]
+    got, left = parse_select_by("pubmedqa-dev:5").load()
+    assert left == 0 and [it.id for it in got] == [d["id"] for d in pubmedqa_rows(5)]
+
+
+@pytest.mark.slow
 def test_select_by_keeps_best_dev_checkpoint_and_merge_uses_it(tmp_path, tiny_llama, tools_cli):
     from evals.select import selector
     from recipes.train import train_stage
@@ -84,14 +107,6 @@ def test_select_by_keeps_best_dev_checkpoint_and_merge_uses_it(tmp_path, tiny_ll
     # refused before any training: test items, by task name and inside a file (exit 2, one line)
     r = tools_cli("train", s, "--select-by", "pubmedqa-test:5")
     assert r.returncode == 2 and "dev split" in r.stderr and not (s / "checkpoints").exists(), r.stderr
-    test_row = json.loads((Path(__file__).parents[2] / "evals/data/pubmedqa/test.jsonl").read_text().splitlines()[0])
-    leaky = tmp_path / "leaky.jsonl"
-    write_jsonl(leaky, [*map(json.loads, items.read_text().splitlines()),
-                        {"id": test_row["id"], "question": test_row["QUESTION"], "options": ["yes", "no", "maybe"],
-                         "answer": test_row["final_decision"]}])
-    with pytest.raises(UserError, match="benchmark test item") as e:
-        selector(f"{leaky}:100")
-    assert str(e.value).startswith(str(leaky))
     # the plan keeps every checkpoint (the stage's own save_total_limit would rotate them away)
     r = tools_cli("train", s, "--dry-run", "--select-by", f"{items}:20")
     assert r.returncode == 0 and "--save-total-limit=100000" in r.stdout, r.stderr
@@ -99,16 +114,17 @@ def test_select_by_keeps_best_dev_checkpoint_and_merge_uses_it(tmp_path, tiny_ll
     saved = tmp_path / "saved"
     real = selector(f"{items}:20")
 
-    def snapshot(checkpoints, base_model, rows_out):  # the checkpoints as the selector got them
+    def snapshot(checkpoints, base_model, rows_out, train_files):  # the checkpoints as the selector got them
         for step, p in checkpoints:
             shutil.copytree(p, saved / str(step))
-        return real(checkpoints, base_model, rows_out)
+        return real(checkpoints, base_model, rows_out, train_files)
     snapshot.spec = real.spec
     out = train_stage(s, select=snapshot)
     sel = out.extra["selection"]
     steps = [c["step"] for c in sel["checkpoints"]]
     assert steps == list(range(1, STEPS + 1)) and sorted(int(p.name) for p in saved.iterdir()) == steps
     assert sel["n"] == 20 and sel["split"] == "custom" and out.params["select_by"] == f"{items}:20"
+    assert sel["left_out_trained"] == 0  # items 100.. of dev; the stage trains on the first 16
 
     sel_rows = [json.loads(x) for x in (s / "output" / "selection.jsonl").read_text().splitlines()]
     acc = {}
