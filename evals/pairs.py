@@ -74,8 +74,8 @@ def pair_rows(bench_dir: Path) -> tuple[list[dict], dict]:
             continue
         rows.append({"id": it.id, "system": system_prompt(flavor, it.options), "prompt": user_message(flavor, it),
                      "chosen": chosen, "rejected": rejected,
-                     "meta": {"task": flavor, "gold": it.answer, "model_answer": r.get("parsed", r.get("pred")),
-                              "bench_mode": res["mode"]}})
+                     "meta": {"task": flavor, "gold": it.answer, "labels": list(it.options),
+                              "model_answer": r.get("parsed", r.get("pred")), "bench_mode": res["mode"]}})
     counts["pairs"] = len(rows)
     return rows, dict(counts)
 

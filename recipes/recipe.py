@@ -163,9 +163,9 @@ def chatml_keys(base_model: str, adapter: bool, continuing_adapter: bool) -> dic
 def rl_keys(method: str) -> dict:
     """The Axolotl keys of a preference stage (no sample packing: Axolotl refuses it with rl)."""
     keys: dict[str, Any] = {"rl": method, "sample_packing": False, "rl_beta": RL_BETA}
-    if method == "grpo":  # generation by a vLLM server, rewarded by the bench's answer check
+    if method == "grpo":  # generation by a vLLM server, rewarded by the bench's answer check (a name, not an import)
         keys["trl"] = {"use_vllm": True, "vllm_mode": "server", "num_generations": 4, "max_completion_length": 64,
-                       "reward_funcs": ["medilora_rewards.answer_correct"]}
+                       "reward_funcs": ["evals.rewards.answer_correct"]}
     return keys
 
 

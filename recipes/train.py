@@ -427,6 +427,9 @@ def train_stage(stage_dir: str | os.PathLike, dry_run: bool = False, force: bool
     preset = P.Preset(**the_plan["preset"])
     if dry_run:
         return the_plan
+    if cfg.get("rl") == "grpo" and preset.device == "cpu":
+        raise UserError("GRPO samples its completions with a vLLM server (trl.use_vllm, `axolotl vllm-serve`), which "
+                        "needs a GPU: train this stage on a GPU machine", path=str(cfg_file), field="rl")
     if adopt and select is not None:
         raise UserError("--select-by chooses among the checkpoints of a `tools train` run; --adopt has none",
                         field="--select-by")
