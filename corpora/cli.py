@@ -121,6 +121,22 @@ def register(cli: click.Group) -> None:
         _report(art, as_json, f"{sum(art.extra['per_source'].values()):,} guidelines from "
                               f"{', '.join(art.extra['per_source'])}")
 
+    @bc.command("general")
+    @_common
+    def general(out, force, as_json):
+        """General English shipped with Python (CPython's topic docs, PSF-2.0): the replay half, for
+        `tools stage ... --replay`; `tools eval general` scores the other half.
+
+        \b
+        Example:
+          tools build-corpus general --out runs/general
+          tools stage completion --base-model runs/base --corpus runs/notes --replay runs/general --replay-ratio 0.1 ...
+        """
+        from .general import build_general
+
+        art = build_general(out, force=force, log=log)
+        _report(art, as_json, f"{art.extra['stats']['documents']} documents")
+
     @bd.command("pubmedqa")
     @click.option("--src", type=click.Path(), help="PubMedQA JSONL or ori_pqal.json (default: bundled dev.jsonl).")
     @click.option("--allow-test-ids", is_flag=True, help="Do not drop the 500 benchmark test PMIDs.")

@@ -319,8 +319,10 @@ def errors_cmd(results_dir, min_tokens, out, force, as_json):
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the paired bootstrap.")
 @click.option("--include", "includes", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="A file to append as a section (Markdown as is, others as a code block), e.g. a quant table.")
+@click.option("--general", "general", multiple=True, type=click.Path(exists=True, file_okay=False),
+              help="Two `tools eval general` runs, base then tuned: adds their paired difference and a verdict line.")
 @artifact_options("Report artifact folder (report.md + compare.png).", out_required=True)
-def report_cmd(bench_dirs, labels, title, seed, includes, out, force, as_json):
+def report_cmd(bench_dirs, labels, title, seed, includes, general, out, force, as_json):
     """Put bench runs side by side on the same items: accuracy, valid-response rate, macro-F1, each
     with its 95 % interval; every run after the first is tested against the first on the shared items
     (exact McNemar on accuracy, paired bootstrap on macro-F1) and the report says whether it beats it.
@@ -332,7 +334,7 @@ def report_cmd(bench_dirs, labels, title, seed, includes, out, force, as_json):
     from .paired import DEFAULT_TITLE, run_report
 
     art = run_report(bench_dirs, out, labels=labels, title=title or DEFAULT_TITLE, seed=seed, includes=includes,
-                     force=force)
+                     force=force, general=general)
     if as_json:
         return emit_json(art, read_results(art, "compare.json"))
     click.echo((art.path / "report.md").read_text())
@@ -378,6 +380,32 @@ def sweep_cmd(stage_dir, grids, optuna_trials, objective, evals, seed, out, forc
     click.echo(f"best: trial {art.extra['best']['trial']} {art.extra['best']['params']}  ({art.path})")
 
 
+@click.command("general")
+@click.option("--model", required=True, type=click.Path(exists=True), help="HF model folder or GGUF file.")
+@click.option("--ctx", default=256, show_default=True, help="Tokens a window.")
+@click.option("--max-tokens", default=4096, show_default=True, help="Tokens of held-out text scored.")
+@threads_option
+@artifact_options("Output folder (default runs/eval/general-MODEL).")
+def general_cmd(model, ctx, max_tokens, threads, out, force, as_json):
+    """General ability: perplexity on held-out general English that ships with Python (CPython's
+    topic docs, PSF-2.0; the half never used for replay), with a 95 % bootstrap interval.
+
+    \b
+    Example:
+      tools eval general --model runs/base --out runs/general-base
+      tools eval general --model runs/merged --out runs/general-tuned
+      tools report runs/bench-base runs/bench-tuned --general runs/general-base --general runs/general-tuned --out r
+    """
+    from .general import run_general
+
+    art = run_general(model, out, ctx=ctx, max_tokens=max_tokens, threads=threads, force=force)
+    res = read_results(art, "results.json")
+    if as_json:
+        return emit_json(art, res)
+    _print(f"general: perplexity {res['perplexity']} {res['perplexity_ci95']} on {res['tokens']} tokens "
+           f"({res['windows']} windows) -> {art.path}")
+
+
 @click.command("pairs")
 @click.option("--bench", "bench_dir", required=True, type=click.Path(),
               help="A bench run on dev or train items (bench --split dev, or bench mcq on a dev file).")
@@ -414,7 +442,7 @@ def register(cli):
     group("build-dataset").add_command(pairs_cmd)
     for cmd in (bench_pubmedqa, bench_medqa, bench_mcq):  # options checked against BenchSpec in tests/tools/test_cli.py
         group("bench").add_command(cmd)
-    for cmd in (eval_mmlu, perplexity_cmd, semantic_cmd):
+    for cmd in (eval_mmlu, perplexity_cmd, semantic_cmd, general_cmd):
         group("eval").add_command(cmd)
     group("rag").add_command(index_cmd)
     group("rag").add_command(query_cmd)

@@ -7,6 +7,8 @@ from pathlib import Path
 from tools.artifact import Artifact
 from tools.errors import UserError
 
+from .general import paired_delta
+
 DEFAULT_TITLE = "MediLoRA: base vs fine-tuned under the MediLoRA protocol"
 
 
@@ -71,10 +73,11 @@ def paired(a: tuple, b: tuple, seed: int = 0) -> dict:
 
 
 def run_report(bench_dirs, out, *, labels=(), title: str = DEFAULT_TITLE, seed: int = 0, includes=(),
-               force: bool = False) -> Artifact:
+               force: bool = False, general=()) -> Artifact:
     """`tools report`: put bench runs side by side on the same items: accuracy, valid-response rate,
     macro-F1, each with its 95 % interval; every run after the first is tested against the first on the
-    shared items (exact McNemar on accuracy, paired bootstrap on macro-F1). Artifact ``report.compare``."""
+    shared items (exact McNemar on accuracy, paired bootstrap on macro-F1). ``general``: two `tools eval
+    general` runs (base, tuned) whose paired difference and verdict line are added. Artifact ``report.compare``."""
     from tools.artifact import Stage
     from tools.io import write_json
 
@@ -85,7 +88,13 @@ def run_report(bench_dirs, out, *, labels=(), title: str = DEFAULT_TITLE, seed: 
     table = compare_rows(runs)
     tests = [paired(runs[0], r, seed=seed) for r in runs[1:]]
     params = {"labels": labels, "title": title, **({"seed": seed} if seed else {})}
-    with Stage("report.compare", out, params, inputs=list(bench_dirs) + list(includes), force=force) as st:
+    if general and len(general) != 2:
+        raise UserError("--general takes two `tools eval general` runs: base, then tuned", field="--general")
+    gen = paired_delta(*general, seed=seed) if general else None
+    if gen:  # a new parameter: reports without it keep their fingerprints
+        params["general"] = [str(Path(g).resolve()) for g in general]
+    with Stage("report.compare", out, params, inputs=list(bench_dirs) + list(includes) + list(general),
+               force=force) as st:
         if not st.skipped:
             # timings stay out of the data file (DESIGN: times live only in the manifest)
             doc = {"title": title, "runs": [{k: v for k, v in r.items() if k != "s_per_item"} for r in table],
@@ -127,6 +136,11 @@ def run_report(bench_dirs, out, *, labels=(), title: str = DEFAULT_TITLE, seed: 
             maj = max(sorted(set(gold)), key=gold.count)
             lines += ["", f"Majority class on these items: {maj!r} ({100 * gold.count(maj) / len(gold):.1f} %).", "",
                       "![comparison](compare.png)", ""]
+            if gen:
+                doc["general"] = gen
+                write_json(st.path("compare.json"), doc)
+                lines += ["## General ability (held-out general English, same windows)", "", gen["verdict"], ""]
+                st.extra["general"] = gen["verdict"]
             lines += _included(includes)
             st.path("report.md").write_text("\n".join(lines))
             st.extra["runs"] = {r["run"]: {"accuracy": r["accuracy"], "valid_rate": r["valid_rate"],

@@ -36,6 +36,11 @@ def _common(f):
         click.option("--warmup-steps", type=int, default=None, help="Warm-up steps (default 100)."),
         click.option("--packing/--no-packing", default=None, help="Sample packing (default: from the data)."),
         click.option("--seed", type=int, default=None, help="Seed (default 42)."),
+        click.option("--replay", default=None, type=click.Path(),
+                     help="General data mixed in against forgetting: a corpus (completion) or dataset (sft) artifact, "
+                          "e.g. `tools build-corpus general`."),
+        click.option("--replay-ratio", type=float, default=None,
+                     help="Share of the mixed training rows that are replay (default 0.1); seeded sample."),
         click.option("--set", "set_items", multiple=True, metavar="KEY=VALUE",
                      help="Any Axolotl key (YAML value; dotted keys for nested); wins over everything."),
         force_option,

@@ -110,6 +110,32 @@ def resolve_from(from_stage: str, merged: str | None) -> dict:
     return res
 
 
+REPLAY_FILE = "replay.jsonl"
+
+
+def replay_rows(spec: "StageSpec", train_files: list[Path]) -> dict:
+    """The replay rows mixed into a stage: a seeded sample of the replay data sized so that it is
+    ``replay_ratio`` of the mixed rows (k = ratio x n / (1 - ratio), n = the stage's own rows). Done
+    here, at dataset build time: Axolotl 0.19 concatenates and shuffles datasets but has no mixing ratio."""
+    import random
+
+    from tools.io import read_jsonl
+
+    ratio = spec.replay_ratio if spec.replay_ratio is not None else 0.1
+    art = read_artifact(spec.replay, stage="corpus" if spec.kind == "completion" else "dataset")
+    pool = list(read_jsonl(art.file("corpus.jsonl" if spec.kind == "completion" else "train.jsonl")))
+    n = sum(1 for f in train_files for _ in read_jsonl(f))
+    k = round(ratio * n / (1 - ratio))
+    if k < 1:
+        raise UserError(f"--replay-ratio {ratio} of {n} rows is no replay row at all", field="--replay-ratio")
+    rng = random.Random(f"medilora-replay:{spec.seed if spec.seed is not None else 42}")
+    rows = rng.sample(pool, k) if k <= len(pool) else [pool[i % len(pool)] for i in range(k)]
+    if k > len(pool):
+        log(f"replay: {k} rows wanted, the replay data has {len(pool)}: repeated")
+    return {"data": str(art.path.resolve()), "ratio": ratio, "rows_own": n, "rows_replay": k,
+            "pool": len(pool), "rows": rows}
+
+
 @dataclass
 class Resolved:
     """What write_stage decided from a StageSpec: the base, the start (stage one), preset, mode."""
@@ -144,6 +170,9 @@ def build(r: Resolved, train_files: list[Path], val_files: list[Path]) -> tuple[
     cfg.update(base_model=base_model, output_dir=str(out / "output"), dataset_prepared_path=str(out / "prepared"),
                sequence_len=decided["sequence_len"], sample_packing=decided["sample_packing"])
     cfg["datasets"] = [_dataset_entry(kind, f) for f in train_files]
+    if r.spec.replay:
+        decided["replay"] = replay_rows(r.spec, train_files)
+        cfg["datasets"].append(_dataset_entry(kind, out / REPLAY_FILE))
     if val_files:
         cfg["test_datasets"] = [_dataset_entry(kind, f) for f in val_files]
         cfg["evals_per_epoch"] = 1
@@ -241,6 +270,8 @@ class StageSpec:
     set_items: tuple[str, ...] = ()             # KEY=VALUE Axolotl overrides, applied last
     force: bool = False
     method: str | None = None                   # dpo stages: recipes.recipe.RL_METHODS (default dpo)
+    replay: str | None = None                   # completion/sft: general data mixed in (corpus or dataset artifact)
+    replay_ratio: float | None = None           # its share of the mixed training rows (default 0.1)
 
     def options(self) -> dict:
         """The training options that were given (the recipe fills in the others)."""
@@ -262,7 +293,9 @@ class StageSpec:
                            from_stage=params.get("from"), merged=params.get("merged"), device=preset.get("device"),
                            gpus=None if cpu else preset.get("gpus"), procs=preset.get("gpus") if cpu else None,
                            nodes=preset.get("nodes"), shard=preset.get("shard"),
-                           mode=params.get("mode"), method=params.get("method"), **(params.get("options") or {}),
+                           mode=params.get("mode"), method=params.get("method"),
+                           replay=(params.get("replay") or {}).get("data"),
+                           replay_ratio=(params.get("replay") or {}).get("ratio"), **(params.get("options") or {}),
                            set_items=tuple(f"{k}={json.dumps(v)}" for k, v in sorted(sets.items()))), **changes)
 
 
@@ -291,6 +324,10 @@ def _check_spec(spec: StageSpec) -> None:
     for k in spec.options():
         if k not in R.OPTION_KEYS:
             raise UserError(f"unknown option {k!r}", field=k)
+    if (spec.replay or spec.replay_ratio is not None) and spec.kind == "dpo":
+        raise UserError("--replay is for completion and SFT stages", field="--replay")
+    if spec.replay_ratio is not None and not (spec.replay and 0 < spec.replay_ratio < 1):
+        raise UserError("--replay-ratio is a share in (0, 1) of the mixed rows, with --replay DATA", field="--replay-ratio")
     if spec.kind == "dpo" and not spec.from_stage:
         raise UserError("a preference stage starts from a trained SFT stage: --from STAGE_DIR", field="--from")
     if spec.from_stage and spec.kind == "completion":
@@ -332,7 +369,7 @@ def _resolve(spec: StageSpec) -> Resolved:
         raise UserError(f"unknown adapter mode {mode!r}", field="--mode")
     return Resolved(spec, Path(spec.out).expanduser().resolve(), base_model,
                     P.make_preset(device or "gpu", gpus, nodes or 1, shard, procs), mode, spec.options(), overrides,
-                    start, [Path(d) for d in spec.data] + inputs)
+                    start, [Path(d) for d in spec.data] + inputs + ([Path(spec.replay)] if spec.replay else []))
 
 
 def _write(r: Resolved, cfg: dict, decided: dict) -> Artifact:
@@ -345,6 +382,8 @@ def _write(r: Resolved, cfg: dict, decided: dict) -> Artifact:
               "mode": r.mode, "options": r.options, "set": r.overrides}
     if spec.kind == "dpo":  # a new kind: the parameters of completion and SFT stages keep their fingerprints
         params["method"] = spec.method or "dpo"
+    if spec.replay:  # likewise: stages without replay keep their fingerprints
+        params["replay"] = {"data": str(Path(spec.replay).resolve()), "ratio": spec.replay_ratio or 0.1}
     with Stage(name, r.out, params, inputs=r.inputs, force=spec.force, log=log) as st:
         if st.skipped:
             return st.result
@@ -359,6 +398,10 @@ def _write(r: Resolved, cfg: dict, decided: dict) -> Artifact:
                   f"preset: {preset.describe()}; launcher {preset.launcher}\n"
                   "Written by `tools stage` and validated with Axolotl's config schema; run with `tools train`.")
         st.path("axolotl.yaml").write_text(R.dump_yaml(cfg, header), encoding="utf-8")
+        replay = decided.pop("replay", None)
+        if replay:
+            from tools.io import write_jsonl
+            write_jsonl(st.path(REPLAY_FILE), replay.pop("rows"))
         launch = st.path("launch.sh")
         launch.write_text(P.launch_script(preset, str(r.out), name, seed=cfg.get("seed")), encoding="utf-8")
         launch.chmod(0o755)
@@ -372,6 +415,8 @@ def _write(r: Resolved, cfg: dict, decided: dict) -> Artifact:
             "token_stats": decided["token_stats"], "axolotl_warnings": warnings, "rl": cfg.get("rl"),
             "start": ({k: v for k, v in start.items() if k not in ("inputs", "inherit")} if start else None),
         })
+        if replay:
+            st.extra["replay"] = replay
     return st.result
 
 
