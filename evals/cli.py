@@ -381,7 +381,7 @@ def sweep_cmd(stage_dir, grids, optuna_trials, objective, evals, seed, out, forc
 
 
 @click.command("general")
-@click.option("--model", required=True, type=click.Path(exists=True), help="HF model folder or GGUF file.")
+@click.option("--model", required=True, help="HF model folder (or a cached Hub id) or GGUF file.")
 @click.option("--ctx", default=256, show_default=True, help="Tokens a window.")
 @click.option("--max-tokens", default=4096, show_default=True, help="Tokens of held-out text scored.")
 @threads_option

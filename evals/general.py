@@ -34,7 +34,7 @@ def _nll_hf(model_dir: Path, text: str, ctx: int, max_tokens: int) -> list[tuple
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    tok = AutoTokenizer.from_pretrained(str(model_dir))  # a folder, or a Hub id already in the local cache
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     out = []
     wins = _windows(tok(text, add_special_tokens=False)["input_ids"], ctx, max_tokens)
@@ -75,16 +75,18 @@ def run_general(model: str | os.PathLike, out: str | os.PathLike | None = None, 
     if ctx < 8 or max_tokens < ctx:
         raise UserError("--ctx must be at least 8 and --max-tokens at least --ctx", field="--ctx")
     m = Path(model)
-    if not m.exists():
+    hub = not m.exists() and str(model).count("/") == 1 and not str(model).startswith((".", "/", "~"))
+    if not m.exists() and not hub:
         raise UserError("model not found", path=str(m), field="--model")
     text = heldout_text()
     out = Path(out) if out else Path("runs") / "eval" / f"general-{m.stem}"
-    params = {"model": str(m.resolve()), "ctx": ctx, "max_tokens": max_tokens, "text_sha256": sha256_bytes(text)}
+    params = {"model": str(model) if hub else str(m.resolve()), "ctx": ctx, "max_tokens": max_tokens,
+              "text_sha256": sha256_bytes(text)}
     inputs = [m] if m.is_file() or (m / "manifest.json").is_file() else []
     with Stage("eval.general", out, params, inputs=inputs, force=force, log=log) as st:
         if st.skipped:
             return st.result
-        rows = (_nll_hf(m, text, ctx, max_tokens) if m.is_dir() else _nll_gguf(m, text, ctx, max_tokens, threads))
+        rows = (_nll_hf(m, text, ctx, max_tokens) if hub or m.is_dir() else _nll_gguf(m, text, ctx, max_tokens, threads))
         nll, n = np.array([r[0] for r in rows]), np.array([r[1] for r in rows], dtype=float)
         mean = float(nll.sum() / n.sum())
         lo, hi = _ratio_ci(nll, n)
