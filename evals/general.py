@@ -7,10 +7,12 @@ log-likelihood per token and perplexity = exp(mean), with a 95 % interval from a
 over windows (1000 resamples of the ratio sum NLL / sum tokens). ``windows.jsonl`` keeps every
 window's NLL, so two runs of models with one tokenizer pair window by window
 (:func:`paired_delta`, `tools report --general BASE --general TUNED`). An HF folder runs through
-transformers (float32), a GGUF through llama.cpp (tools.llm.LlamaRunner.score).
+transformers (float32; a LoRA adapter folder such as ``STAGE/output`` on the base it names), a GGUF
+through llama.cpp (tools.llm.LlamaRunner.score).
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -34,8 +36,16 @@ def _nll_hf(model_dir: Path, text: str, ctx: int, max_tokens: int) -> list[tuple
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(model_dir))  # a folder, or a Hub id already in the local cache
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    adapter = Path(model_dir) / "adapter_config.json"
+    if adapter.is_file():  # a trained stage's output/: the adapter on the base it names
+        from peft import PeftModel
+        base = json.loads(adapter.read_text(encoding="utf-8"))["base_model_name_or_path"]
+        tok = AutoTokenizer.from_pretrained(base)
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                                          str(model_dir)).eval()
+    else:  # a folder, or a Hub id already in the local cache
+        tok = AutoTokenizer.from_pretrained(str(model_dir))
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     out = []
     wins = _windows(tok(text, add_special_tokens=False)["input_ids"], ctx, max_tokens)
     with progress("general text", total=len(wins), unit="windows") as advance:
