@@ -38,7 +38,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install lint llama-cpp smoke system-deps test demo bench bench-llama bench-corpus bench-eval bench-imatrix clean
+.PHONY: install lint llama-cpp smoke system-deps test demo bench bench-llama bench-corpus bench-eval bench-imatrix bench-shape clean
 
 install: $(STAMP)
 
@@ -103,7 +103,7 @@ demo: install
 lint: install
 	$(VENV)/bin/ruff check .
 
-bench: bench-llama bench-corpus bench-eval bench-imatrix
+bench: bench-llama bench-corpus bench-eval bench-imatrix bench-shape
 
 bench-llama: install
 	$(PY) bench/bench_llama.py
@@ -116,6 +116,9 @@ bench-eval: install
 
 bench-imatrix: install
 	$(PY) bench/bench_imatrix.py
+
+bench-shape: install
+	$(PY) bench/shape_figures.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -34,14 +34,14 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
-def floor_speed(model: Path, threads: int | None) -> dict:
+def floor_speed(model: Path, threads: int | None, n_pp: int = 512, n_tg: int = 32, reps: int = 3) -> dict:
     from evals.items import load_items, system_prompt, user_message
     from tools.llm import LlamaRunner
 
     it = load_items("pubmedqa", limit=1)[0][0]
     with LlamaRunner(model, n_threads=threads) as lr:
         toks = lr.tokenize(lr.render(system_prompt("pubmedqa"), user_message("pubmedqa", it)))
-        return lr.measure_speed(toks, n_pp=512, n_tg=32, reps=3)
+        return lr.measure_speed(toks, n_pp=n_pp, n_tg=n_tg, reps=reps)
 
 
 def run_ours(mode: str, model: Path, limit: int, threads: int | None, out: Path) -> tuple[dict, dict]:
@@ -132,6 +132,7 @@ def main(argv=None) -> int:
                     help="items for --samples 5 vs 5 independent generations (0: skip)")
     ap.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: physical cores)")
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "bench-eval")
+    ap.add_argument("--quick", action="store_true", help="floor on 64 tokens, one rep (the test's tiny mode)")
     a = ap.parse_args(argv)
     import signal
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # run the finally blocks: stop the server
@@ -141,7 +142,8 @@ def main(argv=None) -> int:
     report: dict = {"model": str(model), "threads": threads, "load_avg_start": os.getloadavg()[0]}
 
     print(f"model {model.name}, {threads} threads, load average {report['load_avg_start']:.2f}", flush=True)
-    fl = floor_speed(model, threads)
+    floor_kw = {"n_pp": 64, "n_tg": 4, "reps": 1} if a.quick else {}
+    fl = floor_speed(model, threads, **floor_kw)
     report["floor"] = fl
     print(f"llama.cpp floor: prompt processing {fl['pp_tok_s']:.1f} tok/s, generation {fl['tg_tok_s']:.1f} tok/s",
           flush=True)
@@ -157,7 +159,7 @@ def main(argv=None) -> int:
           f"-> {ll['ratio_to_floor']:.2f}x (target <= 1.2x); accuracy {res['accuracy']:.3f}", flush=True)
 
     if a.gen_limit:
-        fl2 = floor_speed(model, threads)  # re-measured next to the run it judges
+        fl2 = floor_speed(model, threads, **floor_kw)  # re-measured next to the run it judges
         res, tim = run_ours("generate", model, a.gen_limit, threads, a.out / "generate")
         floor_s = res["tokens"]["prompt_total"] / fl2["pp_tok_s"] + res["tokens"]["generated_total"] / fl2["tg_tok_s"]
         gen = {"n": res["n"], "wall_s": tim["wall_s"], "s_per_item": tim["s_per_item"],

@@ -70,14 +70,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heldout-items", type=int, default=40, help="PubMedQA test contexts scored.")
     ap.add_argument("--max-tokens", type=int, default=4096, help="Held-out tokens scored.")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--hf", type=Path, help="HF model folder to use instead of the embedded SmolLM2 (the test: a tiny Llama).")
     a = ap.parse_args(argv)
     threads = a.threads or physical_cores()
     out = a.out
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
 
-    hf = gguf_to_hf(embedded_gguf(), out / "hf").path
-    f16 = out / "smollm2-135m-f16.gguf"
+    hf = a.hf or gguf_to_hf(embedded_gguf(), out / "hf").path
+    f16 = out / "reference-f16.gguf"
     if not f16.is_file():
         convert_hf_to_gguf(hf, f16, "f16")
     corpus = a.corpus or dev_corpus(out / "corpus-dev")

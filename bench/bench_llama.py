@@ -23,7 +23,7 @@ sys.path.insert(0, str(REPO))
 BEFORE = {"Q4_1": {"pp_tok_s": 213.9, "tg_tok_s": 89.5}, "Q3_K_L": {"pp_tok_s": 290.0, "tg_tok_s": 60.0}}
 
 
-def speed(model: Path, threads: int, guard: bool) -> dict:
+def speed(model: Path, threads: int, guard: bool, quick: bool = False) -> dict:
     import tools.llamacpp as lc
     from evals.items import load_items, system_prompt, user_message
     from tools.llm import LlamaRunner
@@ -34,7 +34,8 @@ def speed(model: Path, threads: int, guard: bool) -> dict:
         it = load_items("pubmedqa", limit=1)[0][0]
         with LlamaRunner(model, n_threads=threads) as lr:
             toks = lr.tokenize(lr.render(system_prompt("pubmedqa"), user_message("pubmedqa", it)))
-            return lr.measure_speed(toks, n_pp=512, n_tg=32, reps=3)
+            return lr.measure_speed(toks, **({"n_pp": 64, "n_tg": 4, "reps": 1} if quick else
+                                             {"n_pp": 512, "n_tg": 32, "reps": 3}))
     finally:
         lc.amx_guard_needed = orig
 
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "bench-llama")
+    ap.add_argument("--quick", action="store_true", help="64 prompt tokens, 4 decodes, one rep (the test's tiny mode)")
     a = ap.parse_args(argv)
     threads = a.threads or physical_cores()
     a.out.mkdir(parents=True, exist_ok=True)
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, path in models.items():
             rows = {}
             for label, guard in (("build default (repack on)", False), ("guard fallback (no repack)", True)):
-                s = speed(path, threads, guard)
+                s = speed(path, threads, guard, a.quick)
                 rows[label] = s
                 b = BEFORE[name]
                 print(f"{name:8} {label:28} {s['pp_tok_s']:9.1f} {s['tg_tok_s']:9.1f}   "

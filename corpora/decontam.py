@@ -10,9 +10,15 @@ from __future__ import annotations
 import csv
 import re
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
+from tools.artifact import Stage, read_artifact
 from tools.errors import UserError
+from tools.io import read_jsonl, write_json, write_jsonl
+from tools.paths import bundled_data
+from tools.progress import progress
+from tools.stages import DATA_FAMILIES
 
 BUILTIN = ("pubmedqa", "medqa", "mmlu-medical")
 _WORD = re.compile(r"[a-z0-9]+")
@@ -48,9 +54,6 @@ def row_text(row: dict) -> str:
 # -- benchmarks ---------------------------------------------------------------------------------
 def benchmark_items(spec: str) -> tuple[str, list[tuple[str, str]], list[Path]]:
     """(name, [(item id, text)], input files or artifact folders) for a built-in name or a path."""
-    from tools.io import read_jsonl
-    from tools.paths import bundled_data
-
     data = bundled_data()
     if spec == "pubmedqa":
         f = data / "pubmedqa" / "test.jsonl"
@@ -70,7 +73,6 @@ def benchmark_items(spec: str) -> tuple[str, list[tuple[str, str]], list[Path]]:
         return spec, items, files
     p = Path(spec)
     if p.is_dir():
-        from tools.artifact import read_artifact
         art = read_artifact(p)
         items = []
         for name in sorted(art.outputs()):
@@ -122,20 +124,30 @@ class NgramIndex:
         return out
 
 
-def decontaminate(train, out, *, against=BUILTIN, ngram: int = 13, min_coverage: float = 0.2,
-                  min_shared: int | None = None, write_clean: bool = False, force: bool = False, log=None):
-    """Flag a training item when it holds at least ``min_coverage`` of some benchmark item's
+@dataclass(frozen=True)
+class DecontamSpec:
+    """The benchmarks to check against, the n-gram size and the thresholds; ``write_clean`` writes a cleaned copy."""
+
+    against: tuple = BUILTIN
+    ngram: int = 13
+    min_coverage: float = 0.2
+    min_shared: int | None = None
+    write_clean: bool = False
+
+
+def decontaminate(train, out, spec: DecontamSpec | None = None, *, force: bool = False, log=None, **fields):
+    """``decontaminate(train, out, spec)`` or ``(train, out, **DecontamSpec fields)``. Flag a training item
+    when it holds at least ``min_coverage`` of some benchmark item's
     distinct n-grams (a copied question, even inside a long document), or, if ``min_shared`` is
     given, when it shares at least that many n-grams with one item. Coverage rather than a bare
     count because exam vignettes share boilerplate: MedQA dev and test share a 13-gram in 29 % of
     the items (vital signs), yet no dev item covers more than a third of any test item."""
-    from tools.artifact import Stage, read_artifact
-    from tools.io import read_jsonl, write_jsonl
-    from tools.progress import progress
-
+    spec = spec or DecontamSpec(**fields)
+    against, ngram, min_coverage, min_shared, write_clean = (spec.against, spec.ngram, spec.min_coverage,
+                                                               spec.min_shared, spec.write_clean)
     if ngram < 3:
         raise UserError("--ngram must be at least 3", field="--ngram")
-    art = read_artifact(train, stage=("dataset.", "corpus."))
+    art = read_artifact(train, stage=DATA_FAMILIES)
     if Path(out).resolve() == art.path.resolve():
         raise UserError("--out must differ from --train", field="--out")
     files = [n for n in ("train.jsonl", "validation.jsonl", "test.jsonl", "corpus.jsonl") if n in art.outputs()]
@@ -191,10 +203,8 @@ def decontaminate(train, out, *, against=BUILTIN, ngram: int = 13, min_coverage:
         if write_clean:
             for fname in files:
                 write_jsonl(st.path(fname), kept[fname])
-            from tools.io import write_json
             write_json(st.path("decontamination.json"), report)
         else:
-            from tools.io import write_json
             write_json(st.path("report.json"), report)
         st.extra["decontamination"] = {**{k: v for k, v in report.items() if k != "items"},
                                        "items": flagged[:REPORT_CAP], "items_truncated": len(flagged) > REPORT_CAP}

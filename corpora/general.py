@@ -13,6 +13,7 @@ import os
 
 from tools.artifact import Artifact, Stage
 from tools.io import write_jsonl
+from tools.stages import CORPUS_GENERAL
 
 LICENSE = "PSF-2.0 (CPython documentation)"
 SOURCE = "pydoc_data.topics"
@@ -38,7 +39,7 @@ def build_general(out: str | os.PathLike, *, force: bool = False, log=None) -> A
     import sys
 
     params = {"source": SOURCE, "part": "replay", "python": ".".join(map(str, sys.version_info[:2]))}
-    with Stage("corpus.general", out, params, force=force, log=log) as st:
+    with Stage(CORPUS_GENERAL, out, params, force=force, log=log) as st:
         if st.skipped:
             return st.result
         rows = [{"id": f"pydoc-{k}", "text": text, "source": SOURCE} for k, text in topics("replay")]

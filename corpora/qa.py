@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
+from tools.artifact import Stage
 from tools.errors import UserError
+from tools.io import read_csv_numbered, read_jsonl_numbered, require_file, write_jsonl
 
 
 def parse_filters(filters) -> list[tuple[str, str]]:
@@ -26,8 +29,6 @@ def _text(v) -> str:
 
 def _rows(src: Path, needed: tuple[str, ...]):
     """(line-or-row number, dict) from a CSV (header row) or JSONL file; missing columns name the file."""
-    from tools.io import read_csv_numbered, read_jsonl_numbered
-
     name = src.name.lower()
     if name.endswith((".csv", ".csv.gz")):
         yield from read_csv_numbered(src, required=needed)
@@ -37,12 +38,25 @@ def _rows(src: Path, needed: tuple[str, ...]):
         raise UserError("expected a .csv or .jsonl file", path=str(src))
 
 
-def build_qa(src, out, *, question_col: str, answer_col: str, filters=(), fmt: str = "chatml",
-             system: str | None = None, id_col: str | None = None,
-             license: str = "unknown (user-supplied Q&A)", force: bool = False, log=None):
-    from tools.artifact import Stage
-    from tools.io import require_file, write_jsonl
+@dataclass(frozen=True)
+class QASpec:
+    """Which columns hold the question, the answer (and an id), which rows to keep, and the row format."""
 
+    question_col: str
+    answer_col: str
+    filters: tuple = ()
+    fmt: str = "chatml"
+    system: str | None = None
+    id_col: str | None = None
+    license: str = "unknown (user-supplied Q&A)"
+
+
+def build_qa(src, out, spec: QASpec | None = None, *, force: bool = False, log=None, **fields):
+    """Artifact ``out`` (stage ``dataset.qa``): ``train.jsonl`` of ChatML (or completion) rows, one a kept row
+    of ``src``; ``build_qa(src, out, spec)`` or ``build_qa(src, out, **QASpec fields)``."""
+    spec = spec or QASpec(**fields)
+    question_col, answer_col, fmt, system, id_col = spec.question_col, spec.answer_col, spec.fmt, spec.system, spec.id_col
+    filters, license = spec.filters, spec.license
     src = require_file(src, "Q&A file")
     if fmt not in ("chatml", "completion"):
         raise UserError(f"--format must be chatml or completion, got {fmt!r}", field="--format")

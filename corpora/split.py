@@ -7,6 +7,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from tools.errors import UserError
+from tools.stages import DATASET
 
 SPLITS = ("train", "validation", "test")
 
@@ -116,7 +117,7 @@ def split_dataset(src, out, *, ratios=(0.8, 0.1, 0.1), stratify_by: str | None =
     from tools.artifact import Stage, read_artifact
     from tools.io import read_jsonl, write_jsonl
 
-    art = read_artifact(src, stage="dataset.")
+    art = read_artifact(src, stage=DATASET)
     if Path(out).resolve() == art.path.resolve():
         raise UserError("--out must differ from the input folder (the input artifact stays as it is)", field="--out")
     existing = [n for n in ("validation.jsonl", "test.jsonl") if (art.path / n).exists()]

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import click
 
-from tools.cli_options import artifact_options, emit_json, json_option, read_results, threads_option
-
-N_GPU_LAYERS_HELP = "Layers to offload to the GPU (default: all when llama.cpp has a GPU backend, else 0)."
+from tools.cli_options import N_GPU_LAYERS_HELP, artifact_options, emit_json, json_option, read_results, threads_option
+from tools.errors import UserError
 
 
 def _table(title: str, columns: list[str], rows: list[list]) -> None:
@@ -368,8 +367,8 @@ def sweep_cmd(stage_dir, grids, optuna_trials, objective, evals, seed, out, forc
     """
     from .sweep import sweep_stage, trials_table
 
-    art = sweep_stage(stage_dir, grids=grids, optuna_trials=optuna_trials, objective=objective, evals=evals,
-                      seed=seed, out=out, force=force)
+    art = sweep_stage(stage_dir, grids=grids, optuna_trials=optuna_trials, objective=objective,
+                      evals=tuple(parse_eval(e) for e in evals), seed=seed, out=out, force=force)
     rows = read_results(art, "trials.json")
     if as_json:
         return emit_json(art, rows)
@@ -432,6 +431,29 @@ def _checkpoint_selector(spec: str):
     from .select import selector
 
     return selector(spec)
+
+
+def parse_eval(text: str):
+    """``--eval "bench TASK OPTIONS"`` / ``"eval semantic OPTIONS"`` parsed by that verb's own options."""
+    import shlex
+
+    from .trials import EVAL_VERBS, SET_BY_SWEEP, EvalSpec
+
+    toks = shlex.split(text)
+    if len(toks) >= 2 and toks[0] == "tools":
+        toks = toks[1:]
+    if len(toks) < 2 or (toks[0], toks[1]) not in EVAL_VERBS:
+        raise UserError(f"--eval {text!r}: expected 'bench pubmedqa|medqa|mcq OPTIONS' or 'eval semantic OPTIONS'",
+                        field="--eval")
+    for bad in SET_BY_SWEEP:
+        if bad in toks:
+            raise UserError(f"--eval {text!r}: {bad} is set by the sweep for each trial", field="--eval")
+    cmd = {"pubmedqa": bench_pubmedqa, "medqa": bench_medqa, "mcq": bench_mcq, "semantic": semantic_cmd}[toks[1]]
+    try:
+        params = cmd.make_context(f"{toks[0]} {toks[1]}", list(toks[2:]), resilient_parsing=False).params
+    except click.ClickException as e:
+        raise UserError(f"--eval {text!r}: {e.format_message()}", field="--eval") from None
+    return EvalSpec(text, toks[0], toks[1], params)
 
 
 def register(cli):

@@ -8,7 +8,7 @@ over windows (1000 resamples of the ratio sum NLL / sum tokens). ``windows.jsonl
 window's NLL, so two runs of models with one tokenizer pair window by window
 (:func:`paired_delta`, `tools report --general BASE --general TUNED`). An HF folder runs through
 transformers (float32; a LoRA adapter folder such as ``STAGE/output`` on the base it names), a GGUF
-through llama.cpp (tools.llm.LlamaRunner.score).
+(a file or a GGUF artifact folder, tools.ggufpath.resolve_gguf) through llama.cpp (tools.llm.LlamaRunner.score).
 """
 from __future__ import annotations
 
@@ -21,8 +21,10 @@ import numpy as np
 
 from tools.artifact import Artifact, Stage, read_artifact
 from tools.errors import UserError
+from tools.ggufpath import resolve_gguf
 from tools.io import read_jsonl, sha256_bytes, write_json, write_jsonl
 from tools.progress import log, progress
+from tools.stages import EVAL_GENERAL
 
 B = 1000
 
@@ -88,15 +90,20 @@ def run_general(model: str | os.PathLike, out: str | os.PathLike | None = None, 
     hub = not m.exists() and str(model).count("/") == 1 and not str(model).startswith((".", "/", "~"))
     if not m.exists() and not hub:
         raise UserError("model not found", path=str(m), field="--model")
+    # an HF folder (config.json, or a LoRA adapter folder) or Hub id; else a .gguf or a GGUF artifact folder
+    hf = hub or (m.is_dir() and any((m / f).is_file() for f in ("config.json", "adapter_config.json")))
+    if not hf:
+        resolve_gguf(m, "--model")  # refused now, before anything is written
     text = heldout_text()
     out = Path(out) if out else Path("runs") / "eval" / f"general-{m.stem}"
     params = {"model": str(model) if hub else str(m.resolve()), "ctx": ctx, "max_tokens": max_tokens,
               "text_sha256": sha256_bytes(text)}
     inputs = [m] if m.is_file() or (m / "manifest.json").is_file() else []
-    with Stage("eval.general", out, params, inputs=inputs, force=force, log=log) as st:
+    with Stage(EVAL_GENERAL, out, params, inputs=inputs, force=force, log=log) as st:
         if st.skipped:
             return st.result
-        rows = (_nll_hf(m, text, ctx, max_tokens) if hub or m.is_dir() else _nll_gguf(m, text, ctx, max_tokens, threads))
+        rows = (_nll_hf(m, text, ctx, max_tokens) if hf else _nll_gguf(resolve_gguf(m, "--model"), text, ctx,
+                                                                         max_tokens, threads))
         nll, n = np.array([r[0] for r in rows]), np.array([r[1] for r in rows], dtype=float)
         mean = float(nll.sum() / n.sum())
         lo, hi = _ratio_ci(nll, n)
@@ -117,7 +124,7 @@ def run_general(model: str | os.PathLike, out: str | os.PathLike | None = None, 
 def paired_delta(base: str | os.PathLike, tuned: str | os.PathLike, seed: int = 0) -> dict:
     """Tuned minus base on the same windows: mean NLL difference and perplexity change in %, with
     95 % intervals from a paired bootstrap over windows, and the one-line verdict."""
-    a, b = (read_artifact(d, stage="eval.general") for d in (base, tuned))
+    a, b = (read_artifact(d, stage=EVAL_GENERAL) for d in (base, tuned))
     if a.params.get("text_sha256") != b.params.get("text_sha256") or a.params.get("ctx") != b.params.get("ctx"):
         raise UserError("the two runs scored different text or windows", path=str(tuned), field="--general")
     wa, wb = (list(read_jsonl(x.path / "windows.jsonl")) for x in (a, b))

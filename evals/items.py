@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tools.errors import UserError
-from tools.io import read_jsonl_numbered, require_file, sha256_file
+from tools.io import read_jsonl_numbered, require_file
 from tools.paths import bundled_data
 
 TASKS = ("pubmedqa", "medqa")
@@ -159,10 +159,6 @@ def _numbered(path: Path):
     """(line number, object) pairs with read_jsonl's strict checks (blank lines keep their numbers)."""
     require_file(path, "data file")
     yield from read_jsonl_numbered(path)
-
-
-def data_sha256(path: Path) -> str:
-    return sha256_file(path)
 
 
 # ---- prompts -------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from tools.artifact import Artifact, Stage, is_artifact
 from tools.errors import UserError, WorkError
+from tools.ggufpath import resolve_gguf
 from tools.io import sha256_bytes, sha256_file, write_json
 from tools.progress import log, progress
 
@@ -148,8 +149,7 @@ def _model_info(model: Path) -> tuple[str, dict]:
                             field="--model")
         h = sha256_bytes("".join(f"{p.name}:{sha256_file(p)}" for p in sorted(model.glob("*.safetensors"))))
         return "hf", {"path": str(model.resolve()), "name": model.name, "sha256": h, "backend": "lm-eval hf"}
-    from tools.llm import check_gguf
-    check_gguf(model)
+    resolve_gguf(model, "--model")
     return "gguf", {"path": str(model.resolve()), "name": model.name, "sha256": sha256_file(model),
                     "backend": f"lm-eval {GGUF_MODEL_NAME} (llama.cpp)"}
 
@@ -172,8 +172,7 @@ def run_mmlu(model: str | os.PathLike | None = None, *, shots: int = 0, subjects
     if not model_path.exists():
         raise UserError("model not found", path=str(model_path), field="--model")
     if model_path.is_dir() and not (model_path / "config.json").is_file() and any(model_path.glob("*.gguf")):
-        from tools.llm import check_gguf
-        model_path = check_gguf(model_path)  # a GGUF artifact folder (tools convert / quantize)
+        model_path = resolve_gguf(model_path, "--model")  # a GGUF artifact folder (tools convert / quantize)
     kind, minfo = _model_info(model_path)
     root = bundled_data() / "mmlu_medical"
     csvs = [root / sp / f"{s}_{sp}.csv" for s in subjects for sp in ("test", "dev")]

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from tools.artifact import Artifact
 from tools.errors import UserError
+from tools.stages import BENCH
 
 from .general import paired_delta
 
@@ -16,7 +17,7 @@ def _load(d: str) -> tuple[dict, list[dict], dict]:
     from tools.artifact import read_artifact
     from tools.io import read_jsonl
 
-    art = read_artifact(d, stage=("bench.",))
+    art = read_artifact(d, stage=BENCH)
     res = json.loads((art.path / "results.json").read_text())
     rows = list(read_jsonl(art.path / "items.jsonl"))
     return res, rows, art.extra

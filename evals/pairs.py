@@ -22,6 +22,7 @@ from tools.artifact import Artifact, Stage, read_artifact
 from tools.errors import UserError
 from tools.io import read_jsonl, write_jsonl
 from tools.progress import log
+from tools.stages import BENCH, DATASET_PAIRS
 
 from .bench import _long_answers
 from .items import Item, answer_text, load_items, system_prompt, user_message
@@ -82,12 +83,12 @@ def pair_rows(bench_dir: Path) -> tuple[list[dict], dict]:
 
 def build_pairs(bench_dir: str | os.PathLike, out: str | os.PathLike, *, force: bool = False) -> Artifact:
     """Write the ``dataset.pairs`` artifact of a bench run (UserError on a test run or no mistakes)."""
-    bench = read_artifact(bench_dir, stage=("bench.",))
+    bench = read_artifact(bench_dir, stage=BENCH)
     res = json.loads((bench.path / "results.json").read_text(encoding="utf-8"))
     rows, counts = pair_rows(bench.path)  # refuses test items before anything is written
     if not rows:
         raise UserError(f"the run has no wrong answer to learn from ({counts})", path=str(bench.path))
-    with Stage("dataset.pairs", out, {"bench": str(bench.path.resolve()), "format": "prompt_pairs"},
+    with Stage(DATASET_PAIRS, out, {"bench": str(bench.path.resolve()), "format": "prompt_pairs"},
                inputs=[bench.path, Path(res["data"]["path"])], force=force, log=log) as st:
         if st.skipped:
             return st.result

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from tools.artifact import Artifact, Stage, is_artifact, read_artifact
@@ -302,11 +303,25 @@ def _report(res: dict, source: str) -> str:
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class MetricModels:
+    """The models that score (a local folder, a Hub id in the cache, or "none" to skip a metric) and how."""
+
+    bertscore_model: str | None = None
+    semscore_model: str | None = None
+    nli_model: str | None = None
+    bertscore_layer: int | None = None
+    batch_size: int = 16
+
+
 def evaluate(out: str | os.PathLike, *, results: str | os.PathLike | None = None, pred: str | os.PathLike | None = None,
-             ref: str | os.PathLike | None = None, bertscore_model: str | None = None, semscore_model: str | None = None,
-             nli_model: str | None = None, bertscore_layer: int | None = None, batch_size: int = 16,
-             limit: int | None = None, force: bool = False) -> Artifact:
-    """Score predictions against references into an ``eval.semantic`` artifact at ``out``."""
+             ref: str | os.PathLike | None = None, limit: int | None = None, force: bool = False,
+             **models) -> Artifact:
+    """Score predictions against references into an ``eval.semantic`` artifact at ``out``; ``models`` are
+    MetricModels fields (or ``models=MetricModels(...)``)."""
+    mm = models.pop("models", None) or MetricModels(**models)
+    bertscore_model, semscore_model, nli_model = mm.bertscore_model, mm.semscore_model, mm.nli_model
+    bertscore_layer, batch_size = mm.bertscore_layer, mm.batch_size
     pairs = load_pairs(results, pred, ref)
     if limit is not None:
         if limit < 1:
@@ -345,12 +360,13 @@ __all__ = ["evaluate", "score_pairs", "load_pairs", "bertscore_f1", "semscore", 
 
 
 def run_semantic(results_dir: str | os.PathLike | None = None, *, pred: str | os.PathLike | None = None,
-                 ref: str | os.PathLike | None = None, seq2seq_dir: str | os.PathLike | None = None,
-                 data: str | os.PathLike | None = None, split: str = "test", max_new_tokens: int = 128,
-                 out: str | os.PathLike | None = None, force: bool = False, limit: int | None = None,
-                 **metric_options) -> Artifact:
+                 ref: str | os.PathLike | None = None, out: str | os.PathLike | None = None, force: bool = False,
+                 limit: int | None = None, **options) -> Artifact:
     """`tools eval semantic`: score a bench's results (RESULTS_DIR), a --pred/--ref pair, or the answers a
-    seq2seq `train` output generates on ``data`` first (written beside OUT as OUT-predictions)."""
+    seq2seq `train` output (``seq2seq_dir``) generates on ``data`` first (``split``, ``max_new_tokens``; written
+    beside OUT as OUT-predictions). The other ``options`` are MetricModels fields."""
+    seq2seq_dir, data = options.pop("seq2seq_dir", None), options.pop("data", None)
+    split, max_new_tokens = options.pop("split", "test"), options.pop("max_new_tokens", 128)
     if seq2seq_dir is not None:
         if results_dir is not None or pred is not None:
             raise UserError("--seq2seq generates the predictions: give no RESULTS_DIR or --pred with it", field="--seq2seq")
@@ -366,7 +382,7 @@ def run_semantic(results_dir: str | os.PathLike | None = None, *, pred: str | os
     src = Path(results_dir or pred)
     if out is None:
         out = src.parent / f"{src.name.split('.')[0]}-semantic"
-    return evaluate(out, results=results_dir, pred=pred, ref=ref, limit=limit, force=force, **metric_options)
+    return evaluate(out, results=results_dir, pred=pred, ref=ref, limit=limit, force=force, **options)
 
 
 def summary_lines(res: dict) -> list[str]:

@@ -20,7 +20,15 @@ import operator
 from pathlib import Path
 from typing import Any, Callable
 
+import yaml
+
+from recipes.recipe import check_keys
+from tools.artifact import Stage, read_artifact
 from tools.errors import UserError
+from tools.io import write_json
+from tools.stages import STAGE
+
+from .trials import TrialEval, bench_figures, bench_metric_names, derive_and_train, final_metrics, stage_info  # noqa: F401
 
 _BIN = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
         ast.Pow: operator.pow}
@@ -88,7 +96,6 @@ class Objective:
 
 def _scalar(v: str):
     """A grid value: int, then float (YAML 1.1 reads "1e-3" as a string), then YAML."""
-    import yaml
     for conv in (int, float):
         try:
             return conv(v)
@@ -110,21 +117,6 @@ def parse_grid(specs: tuple[str, ...]) -> dict[str, list[Any]]:
     return grid
 
 
-def bench_metric_names(task: str, mode: str, plain: bool = True) -> set[str]:
-    """What a trial's `bench TASK --mode MODE` evaluation exposes to the objective."""
-    names = {"accuracy", "valid_rate", "macro_f1", "accuracy_norm" if mode == "loglik" else "accuracy_strict"}
-    return {f"{task}_{m}" for m in names} | (names if plain else set())
-
-
-def bench_figures(task: str, results: dict, plain: bool = True) -> dict[str, float]:
-    out = {}
-    for m in bench_metric_names(task, results.get("mode", "generate"), plain):
-        key = m[len(task) + 1:] if m.startswith(task + "_") else m
-        if isinstance(results.get(key), (int, float)):
-            out[m] = float(results[key])
-    return out
-
-
 def check_produced(objective: Objective, produced: set[str], hints: dict[str, str]) -> None:
     """Refuse (before any training) an objective naming a metric no trial will produce."""
     missing = sorted(objective.names - produced)
@@ -133,20 +125,6 @@ def check_produced(objective: Objective, produced: set[str], hints: dict[str, st
         why = hints.get(m) or "no trial produces it"
         raise UserError(f"objective needs {m!r} but {why} (trials will produce: {', '.join(sorted(produced))})",
                         field="--objective")
-
-
-def final_metrics(history: list[dict]) -> dict[str, float]:
-    """Last logged value of each metric in a trainer's log history."""
-    out: dict[str, float] = {}
-    for h in history:
-        for k, v in h.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
-                out[k] = float(v)
-    if "eval_loss" in out:
-        out["eval_perplexity"] = math.exp(min(out["eval_loss"], 50))
-    if "loss" in out:
-        out["perplexity"] = math.exp(min(out["loss"], 50))
-    return out
 
 
 def run_sweep(combos: list[dict], run_trial: Callable[[int, dict], dict], objective: Objective,
@@ -213,22 +191,16 @@ def plot_sweep(rows: list[dict], out_png: str | Path, x: str = "learning_rate", 
 
 
 def sweep_stage(stage_dir: str | Path, *, grids: tuple[str, ...] = (), optuna_trials: int | None = None,
-                objective: str = "loss", evals: tuple[str, ...] = (), seed: int = 0, out: str | Path | None = None,
+                objective: str = "loss", evals: tuple = (), seed: int = 0, out: str | Path | None = None,
                 force: bool = False):
     """`tools sweep`: artifact ``sweep`` (trials.json, sweep.png, report.md); trials in OUT-trials/NN.
 
     Everything that can be refused (the objective, a metric nobody produces, the grid's keys, the
     --eval verbs' options) is refused before the first trial."""
-    from recipes.recipe import check_keys
-    from tools.artifact import Stage, read_artifact
-    from tools.io import write_json
-
-    from .trials import TrialEval, derive_and_train, stage_info
-
     obj = Objective(objective)  # bad objective: exit 2 before any training
-    stage = read_artifact(stage_dir, stage="stage.")
+    stage = read_artifact(stage_dir, stage=STAGE)
     seq2seq, has_val = stage_info(stage.path)
-    n_bench = sum(1 for e in evals if "bench" in e.split()[:2])
+    n_bench = sum(1 for e in evals if e.kind == "bench")
     plans = [TrialEval(e, seq2seq, plain=n_bench == 1) for e in evals]
     produced = set(TRAINER_METRICS) | (EVAL_LOSS_METRICS if has_val else set())
     hints = {m: "the stage has no validation split (add validation.jsonl to the dataset, or val_set_size)"
@@ -249,7 +221,7 @@ def sweep_stage(stage_dir: str | Path, *, grids: tuple[str, ...] = (), optuna_tr
     combos = grid_combos(grid)
     out = Path(out) if out else Path(stage_dir).with_name(Path(stage_dir).name + "-sweep")
     params = {"grid": grid, "optuna": optuna_trials, "objective": objective, "seed": seed,
-              **({"eval": list(evals)} if evals else {})}
+              **({"eval": [e.text for e in evals]} if evals else {})}
     trials = out.with_name(out.name + "-trials")  # each trial is a stage folder of its own
     with Stage("sweep", out, params, inputs=[stage.path], force=force) as st:
         if st.skipped:

@@ -1,24 +1,78 @@
 """A sweep's trials: a stage derived from the swept one (its overrides applied), trained, and evaluated
 by the `--eval` verbs (a bench of the trial's model as an f16 GGUF, or `eval semantic` of a seq2seq
-trial's answers)."""
+trial's answers). The `--eval` text is parsed by the bench / eval verbs' own options at the CLI edge
+(evals/cli.py ``parse_eval``); this module gets the parsed ``EvalSpec``."""
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-import click
+import yaml
 
+from recipes.seq2seq import CONFIG_FILE, predict
+from recipes.stage import StageSpec, write_stage
+from recipes.train import train_stage
+from release.convert import convert_stage
+from release.merge import merge_stage_dir
+from tools.artifact import read_artifact
 from tools.errors import UserError
+from tools.progress import log
+from tools.stages import STAGE, TRAIN
+
+from .bench import BenchSpec, run_bench
+from .semantic import evaluate, resolve_metric_model
+
+EVAL_VERBS = {("bench", "pubmedqa"), ("bench", "medqa"), ("bench", "mcq"), ("eval", "semantic")}
+SET_BY_SWEEP = ("--model", "--out", "--seq2seq", "--json", "--force")  # options the sweep sets for each trial
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """One parsed `--eval`: the verb (``kind`` ``task``) and its options as the verb's Click command parsed them."""
+
+    text: str
+    kind: str
+    task: str
+    params: dict
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def bench_metric_names(task: str, mode: str, plain: bool = True) -> set[str]:
+    """What a trial's `bench TASK --mode MODE` evaluation exposes to the objective."""
+    names = {"accuracy", "valid_rate", "macro_f1", "accuracy_norm" if mode == "loglik" else "accuracy_strict"}
+    return {f"{task}_{m}" for m in names} | (names if plain else set())
+
+
+def bench_figures(task: str, results: dict, plain: bool = True) -> dict[str, float]:
+    out = {}
+    for m in bench_metric_names(task, results.get("mode", "generate"), plain):
+        key = m[len(task) + 1:] if m.startswith(task + "_") else m
+        if isinstance(results.get(key), (int, float)):
+            out[m] = float(results[key])
+    return out
+
+
+def final_metrics(history: list[dict]) -> dict[str, float]:
+    """Last logged value of each metric in a trainer's log history."""
+    out: dict[str, float] = {}
+    for h in history:
+        for k, v in h.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                out[k] = float(v)
+    if "eval_loss" in out:
+        out["eval_perplexity"] = math.exp(min(out["eval_loss"], 50))
+    if "loss" in out:
+        out["perplexity"] = math.exp(min(out["loss"], 50))
+    return out
 
 
 def derive_and_train(stage_dir: Path, trial_dir: Path, overrides: dict, force: bool) -> dict:
     """Write a stage like STAGE_DIR but with ``overrides``, train it, return its final metrics."""
-    from evals.sweep import final_metrics
-    from recipes.stage import StageSpec, write_stage
-    from recipes.train import train_stage
-    from tools.artifact import read_artifact
-
-    p = read_artifact(stage_dir, stage="stage.").params
+    p = read_artifact(stage_dir, stage=STAGE).params
     sets = {**(p.get("set") or {}), **overrides}
     write_stage(StageSpec.from_params(p, trial_dir, set_items=tuple(f"{k}={json.dumps(v)}" for k, v in sorted(sets.items())),
                                       force=force))
@@ -31,14 +85,9 @@ def derive_and_train(stage_dir: Path, trial_dir: Path, overrides: dict, force: b
 
 def stage_info(stage_dir: Path) -> tuple[bool, bool]:
     """(seq2seq?, has a validation split?) of a stage folder."""
-    import yaml
-
-    from tools.artifact import read_artifact
-
-    art = read_artifact(stage_dir, stage="stage.")
+    art = read_artifact(stage_dir, stage=STAGE)
     seq2seq = art.extra.get("arch") == "seq2seq"
     if seq2seq:
-        from recipes.seq2seq import CONFIG_FILE
         cfg = json.loads((stage_dir / CONFIG_FILE).read_text(encoding="utf-8"))
         return True, bool(cfg.get("val_set_size")) or any(
             (Path(d) / "validation.jsonl").is_file() for d in cfg.get("datasets", []) if isinstance(d, str))
@@ -51,28 +100,8 @@ class TrialEval:
     merged if it is an adapter and converted to an f16 GGUF, benched with the bench verb's own options)
     or "eval semantic [semantic options]" (a seq2seq trial's answers on --data, scored)."""
 
-    def __init__(self, spec: str, seq2seq: bool, plain: bool):
-        import shlex
-
-        from tools.cli import cli, group
-
-        self.spec = spec
-        toks = shlex.split(spec)
-        if len(toks) >= 2 and toks[0] == "tools":
-            toks = toks[1:]
-        if len(toks) < 2 or (toks[0], toks[1]) not in {("bench", t) for t in ("pubmedqa", "medqa", "mcq")} | \
-                {("eval", "semantic")}:
-            raise UserError(f"--eval {spec!r}: expected 'bench pubmedqa|medqa|mcq OPTIONS' or 'eval semantic OPTIONS'",
-                            field="--eval")
-        self.kind, self.task = toks[0], toks[1]
-        for bad in ("--model", "--out", "--seq2seq", "--json", "--force"):
-            if bad in toks:
-                raise UserError(f"--eval {spec!r}: {bad} is set by the sweep for each trial", field="--eval")
-        cmd = group(self.kind).get_command(click.Context(cli), self.task)
-        try:
-            self.params = cmd.make_context(f"{self.kind} {self.task}", list(toks[2:]), resilient_parsing=False).params
-        except click.ClickException as e:
-            raise UserError(f"--eval {spec!r}: {e.format_message()}", field="--eval") from None
+    def __init__(self, spec: EvalSpec, seq2seq: bool, plain: bool):
+        self.spec, self.kind, self.task, self.params = spec.text, spec.kind, spec.task, spec.params
         if self.kind == "eval":
             if not seq2seq:
                 raise UserError("--eval 'eval semantic ...' scores a seq2seq trial's answers; for a causal model "
@@ -80,7 +109,6 @@ class TrialEval:
             if not self.params.get("data"):
                 raise UserError(f"--eval {spec!r}: give --data DATASET_DIR (the questions and reference answers)",
                                 field="--eval")
-            from evals.semantic import resolve_metric_model
             self.produces = set()
             self.missing = {}
             for metric, key, name in (("bertscore_f1", "bertscore_model", "bertscore_f1"),
@@ -92,7 +120,6 @@ class TrialEval:
                 else:
                     self.produces.add(name)
         else:
-            from evals.sweep import bench_metric_names
             if self.task == "mcq" and not self.params.get("data"):
                 raise UserError(f"--eval {spec!r}: bench mcq needs --data FILE", field="--eval")
             self.plain = plain
@@ -100,14 +127,9 @@ class TrialEval:
             self.missing = {}
 
     def run(self, stage_dir: Path, trial_dir: Path, force: bool) -> dict[str, float]:
-        from tools.artifact import read_artifact
-        from tools.progress import log
-
         out = trial_dir / "eval"
-        trained = read_artifact(trial_dir / "output", stage="train")
+        trained = read_artifact(trial_dir / "output", stage=TRAIN)
         if self.kind == "eval":
-            from evals.semantic import evaluate
-            from recipes.seq2seq import predict
             p = self.params
             pred = predict(trained.path, p["data"], out / "predictions", split=p["split"],
                            max_new_tokens=p["max_new_tokens"], limit=p["limit"], force=force)
@@ -118,21 +140,12 @@ class TrialEval:
             means = json.loads((art.path / "results.json").read_text(encoding="utf-8"))["metrics"]
             names = {"bertscore_f1": "bertscore_f1", "semscore": "semscore", "nli_entailment": "entailment"}
             return {names[m]: float(v["mean"]) for m, v in means.items() if m in names}
-        from dataclasses import replace
-
-        from evals.bench import BenchSpec, run_bench
-        from evals.sweep import bench_figures
-        from release.convert import convert_stage
-
         model_dir = trained.path
         if trained.extra.get("adapter"):
-            from release.merge import merge_stage_dir
             model_dir = merge_stage_dir(trial_dir, out / "merged", force=force).path
         # The trials are compared with each other on the same bench; the release fidelity gate (HF vs GGUF
         # next-token KL) runs when the chosen model is converted with `tools convert`, not per trial.
-        import inspect
-        gate_off = {"fidelity_tokens": 0} if "fidelity_tokens" in inspect.signature(convert_stage).parameters else {}
-        gguf = convert_stage(model_dir, out / "gguf", "f16", force=force, **gate_off)
+        gguf = convert_stage(model_dir, out / "gguf", "f16", force=force, fidelity_tokens=0)
         spec = replace(BenchSpec.from_options(self.task, self.params), model=str(gguf.path),
                        out=str(out / f"bench-{self.task}"), force=force, plots=False)
         log(f"trial {trial_dir.name}: {self.spec}")

@@ -1,9 +1,12 @@
 """The recipes package's verbs: stage completion|sft, train, memory, plot (heavy imports inside)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from tools.cli_options import emit_json, force_option, json_option, out_option
+from tools.errors import UserError
 
 ADAPTER_FLAGS = ("qlora", "lora", "full")
 
@@ -164,8 +167,10 @@ def stage_dpo(as_json, **kw):
 @click.option("--select-by", default=None, metavar="TASK[:N]",
               help="Keep the checkpoint with the best dev accuracy (log-likelihood, bench's prompts): "
                    "pubmedqa-dev[:N], medqa-dev[:N] or an MCQ .jsonl of dev/train items (test items refused).")
+@out_option("The trained artifact: STAGE_DIR/output, where merge, stage --from and card read it (the default; "
+            "the only value accepted, so a pipeline can pass --out to every verb).")
 @json_option
-def train_cmd(stage_dir, dry_run, force, restart, adopt, select_by, as_json):
+def train_cmd(stage_dir, dry_run, force, restart, adopt, select_by, out, as_json):
     """Run Axolotl on a stage folder: preprocess, then train; output/ becomes an artifact.
 
     Checkpoints live in STAGE_DIR/checkpoints (mode 0700) while training. A run that failed or was
@@ -180,11 +185,14 @@ def train_cmd(stage_dir, dry_run, force, restart, adopt, select_by, as_json):
       tools train runs/stage1 --restart
       tools train runs/stage2 --select-by pubmedqa-dev:200
     """
-    from tools.progress import out
+    from tools.progress import out as console
 
     from .selection import selector
     from .train import dry_run_lines, train_stage
 
+    if out is not None and Path(out).resolve() != (Path(stage_dir) / "output").resolve():
+        raise UserError(f"a stage's training output is STAGE_DIR/output ({Path(stage_dir) / 'output'})",
+                        field="--out")
     res = train_stage(stage_dir, dry_run=dry_run, force=force, adopt=adopt, restart=restart,
                       select=selector(select_by))
     plan = res if isinstance(res, dict) else None  # --dry-run: the commands, no artifact
@@ -192,12 +200,12 @@ def train_cmd(stage_dir, dry_run, force, restart, adopt, select_by, as_json):
         return emit_json(None if plan else res, plan)
     if plan:
         return click.echo("\n".join(dry_run_lines(plan)))
-    out.print(f"train: {res.path}")
+    console.print(f"train: {res.path}")
     for k in ("base_model", "adapter", "steps", "world_size", "resumed_from_step", "final_loss"):
-        out.print(f"  {k}: {res.extra.get(k)}")
+        console.print(f"  {k}: {res.extra.get(k)}")
     sel = res.extra.get("selection")
     if sel:
-        out.print(f"  chosen checkpoint ({sel['by']}): step {sel['chosen_step']} of "
+        console.print(f"  chosen checkpoint ({sel['by']}): step {sel['chosen_step']} of "
                   + ", ".join(f"{p['step']}: {p['accuracy']:.3f}" for p in sel["checkpoints"]), markup=False)
 
 

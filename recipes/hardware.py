@@ -20,49 +20,10 @@ M nodes (GPU or CPU)        ``torchrun`` with a c10d rendezvous on ``$MASTER_ADD
                             (``launch.sh`` runs on every node) and a SLURM ``slurm.sbatch``
 ==========================  ================================================================
 
-Several CPU processes are real data parallelism, checked by tests/recipes/test_train_distributed.py: with
-the same global batch (micro batch x accumulation x world size) and seed, 2 processes (and 2
-torchrun "nodes" on loopback) see the same samples at every optimizer step as 1 process, every
-sample once per epoch, and train to the same adapter (bitwise here, with one thread per process and
-``lora_dropout: 0``; with dropout each rank draws its own masks, so the runs then differ the way two
-seeds do).
-
-Refused with the reason (before Axolotl is asked):
-
-* DeepSpeed or FSDP on ``--device cpu`` (Axolotl 0.19, accelerate 1.13, read in their code):
-  DeepSpeed initialises NCCL (``axolotl/utils/trainer.py`` ``setup_deepspeed_env``:
-  ``deepspeed.comm.init_distributed(dist_backend="nccl")``; accelerate's ``PartialState`` uses
-  DeepSpeed only ``and not cpu``), and accelerate switches to FSDP only from an accelerator
-  multi-device type (``AcceleratorState``: MULTI_GPU/NPU/XPU/...; never MULTI_CPU), so on CPU an
-  FSDP config would silently train as plain DDP. Several CPU processes use DDP (``--procs``);
-* ZeRO-3 with an 8-bit base: LLM.int8 weights are int8 tensors next to bf16 ones, and ZeRO-3
-  flattens and partitions parameters of one dtype ("expected there to be only one unique
-  element"); ``bnb_4bit_quant_storage`` exists for 4-bit only. Use ``--shard zero2`` or 4-bit;
-* ZeRO-3 + QLoRA without bf16 (``--set bf16=false``/``fp16=true``): see below;
-* more than one GPU without sharding keys is plain DDP: allowed (``--shard none``).
-
-ZeRO-3 + QLoRA (4-bit base) is allowed, with ``bf16: true`` written into the stage. Evidence, for
-the pinned stack (Axolotl 0.19.0, transformers 5.16, peft 0.20, DeepSpeed 0.18, bitsandbytes 0.50):
-
-* Axolotl 0.19 ``loaders/model.py`` builds every QLoRA ``BitsAndBytesConfig`` with
-  ``bnb_4bit_quant_storage=torch.bfloat16`` ("deepspeed needs this still in bfloat16"), so the
-  packed 4-bit weights are stored in bf16 tensors that ZeRO-3 can flatten and partition with the
-  other bf16 parameters; under ZeRO-3 it skips ``prepare_model_for_kbit_training`` ("make sure
-  everything is in the same dtype") and marks ZeRO-3 leaf modules. This is the recipe of PEFT's
-  guide "Use PEFT QLoRA and DeepSpeed with ZeRO3" (peft PR #1550, transformers' QLoRA + FSDP /
-  DS-Z3 fixes of March 2024), which replaced the old "DeepSpeed-Zero3 and bitsandbytes are currently
-  not compatible" note: the crash users reported (DeepSpeed issue #3620, axolotl #207/#1240,
-  "expected there to be only one unique element") came from uint8 storage mixed with bf16.
-* Axolotl runs QLoRA + ZeRO-3 (``zero3_bf16.json`` and ``zero3_bf16_cpuoffload_all.json``, 2
-  processes, SmolLM2-135M, loss threshold checked) in its own multi-GPU end-to-end tests since PR
-  #1900 (``tests/e2e/multigpu/test_llama.py::test_ds_zero3_packed``, ``qlora`` True/False).
-* The quant storage dtype must equal the training dtype: with ``bf16: auto`` on a GPU without bf16
-  (V100, T4) Axolotl would train in fp16 next to bf16 storage, the mixed-dtype failure again; hence
-  ``bf16: true`` and a refusal of fp16.
-* Cost, not correctness: transformers 5.16 does not use ``deepspeed.zero.Init`` for a quantized
-  model (``modeling_utils``: ``is_deepspeed_zero3_enabled() and not _is_quantized``), so each GPU
-  first loads the whole 4-bit model, then DeepSpeed partitions it (DeepSpeed issue #5660).
-  Not run here (no GPU in this project's sessions so far): the first GPU run should confirm it.
+Several CPU processes are real data parallelism (tests/recipes/test_train_distributed.py). Refused with the
+reason before Axolotl is asked: DeepSpeed or FSDP on ``--device cpu``, ZeRO-3 with an 8-bit base, ZeRO-3 +
+QLoRA without bf16. ZeRO-3 + QLoRA is written with ``bf16: true``. The evidence for each rule (read in the
+pinned Axolotl, accelerate, transformers, DeepSpeed) is in docs/INTERNALS.md, "Hardware presets".
 """
 from __future__ import annotations
 
@@ -154,10 +115,36 @@ def make_preset(device: str = "gpu", gpus: int | None = None, nodes: int = 1, sh
     return Preset("gpu", gpus, nodes, shard)
 
 
+# -- the base model, without loading it ----------------------------------------------------------
+
+def local_model_file(base_model: str, name: str) -> Path | None:
+    """A file of the base model: in its local folder, or in the HF cache for a Hub id (no network)."""
+    p = Path(base_model)
+    if p.is_dir():
+        f = p / name
+        return f if f.is_file() else None
+    if p.exists() or base_model.count("/") != 1:
+        return None
+    try:  # a Hub id: only what is already in the local cache (no network)
+        from huggingface_hub import try_to_load_from_cache
+        got = try_to_load_from_cache(base_model, name)
+    except Exception:  # noqa: BLE001
+        return None
+    return Path(got) if isinstance(got, str) and Path(got).is_file() else None
+
+
+def read_model_config(base_model: str) -> dict | None:
+    f = local_model_file(base_model, "config.json")
+    if f is None:
+        return None
+    try:
+        return json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise UserError("unreadable config.json", path=str(f)) from None
+
+
 def layer_class(base_model: str) -> str | None:
     """The decoder layer class FSDP wraps, from the base model's config (local folder or HF cache)."""
-    from .recipe import read_model_config
-
     cfg = read_model_config(base_model)
     if not cfg:
         return None

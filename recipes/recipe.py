@@ -14,12 +14,16 @@ import json
 import logging
 import os
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
 from tools.errors import UserError
 from tools.io import read_jsonl
 from tools.progress import log
+
+from .axolotl_cpu import AXOLOTL_ENV
+from .hardware import SHIM_DIR, cpu_threads, launch_env, local_model_file
 
 # The MediLoRA recipe (seed report): QLoRA r=8/alpha=16 on q/v, 8-bit AdamW, cosine, 2 epochs.
 MEDILORA_DEFAULTS: dict[str, Any] = {
@@ -74,21 +78,6 @@ OPTION_KEYS = {
 
 # -- the base model, without loading it ----------------------------------------------------------
 
-def _local_file(base_model: str, name: str) -> Path | None:
-    p = Path(base_model)
-    if p.is_dir():
-        f = p / name
-        return f if f.is_file() else None
-    if p.exists() or base_model.count("/") != 1:
-        return None
-    try:  # a Hub id: only what is already in the local cache (no network)
-        from huggingface_hub import try_to_load_from_cache
-        got = try_to_load_from_cache(base_model, name)
-    except Exception:  # noqa: BLE001
-        return None
-    return Path(got) if isinstance(got, str) and Path(got).is_file() else None
-
-
 def check_base_model(base_model: str, field: str = "--base-model") -> str:
     """A local folder must hold a HF checkpoint; a Hub id is passed on (resolved by Axolotl)."""
     if not base_model or not str(base_model).strip():
@@ -104,19 +93,9 @@ def check_base_model(base_model: str, field: str = "--base-model") -> str:
     return base_model
 
 
-def read_model_config(base_model: str) -> dict | None:
-    f = _local_file(base_model, "config.json")
-    if f is None:
-        return None
-    try:
-        return json.loads(f.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        raise UserError("unreadable config.json", path=str(f)) from None
-
-
 def tokenizer_info(base_model: str) -> dict | None:
     """What the base tokenizer holds (vocabulary, EOS), read from its files; None if not local."""
-    tj = _local_file(base_model, "tokenizer.json")
+    tj = local_model_file(base_model, "tokenizer.json")
     if tj is None:
         return None
     try:
@@ -127,7 +106,7 @@ def tokenizer_info(base_model: str) -> dict | None:
     names = set(vocab) if isinstance(vocab, dict) else {v[0] for v in vocab if isinstance(v, list) and v}
     names |= {t.get("content") for t in doc.get("added_tokens") or [] if isinstance(t, dict)}
     eos = None
-    tc = _local_file(base_model, "tokenizer_config.json")
+    tc = local_model_file(base_model, "tokenizer_config.json")
     if tc is not None:
         try:
             tcd = json.loads(tc.read_text(encoding="utf-8"))
@@ -391,11 +370,6 @@ def env_for_axolotl(seed: int | None = None, preset=None) -> dict[str, str]:
     start-up shim (recipes/seeding/sitecustomize.py) on PYTHONPATH; with ``seed``, every process is
     seeded at start-up; with a ``preset`` of several CPU processes, the CPU/DDP switches and the
     threads per process (recipes.hardware.launch_env)."""
-    import sys
-
-    from .axolotl_cpu import AXOLOTL_ENV
-    from .hardware import SHIM_DIR, cpu_threads, launch_env
-
     env = dict(os.environ)
     env.update(AXOLOTL_ENV)
     env["PYTHONPATH"] = os.pathsep.join([str(SHIM_DIR)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))

@@ -31,11 +31,12 @@ from typing import Any
 from tools.artifact import Artifact, Stage, is_artifact, read_artifact
 from tools.errors import UserError
 from tools.progress import log
+from tools.stages import DATASET_PAIRS, STAGE, STAGE_DPO
 
 from . import hardware as P
 from . import recipe as R
 
-STAGE_NAMES = {"completion": "stage.completion", "sft": "stage.sft", "dpo": "stage.dpo"}
+STAGE_NAMES = {"completion": "stage.completion", "sft": "stage.sft", "dpo": STAGE_DPO}
 
 
 def _data_files(kind: str, dirs: list[str]) -> tuple[list[Path], list[Path]]:
@@ -46,7 +47,7 @@ def _data_files(kind: str, dirs: list[str]) -> tuple[list[Path], list[Path]]:
     train, val = [], []
     for d in dirs:
         if kind == "dpo":
-            train.append(read_artifact(d, stage="dataset.pairs").file("train.jsonl").resolve())
+            train.append(read_artifact(d, stage=DATASET_PAIRS).file("train.jsonl").resolve())
         elif kind == "completion":
             art = read_artifact(d, stage="corpus")
             train.append(art.file("corpus.jsonl").resolve())
@@ -72,7 +73,7 @@ def _mode_keys(mode: str) -> dict:
 
 def resolve_from(from_stage: str, merged: str | None) -> dict:
     """What stage two starts from, read from stage one's manifests (see the module docstring)."""
-    s1 = read_artifact(from_stage, stage=("stage.",))
+    s1 = read_artifact(from_stage, stage=STAGE)
     out = Path(from_stage) / "output"
     if not is_artifact(out):
         raise UserError("stage one has not finished training (no manifest in output/): run `tools train` on it "

@@ -62,6 +62,7 @@ from tools.artifact import Artifact, Stage, read_artifact
 from tools.errors import UserError, WorkError
 from tools.io import write_json
 from tools.progress import log, progress
+from tools.stages import STAGE
 
 from . import hardware as P
 from . import recipe as R
@@ -77,7 +78,7 @@ ERROR_RE = re.compile(r"^\s*(?:[\w.]+(?:Error|Exception|Interrupt)|AssertionErro
 
 
 def _stage(stage_dir: str | os.PathLike) -> Artifact:
-    return read_artifact(stage_dir, stage=("stage.",))
+    return read_artifact(stage_dir, stage=STAGE)
 
 
 def _load_yaml(path: Path) -> dict:
@@ -122,7 +123,8 @@ def plan(stage_dir: str | os.PathLike, work: str | None = None, resume: str | No
             "world_size": preset.world_size, "base_model": cfg.get("base_model"), "adapter": bool(cfg.get("adapter")),
             "output": str(stage_dir / "output"), "checkpoints": overrides["output_dir"],
             "log": str(stage_dir / "train.log"), "env": dict(sorted(env.items())), "path_prepend": str(bindir),
-            "commands": commands, "max_steps": cfg.get("max_steps")}
+            "commands": commands, "max_steps": cfg.get("max_steps"),
+            "resume_from_step": _step_of(Path(resume)) if resume else resume_step(stage_dir, art, preset)}
 
 
 # -- checkpoints -----------------------------------------------------------------------------------
@@ -238,7 +240,7 @@ def _prepare_checkpoints(stage_dir: Path, art: Artifact, preset: P.Preset, resta
     """``STAGE_DIR/checkpoints`` (mode 0700), emptied when --restart or when it belongs to another
     configuration of this stage (a re-staged axolotl.yaml, another world size)."""
     work = stage_dir / CHECKPOINTS
-    want = {"stage_fingerprint": art.manifest.get("fingerprint"), "world_size": preset.world_size}
+    want = _run_marker(art, preset)
     if work.exists():
         try:
             had = json.loads((work / RUN_MARKER).read_text(encoding="utf-8"))
@@ -254,6 +256,24 @@ def _prepare_checkpoints(stage_dir: Path, art: Artifact, preset: P.Preset, resta
     os.chmod(work, 0o700)  # credentialed data (MIMIC) may sit in the weights and the optimizer state
     write_json(work / RUN_MARKER, want)
     return work
+
+
+def _run_marker(art: Artifact, preset: P.Preset) -> dict:
+    """What ``checkpoints/`` must have been written for to be resumed from (else it is emptied)."""
+    return {"stage_fingerprint": art.manifest.get("fingerprint"), "world_size": preset.world_size}
+
+
+def resume_step(stage_dir: Path, art: Artifact, preset: P.Preset) -> int | None:
+    """The step `tools train` resumes from now (None: step 0), by the rules above, changing nothing:
+    `tools train --dry-run --json` says it, and `tools status` / `tools run --dry-run` ask it."""
+    work = Path(stage_dir) / CHECKPOINTS
+    try:
+        if json.loads((work / RUN_MARKER).read_text(encoding="utf-8")) != _run_marker(art, preset):
+            return None
+    except (OSError, ValueError):
+        return None
+    found = last_checkpoint(work, preset.world_size, drop_broken=False)
+    return found[0] if found else None
 
 
 def _prepared_marker(stage_dir: Path, cfg: dict) -> Path:
@@ -426,7 +446,7 @@ def train_stage(stage_dir: str | os.PathLike, dry_run: bool = False, force: bool
     the_plan = plan(stage_dir, keep_all=select is not None)
     preset = P.Preset(**the_plan["preset"])
     if dry_run:
-        return the_plan
+        return {**the_plan, "resume_from_step": None} if restart else the_plan
     if cfg.get("rl") == "grpo" and preset.device == "cpu":
         raise UserError("GRPO samples its completions with a vLLM server (trl.use_vllm, `axolotl vllm-serve`), which "
                         "needs a GPU: train this stage on a GPU machine", path=str(cfg_file), field="rl")
@@ -489,7 +509,7 @@ def _drop_leftover(ckpts: Path, art: Artifact, preset: P.Preset) -> None:
         had = json.loads((ckpts / RUN_MARKER).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return
-    if had == {"stage_fingerprint": art.manifest.get("fingerprint"), "world_size": preset.world_size}:
+    if had == _run_marker(art, preset):
         shutil.rmtree(ckpts, ignore_errors=True)
 
 
@@ -660,14 +680,15 @@ def _main(argv: list[str]) -> int:
     return 0
 
 
+def dry_run_lines(plan: dict) -> list[str]:
+    """`tools train --dry-run`: the header and each command, with the environment it runs in."""
+    env = " ".join(f"{k}={shlex.quote(v)}" for k, v in plan.get("env", {}).items())
+    resume = plan.get("resume_from_step")
+    return [f"# {plan.get('stage')} {plan.get('stage_dir')} -> {plan.get('output')} (log {plan.get('log')})"] + \
+        ([f"# resumes from its checkpoint at step {resume}"] if resume else []) + [
+        f"PATH={shlex.quote(plan['path_prepend'])}:$PATH {env} {shlex.join(cmd)}" for cmd in plan["commands"]]
+
+
 if __name__ == "__main__":
     raise SystemExit(_main(sys.argv[1:]))
 
-
-def dry_run_lines(plan: dict) -> list[str]:
-    """`tools train --dry-run`: the header and each command, with the environment it runs in."""
-    import shlex
-
-    env = " ".join(f"{k}={shlex.quote(v)}" for k, v in plan.get("env", {}).items())
-    return [f"# {plan.get('stage')} {plan.get('stage_dir')} -> {plan.get('output')} (log {plan.get('log')})"] + [
-        f"PATH={shlex.quote(plan['path_prepend'])}:$PATH {env} {shlex.join(cmd)}" for cmd in plan["commands"]]

@@ -10,9 +10,14 @@ from __future__ import annotations
 
 import codecs
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tools.errors import UserError
+from tools.ggufpath import resolve_gguf
+from tools.llm import SAMPLING_DEFAULTS, LlamaRunner
+
+from .export import default_system
 
 HELP = "commands: /reset, /system [TEXT], /exit (or Ctrl-D)"
 
@@ -20,8 +25,6 @@ HELP = "commands: /reset, /system [TEXT], /exit (or Ctrl-D)"
 class ChatSession:
     def __init__(self, model, *, system: str, sampling: dict, max_tokens: int = 512, n_ctx: int = 4096,
                  seed: int = 0, threads: int | None = None, n_gpu_layers: int | None = None):
-        from tools.llm import LlamaRunner
-
         if max_tokens < 1:
             raise UserError("must be at least 1", field="--max-tokens")
         self.lr = LlamaRunner(model, n_ctx=n_ctx, n_threads=threads, seed=seed, n_gpu_layers=n_gpu_layers)
@@ -52,7 +55,6 @@ class ChatSession:
 
     def reply(self, user: str, write=None) -> str:
         """Answer ``user`` (streamed to ``write``) and keep both turns in the history."""
-        from tools.llm import SAMPLING_DEFAULTS
 
         lr = self.lr
         self.history.append({"role": "user", "content": user})
@@ -150,18 +152,30 @@ def run_chat(session: ChatSession, once: str | None = None, *, read=input, echo=
         echo("")
 
 
-def chat_main(model, *, system: str | None, system_task: str, once: str | None, sampling: dict, max_tokens: int,
-              n_ctx: int, seed: int, threads: int | None, n_gpu_layers: int | None) -> int:
-    from .export import default_system
-    from .ggufinfo import find_gguf
+@dataclass(frozen=True)
+class ChatSpec:
+    """What `tools chat` was asked: the GGUF, the system prompt (or the task whose prompt to use), one message
+    (``once``) or an interactive session, and the sampling and llama.cpp settings."""
 
-    gguf = find_gguf(Path(model))
-    if not gguf.is_file():
-        raise UserError("GGUF file not found", path=str(gguf), field="GGUF")
-    system = system if system is not None else default_system(system_task)
-    s = ChatSession(gguf, system=system, sampling={k: v for k, v in sampling.items() if v is not None},
-                    max_tokens=max_tokens, n_ctx=n_ctx, seed=seed, threads=threads, n_gpu_layers=n_gpu_layers)
+    model: str | Path
+    system: str | None = None
+    system_task: str = "pubmedqa"
+    once: str | None = None
+    sampling: dict = field(default_factory=dict)
+    max_tokens: int = 512
+    n_ctx: int = 4096
+    seed: int = 0
+    threads: int | None = None
+    n_gpu_layers: int | None = None
+
+
+def chat_main(spec: ChatSpec) -> int:
+    gguf = resolve_gguf(spec.model, "GGUF")
+    system = spec.system if spec.system is not None else default_system(spec.system_task)
+    s = ChatSession(gguf, system=system, sampling={k: v for k, v in spec.sampling.items() if v is not None},
+                    max_tokens=spec.max_tokens, n_ctx=spec.n_ctx, seed=spec.seed, threads=spec.threads,
+                    n_gpu_layers=spec.n_gpu_layers)
     try:
-        return run_chat(s, once)
+        return run_chat(s, spec.once)
     finally:
         s.close()

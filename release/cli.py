@@ -5,9 +5,7 @@ from pathlib import Path
 
 import click
 
-from tools.cli_options import artifact_options, emit_json, json_option, read_results, threads_option
-
-N_GPU_LAYERS_HELP = "Layers to offload to the GPU (default: all when llama.cpp has a GPU backend, else 0)."
+from tools.cli_options import N_GPU_LAYERS_HELP, artifact_options, emit_json, json_option, read_results, threads_option
 
 
 def _mib(n: int) -> str:
@@ -144,9 +142,10 @@ def inspect_cmd(model, tensors, as_json):
     \b
     tools inspect runs/gguf-q3kl/MediLoRA-135M-Q3_K_L.gguf
     """
-    from release.ggufinfo import describe_lines, find_gguf, read_gguf
+    from release.ggufinfo import describe_lines, read_gguf
+    from tools.ggufpath import resolve_gguf
 
-    info = read_gguf(find_gguf(model))
+    info = read_gguf(resolve_gguf(model))
     if not tensors:
         info.pop("tensors", None)
     if as_json:
@@ -169,11 +168,11 @@ def compare_quant_cmd(ref, quant, text_file, ctx, max_tokens, threads, n_gpu_lay
     \b
     tools compare-quant --ref runs/gguf-f16 --quant runs/gguf-q3kl --text notes.txt --out runs/qgap
     """
-    from release.ggufinfo import find_gguf
     from release.quantgap import compare_quant
+    from tools.ggufpath import resolve_gguf
 
-    art = compare_quant(find_gguf(ref), find_gguf(quant), text_file, out, ctx=ctx, max_tokens=max_tokens,
-                        threads=threads, n_gpu_layers=n_gpu_layers, force=force)
+    art = compare_quant(resolve_gguf(ref, "--ref"), resolve_gguf(quant, "--quant"), text_file, out, ctx=ctx,
+                        max_tokens=max_tokens, threads=threads, n_gpu_layers=n_gpu_layers, force=force)
     res = read_results(art)
     if as_json:
         return emit_json(art, res)
@@ -303,12 +302,12 @@ def chat_cmd(model, once, system, system_task, max_tokens, temperature, top_k, t
     tools chat runs/gguf-q3kl              # /reset, /system TEXT, /exit
     tools chat model.gguf --once "What is metformin used for?"
     """
-    from release.chat import chat_main
+    from release.chat import ChatSpec, chat_main
 
     sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p}
-    raise SystemExit(chat_main(model, system=system, system_task=system_task, once=once, sampling=sampling,
-                               max_tokens=max_tokens, n_ctx=n_ctx, seed=seed, threads=threads,
-                               n_gpu_layers=n_gpu_layers))
+    raise SystemExit(chat_main(ChatSpec(model, system=system, system_task=system_task, once=once, sampling=sampling,
+                                        max_tokens=max_tokens, n_ctx=n_ctx, seed=seed, threads=threads,
+                                        n_gpu_layers=n_gpu_layers)))
 
 
 def register(cli: click.Group) -> None:

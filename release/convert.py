@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from tools.errors import UserError, WorkError
+from tools.ggufpath import default_threads
 from tools.progress import log
 
 from .llamasrc import llama_cpp_version, run_script
@@ -199,7 +200,7 @@ def fidelity_check(model_dir: str | os.PathLike, gguf: str | os.PathLike, *, max
     text = text if given else heldout_text(2)[: 12 * max_tokens]
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     hf_ids = tok(text, add_special_tokens=False)["input_ids"]
-    threads = threads or max(1, min(4, os.cpu_count() or 1))
+    threads = default_threads(threads)
     llm = _load(Path(gguf), max_tokens + 1, threads)
     try:
         g_ids = llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)

@@ -15,12 +15,20 @@ when a request has none; a conversation whose last message is the assistant's is
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 from pathlib import Path
 
+from corpora.sft import system_prompt
+from tools.artifact import Stage, is_artifact
 from tools.errors import UserError, WorkError
+from tools.ggufpath import gguf_shards, resolve_gguf
+from tools.llm import SAMPLING_DEFAULTS
+from tools.progress import log
+
+from .ggufinfo import gguf_module, read_gguf
 
 OLLAMA_PARAMS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repeat_penalty", "presence_penalty",
                  "frequency_penalty")
@@ -183,7 +191,6 @@ def _parse_expr(tokens: list[str], i: int):
             args.append(node)
             continue
         if t.startswith('"'):
-            import json
             args.append(("lit", json.loads(t)))
         elif re.fullmatch(r"-?\d+", t):
             args.append(("lit", int(t)))
@@ -387,8 +394,6 @@ def modelfile_text(gguf_name: str, template: str, system: str, params: dict, sto
 
 def parse_modelfile(text: str) -> dict:
     """FROM / ADAPTER / TEMPLATE / SYSTEM / PARAMETER of a Modelfile (Ollama's syntax, triple quotes too)."""
-    import json
-
     out: dict = {"params": {}, "stop": []}
     i = 0
     n = len(text)
@@ -428,8 +433,6 @@ def parse_modelfile(text: str) -> dict:
 
 def read_chat_parts(gguf: Path) -> dict:
     """The GGUF's chat template, BOS/EOS texts and whether llama.cpp adds BOS."""
-    from .ggufinfo import gguf_module, read_gguf
-
     info = read_gguf(gguf, tensors=False)
     tpl = info["chat_template"]
     if not tpl:
@@ -478,12 +481,10 @@ def _link(src: Path, dst: Path) -> None:
 
 
 def _sampling() -> dict:
-    from tools.llm import SAMPLING_DEFAULTS
     return {k: SAMPLING_DEFAULTS[k] for k in OLLAMA_PARAMS if k in SAMPLING_DEFAULTS}
 
 
 def default_system(task: str = "pubmedqa") -> str:
-    from corpora.sft import system_prompt
     try:
         return system_prompt(task)
     except KeyError:
@@ -493,15 +494,10 @@ def default_system(task: str = "pubmedqa") -> str:
 def export_ollama(model, out, *, name: str | None = None, system: str | None = None, system_task: str = "pubmedqa",
                   adapter=None, force: bool = False):
     """Artifact ``out`` (stage ``export.ollama``): the GGUF (hard link), Modelfile, README.md."""
-    from tools.artifact import Stage, is_artifact
-    from tools.progress import log
-
-    from .ggufinfo import find_gguf
-
     model = Path(model)
-    gguf = find_gguf(model)
+    gguf = resolve_gguf(model, "MODEL")
     parts = read_chat_parts(gguf)
-    adapter_gguf = find_gguf(Path(adapter)) if adapter else None
+    adapter_gguf = resolve_gguf(adapter, "--adapter") if adapter else None
     system = system if system is not None else default_system(system_task)
     probe = probe_template(parts["template"], parts["bos"] if parts["add_bos"] else "", parts["eos"])
     tpl = go_template(probe)
@@ -514,7 +510,8 @@ def export_ollama(model, out, *, name: str | None = None, system: str | None = N
                inputs=inputs, force=force, log=log) as st:
         if st.skipped:
             return st.result
-        _link(gguf, st.path(gguf.name))
+        for f in gguf_shards(gguf):  # a split model: every shard beside the first (llama.cpp loads them so)
+            _link(f, st.path(f.name))
         if adapter_gguf:
             _link(adapter_gguf, st.path(adapter_gguf.name))
         mf = modelfile_text(gguf.name, tpl, system, params, stops, adapter_gguf.name if adapter_gguf else None)
@@ -543,13 +540,8 @@ def export_lmstudio(model, out, *, publisher: str = "medilora", name: str | None
     """Artifact ``out`` (stage ``export.lmstudio``): ``PUBLISHER/MODEL-GGUF/<file>.gguf`` + README.md,
     the folder layout LM Studio's model directory (~/.lmstudio/models) expects. LM Studio reads the
     chat template from the GGUF itself."""
-    from tools.artifact import Stage, is_artifact
-    from tools.progress import log
-
-    from .ggufinfo import find_gguf
-
     model = Path(model)
-    gguf = find_gguf(model)
+    gguf = resolve_gguf(model, "MODEL")
     read_chat_parts(gguf)  # a GGUF with a chat template
     for v, flag in ((publisher, "--publisher"), (name, "--name")):
         if v is not None and not re.fullmatch(r"[A-Za-z0-9][\w.-]*", v):
@@ -562,7 +554,8 @@ def export_lmstudio(model, out, *, publisher: str = "medilora", name: str | None
             return st.result
         d = st.path(f"{publisher}/{name}/{gguf.name}")
         d.parent.mkdir(parents=True, exist_ok=True)
-        _link(gguf, d)
+        for f in gguf_shards(gguf):
+            _link(f, d.parent / f.name)
         rel = f"{publisher}/{name}"
         st.path("README.md").write_text(
             f"# {name} for LM Studio\n\n```sh\nmkdir -p ~/.lmstudio/models/{publisher}\n"

@@ -15,8 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from tools.errors import UserError, WorkError
-
-GGUF_MAGIC = b"GGUF"
+from tools.ggufpath import check_magic, gguf_shards
 
 
 @lru_cache(maxsize=1)
@@ -106,28 +105,21 @@ def _field_value(field, gguf):
     return field.contents()
 
 
-def _check_magic(path: Path) -> None:
-    if not path.exists():
-        raise UserError("GGUF file not found", path=str(path))
-    if path.is_dir():
-        raise UserError("expected a .gguf file, got a directory", path=str(path))
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if head != GGUF_MAGIC:
-        raise UserError(f"not a GGUF file (starts with {head!r}, expected {GGUF_MAGIC!r})", path=str(path))
-
-
-def read_gguf(path: str | os.PathLike, *, tensors: bool = True) -> dict:
-    """Everything ``inspect`` shows, as plain data. Bad or truncated files -> UserError."""
-    path = Path(path)
-    _check_magic(path)
-    gguf = gguf_module()
+def _reader(path: Path, gguf):
+    check_magic(path)
     try:
-        reader = gguf.GGUFReader(str(path), "r")
+        return gguf.GGUFReader(str(path), "r")
     except Exception as e:  # noqa: BLE001 - the reader raises ValueError/IndexError/... on bad bytes
         raise UserError(f"truncated or corrupt GGUF ({type(e).__name__}: {' '.join(str(e).split())[:200]})",
                         path=str(path)) from None
-    size = path.stat().st_size
+
+
+def read_gguf(path: str | os.PathLike, *, tensors: bool = True) -> dict:
+    """Everything ``inspect`` shows, as plain data (a split model: metadata of the first shard, tensors and
+    size of all). Bad or truncated files -> UserError."""
+    path = Path(path)
+    gguf = gguf_module()
+    reader = _reader(path, gguf)
     meta: dict = {}
     for key, field in reader.fields.items():
         if key.startswith("GGUF."):
@@ -139,25 +131,30 @@ def read_gguf(path: str | os.PathLike, *, tensors: bool = True) -> dict:
     hist: dict[str, dict] = {}
     total_elems = total_bytes = 0
     mat_elems = mat_bytes = 0
-    end = 0
+    size = n_tensors = 0
     tlist = []
-    for t in reader.tensors:
-        tname = t.tensor_type.name
-        n_el, n_b = int(t.n_elements), int(t.n_bytes)
-        end = max(end, int(t.data_offset) + n_b)
-        h = hist.setdefault(tname, {"tensors": 0, "elements": 0, "bytes": 0})
-        h["tensors"] += 1
-        h["elements"] += n_el
-        h["bytes"] += n_b
-        total_elems += n_el
-        total_bytes += n_b
-        if len([d for d in t.shape if int(d) > 1]) >= 2:
-            mat_elems += n_el
-            mat_bytes += n_b
-        if tensors:
-            tlist.append({"name": t.name, "type": tname, "shape": [int(d) for d in t.shape]})
-    if end > size:
-        raise UserError(f"truncated GGUF: tensor data needs {end} bytes, file has {size}", path=str(path))
+    for shard in gguf_shards(path):
+        reader = reader if shard == path else _reader(shard, gguf)
+        end, shard_size = 0, shard.stat().st_size
+        size += shard_size
+        n_tensors += len(reader.tensors)
+        for t in reader.tensors:
+            tname = t.tensor_type.name
+            n_el, n_b = int(t.n_elements), int(t.n_bytes)
+            end = max(end, int(t.data_offset) + n_b)
+            h = hist.setdefault(tname, {"tensors": 0, "elements": 0, "bytes": 0})
+            h["tensors"] += 1
+            h["elements"] += n_el
+            h["bytes"] += n_b
+            total_elems += n_el
+            total_bytes += n_b
+            if len([d for d in t.shape if int(d) > 1]) >= 2:
+                mat_elems += n_el
+                mat_bytes += n_b
+            if tensors:
+                tlist.append({"name": t.name, "type": tname, "shape": [int(d) for d in t.shape]})
+        if end > shard_size:
+            raise UserError(f"truncated GGUF: tensor data needs {end} bytes, file has {shard_size}", path=str(shard))
     ft = meta.get("general.file_type")
     info = {
         "file": path.name,
@@ -165,7 +162,7 @@ def read_gguf(path: str | os.PathLike, *, tensors: bool = True) -> dict:
         "architecture": meta.get("general.architecture"),
         "name": meta.get("general.name"),
         "file_type": ftype_name(int(ft)) if isinstance(ft, (int, float)) else "unknown",
-        "tensor_count": len(reader.tensors),
+        "tensor_count": n_tensors,
         "parameters": total_elems,
         "tensor_types": dict(sorted(hist.items())),
         "bits_per_weight": round(8 * total_bytes / total_elems, 4) if total_elems else None,
@@ -221,38 +218,6 @@ def gguf_filename(meta: dict, encoding: str) -> str:
                 parts.append(c)
     parts.append(encoding.upper())
     return "-".join(parts) + ".gguf"
-
-
-# llama.cpp's split naming (llama_split_path): <prefix>-00001-of-00003.gguf; the first shard is the one to load
-SHARD_RE = re.compile(r"^(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
-
-
-def shard_set(files: list[Path]) -> list[Path] | None:
-    """The files in shard order when they are exactly one complete gguf-split set, else None."""
-    ms = [SHARD_RE.match(f.name) for f in files]
-    if not files or not all(ms):
-        return None
-    prefixes = {m["prefix"] for m in ms}
-    counts = {int(m["count"]) for m in ms}
-    nos = sorted(int(m["no"]) for m in ms)
-    if len(prefixes) != 1 or len(counts) != 1 or nos != list(range(1, counts.pop() + 1)):
-        return None
-    return sorted(files, key=lambda f: int(SHARD_RE.match(f.name)["no"]))
-
-
-def find_gguf(target: str | os.PathLike) -> Path:
-    """A .gguf path from a file or a `gguf` artifact folder holding exactly one (or one split set: its
-    first shard, which is what llama.cpp loads)."""
-    p = Path(target)
-    if p.is_dir():
-        found = sorted(p.glob("*.gguf"))
-        shards = shard_set(found) if len(found) > 1 else None
-        if shards:
-            return shards[0]
-        if len(found) != 1:
-            raise UserError(f"expected one .gguf in the folder, found {len(found)}", path=str(p))
-        return found[0]
-    return p
 
 
 _UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9,

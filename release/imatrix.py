@@ -28,10 +28,11 @@ from pathlib import Path
 
 from tools.artifact import Stage, is_artifact, read_artifact
 from tools.errors import UserError, WorkError
+from tools.ggufpath import default_threads, resolve_gguf
 from tools.io import read_jsonl
 from tools.progress import log, progress
 
-from .ggufinfo import find_gguf, gguf_module, read_gguf
+from .ggufinfo import gguf_module, read_gguf
 
 IMATRIX_FILE = "imatrix.gguf"
 MIN_ROWS = 16  # llama-imatrix ignores mat-muls on fewer rows (single-token decodes)
@@ -322,14 +323,14 @@ def imatrix_stage(model: str | os.PathLike, corpus: str | os.PathLike, out: str 
     from tools.llamacpp import load
 
     target = Path(model)
-    gpath = find_gguf(target)
+    gpath = resolve_gguf(target)
     info = read_gguf(gpath, tensors=False)
     if ctx < MIN_ROWS:
         raise UserError(f"must be at least {MIN_ROWS} (llama.cpp's imatrix skips smaller batches)", field="--ctx")
     if chunks is not None and chunks < 1:
         raise UserError("must be 1 or more", field="--chunks")
     text, cart = corpus_text(corpus)
-    threads = threads or max(1, int(os.environ.get("OMP_NUM_THREADS", "0")) or (os.cpu_count() or 1))
+    threads = default_threads(threads)
     params = {"chunks": chunks, "ctx": ctx, "process_output": process_output}
     inputs = [target if target.is_dir() else gpath, Path(corpus)]
     with Stage("imatrix", out, params, inputs=inputs, force=force, log=log) as st:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tools.artifact import Stage
 from tools.errors import UserError
+from tools.ggufpath import default_threads
 from tools.io import require_file, write_json
 from tools.progress import log, progress
 
@@ -69,7 +70,7 @@ def compare_quant(ref: str | os.PathLike, quant: str | os.PathLike, text_file: s
         raise UserError("--ctx must be at least 8", field="--ctx")
     if max_tokens is not None and max_tokens < 2:
         raise UserError("--max-tokens must be at least 2", field="--max-tokens")
-    threads = threads or max(1, int(os.environ.get("OMP_NUM_THREADS", "0")) or (os.cpu_count() or 1))
+    threads = default_threads(threads)
     params = {"ctx": ctx, "max_tokens": max_tokens}
     with Stage("compare-quant", out, params, inputs=[ref, quant, Path(text_file)], force=force, log=log) as st:
         if st.skipped:

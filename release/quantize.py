@@ -14,10 +14,10 @@ from pathlib import Path
 
 from tools.artifact import Stage, is_artifact
 from tools.errors import UserError, WorkError
+from tools.ggufpath import default_threads, resolve_gguf
 from tools.progress import log, progress
 
 from .ggufinfo import (
-    find_gguf,
     gguf_filename,
     gguf_module,
     is_quantized,
@@ -171,7 +171,7 @@ def quantize_stage(src: str | os.PathLike, qtype: str, out: str | os.PathLike, *
     if needs_imatrix(qname) and not imatrix:
         refuse_without_imatrix(qname)
     target = Path(src)
-    gpath = find_gguf(target)
+    gpath = resolve_gguf(target)
     info = read_gguf(gpath)  # bad/truncated input -> UserError before anything is written
     if is_quantized(info) and not allow_requantize:
         raise UserError(f"already quantized ({info['file_type']}): requantizing loses quality; "
@@ -182,7 +182,7 @@ def quantize_stage(src: str | os.PathLike, qtype: str, out: str | os.PathLike, *
     imat = load_imatrix(imatrix_file) if imatrix else None
     if split_max_size is not None and split_max_size < 1:
         raise UserError("must be more than 0 bytes", field="--split-max-size")
-    threads = threads or max(1, min(os.cpu_count() or 1, int(os.environ.get("OMP_NUM_THREADS", "0")) or 64))
+    threads = default_threads(threads)
     inputs = [target if is_artifact(target) else gpath] + ([imatrix_input] if imatrix else [])
     params = {"q": qname, "imatrix": bool(imatrix), "allow_requantize": allow_requantize, "name": name}
     if split_max_size:
@@ -325,7 +325,7 @@ def quantize_set(src: str | os.PathLike, qtypes: list[str], out: str | os.PathLi
     if not names:
         raise UserError("no quantization type given", field="--q")
     target = Path(src)
-    gpath = find_gguf(target)
+    gpath = resolve_gguf(target)
     info = read_gguf(gpath, tensors=False)
     if text_file is not None:
         read_text(text_file)

@@ -114,3 +114,30 @@ def fake_bench(path, name, correct: list[bool], gold: list[str], first_id: int =
         st.path("results.json").write_text(json.dumps(res))
         st.path("items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return st.result.path
+
+
+def cut_off_checkpoint(stage: Path, drop: str, world: int = 1) -> tuple[int, str]:
+    """Make a checkpoint one step past the newest whole one that was cut off mid-write (``drop``:
+    the file it lacks or, for a .safetensors file, the file truncated to half). Returns (whole step, name)."""
+    import shutil
+
+    from recipes.train import checkpoint_problem
+    ckpts = sorted((stage / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    whole = [c for c in ckpts if checkpoint_problem(c, world) is None]
+    assert whole, [(c.name, checkpoint_problem(c, world)) for c in ckpts]
+    k = int(whole[-1].name.split("-")[1])
+    for c in ckpts:  # a real cut-off checkpoint past k may exist already: keep one fake one only
+        if int(c.name.split("-")[1]) > k:
+            shutil.rmtree(c)
+    bad = stage / "checkpoints" / f"checkpoint-{k + 1}"
+    shutil.copytree(whole[-1], bad)
+    state = json.loads((bad / "trainer_state.json").read_text())
+    state["global_step"] = k + 1
+    (bad / "trainer_state.json").write_text(json.dumps(state))
+    f = bad / drop
+    if drop.endswith(".safetensors"):
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    else:
+        f.unlink()
+    assert checkpoint_problem(bad, world) is not None
+    return k, bad.name

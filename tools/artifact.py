@@ -20,6 +20,7 @@ from typing import Any, Iterable
 from . import __version__
 from .errors import UserError
 from .io import canonical_json, sha256_bytes, sha256_file, write_json
+from .stages import in_family
 
 MANIFEST = "manifest.json"
 SCHEMA_VERSION = 1
@@ -108,7 +109,7 @@ def read_artifact(path: str | os.PathLike, stage: str | tuple[str, ...] | None =
         raise UserError(f"unreadable manifest ({e})", path=str(mf)) from None
     if stage is not None:
         wanted = (stage,) if isinstance(stage, str) else stage
-        if not any(manifest.get("stage", "").startswith(w) for w in wanted):
+        if not in_family(manifest.get("stage", ""), *wanted):
             raise UserError(f"expected a {' or '.join(wanted)} artifact, got {manifest.get('stage')!r}", path=str(p))
     return Artifact(p, manifest)
 
@@ -142,6 +143,33 @@ def _refuse_foreign(out: Path) -> None:
                     "replace it; choose another --out", path=str(out), field="--out")
 
 
+# The fingerprint (the cache key: same fingerprint, the stage does nothing) is computed from a normalised
+# spec, not from the parameter names of the code: renamed keys are mapped back to the name they had when
+# the runs were made, and a parameter added later is left out while it has its old behaviour's value.
+# Version 1 is the layout the first runs were fingerprinted with, so it adds no version key.
+FINGERPRINT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class SpecRule:
+    """How a stage's parameters map to its fingerprint spec: ``renamed`` {new key: old key} keeps old runs'
+    fingerprints across a rename; a key whose value equals ``defaults[key]`` is left out (a parameter added
+    later, at the value that behaves as before it existed)."""
+
+    renamed: dict[str, str] = field(default_factory=dict)
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+
+def fingerprint_spec(name: str, params: dict, inputs: list[dict], rule: SpecRule | None = None) -> dict:
+    """What a stage's fingerprint hashes: stage name, the normalised parameters, the inputs' hashes."""
+    rule = rule or SpecRule()
+    spec = {rule.renamed.get(k, k): v for k, v in params.items() if not (k in rule.defaults and v == rule.defaults[k])}
+    doc = {"stage": name, "params": spec, "inputs": [(i["kind"], i["sha256"]) for i in inputs]}
+    if FINGERPRINT_VERSION > 1:
+        doc["version"] = FINGERPRINT_VERSION
+    return doc
+
+
 class Stage:
     """Context manager that runs one stage under the artifact contract.
 
@@ -152,7 +180,7 @@ class Stage:
 
     def __init__(self, name: str, out: str | os.PathLike, params: dict[str, Any],
                  inputs: Iterable[str | os.PathLike] = (), *, force: bool = False,
-                 lineage: Lineage | None = None, log=None):
+                 lineage: Lineage | None = None, log=None, spec_rule: SpecRule | None = None):
         self.name = name
         self.out = Path(out)
         self.params = params
@@ -170,10 +198,7 @@ class Stage:
                 self.lineage.merge(lin)
         if lineage is not None:
             self.lineage.merge(lineage)
-        self.fingerprint = sha256_bytes(canonical_json({
-            "stage": name, "params": params,
-            "inputs": [(i["kind"], i["sha256"]) for i in self.inputs],
-        }))
+        self.fingerprint = sha256_bytes(canonical_json(fingerprint_spec(name, params, self.inputs, spec_rule)))
         self.work: Path | None = None
 
     # -- skip logic ---------------------------------------------------------------------------
@@ -255,19 +280,6 @@ class Stage:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         return Artifact(self.out, manifest)
-
-
-def update_manifest(path: str | os.PathLike, **changes) -> dict:
-    """Rewrite a complete artifact's manifest atomically (e.g. to add results after training)."""
-    art = read_artifact(path)
-    m = dict(art.manifest)
-    for k, v in changes.items():
-        if isinstance(v, dict) and isinstance(m.get(k), dict):
-            m[k] = {**m[k], **v}
-        else:
-            m[k] = v
-    write_json(Path(path) / MANIFEST, m)
-    return m
 
 
 @contextlib.contextmanager

@@ -25,6 +25,7 @@ force_option = click.option("--force", is_flag=True,
                             help="Re-run even if OUT already holds this artifact (same inputs and parameters).")
 json_option = click.option("--json", "as_json", is_flag=True,
                            help='Print {"path", "manifest", "results"} as JSON on stdout (see tools.cli_options).')
+N_GPU_LAYERS_HELP = "Layers to offload to the GPU (default: all when llama.cpp has a GPU backend, else 0)."
 threads_option = click.option("--threads", type=int, default=None,
                               help="llama.cpp threads (default: OMP_NUM_THREADS, else all physical cores).")
 

@@ -6,12 +6,11 @@ import csv
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import UserError
+from .errors import UserError, excerpt
 
 CHUNK = 1 << 20
 
@@ -312,8 +311,8 @@ def read_csv_numbered(path: str | os.PathLike, required: tuple[str, ...] = ()) -
     header = [h.strip() for h in header]
     missing = [c for c in required if c not in header]
     if missing:
-        raise UserError(f"missing column {missing[0]!r} (columns: {', '.join(header)})", path=str(p), line=1,
-                        field=missing[0])
+        raise UserError(f"missing column {missing[0]!r} (columns: {excerpt(', '.join(header))})", path=str(p),
+                        line=1, field=missing[0])
     while True:
         start = reader.line_num + 1
         try:
@@ -329,5 +328,3 @@ def read_csv_numbered(path: str | os.PathLike, required: tuple[str, ...] = ()) -
         yield start, dict(zip(header, row))
 
 
-def remove_tree(path: str | os.PathLike) -> None:
-    shutil.rmtree(path, ignore_errors=True)

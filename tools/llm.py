@@ -17,12 +17,12 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from tools.errors import UserError, WorkError
+from tools.ggufpath import default_threads, physical_cores, resolve_gguf  # noqa: F401 - physical_cores for bench/
 
 SENTINEL = "\u2063MEDILORA_USER\u2063"
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
@@ -30,48 +30,6 @@ CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n
 # llama-cpp-python's own sampling defaults (Llama.create_completion), with the protocol's top-k 40
 SAMPLING_DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "typical_p": 1.0,
                      "repeat_penalty": 1.0, "frequency_penalty": 0.0, "presence_penalty": 0.0}
-
-
-def physical_cores() -> int:
-    """Physical cores this process may use (hyper-threads don't help llama.cpp)."""
-    try:
-        allowed = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        allowed = os.cpu_count() or 1
-    cores = set()
-    try:
-        phys = core = None
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("physical id"):
-                    phys = line.split(":")[1].strip()
-                elif line.startswith("core id"):
-                    core = line.split(":")[1].strip()
-                elif not line.strip():
-                    if core is not None:
-                        cores.add((phys, core))
-                    phys = core = None
-    except OSError:
-        pass
-    n = len(cores) or allowed
-    return max(1, min(n, allowed))
-
-
-def check_gguf(path: str | os.PathLike) -> Path:
-    p = Path(path)
-    if not p.exists():
-        raise UserError("model file not found", path=str(p), field="--model")
-    if p.is_dir():  # a GGUF artifact folder (tools convert / tools quantize) holding one .gguf
-        found = sorted(p.glob("*.gguf"))
-        if len(found) != 1:
-            raise UserError(f"expected a .gguf file or a folder holding exactly one, found {len(found)}",
-                            path=str(p), field="--model")
-        p = found[0]
-    with open(p, "rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
-        raise UserError("not a GGUF file (bad magic)", path=str(p), field="--model")
-    return p
 
 
 def item_seed(seed: int, item_id: str) -> int:
@@ -95,10 +53,10 @@ class LlamaRunner:
 
         from tools.llamacpp import load
 
-        self.path = check_gguf(model)
-        self.lora_path = check_gguf(lora_path) if lora_path else None
+        self.path = resolve_gguf(model, "--model")
+        self.lora_path = resolve_gguf(lora_path, "--lora") if lora_path else None
         lora_kw = {"lora_path": str(self.lora_path)} if self.lora_path else {}
-        self.n_threads = n_threads or physical_cores()
+        self.n_threads = default_threads(n_threads)
         try:
             self.llm = load(self.path, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
                             n_threads=self.n_threads, n_threads_batch=self.n_threads, seed=seed, logits_all=False, **lora_kw)

@@ -2,11 +2,11 @@
 
 A pipeline file lists steps; each is one `tools` verb with its arguments. Placeholders:
 ``{run_dir}``, ``{repo}``, ``{vars.NAME}``, ``{env.NAME}`` and
-``{steps.NAME.out}`` (the output folder of an earlier step); ``after: [NAME]`` declares a step
-read indirectly (``merge STAGE`` reads the stage's trained ``output/``). Each step writes to
-``RUN_DIR/NAME`` (``--out`` is appended) unless it sets ``out:`` itself (e.g. `train` writes
-``STAGE/output``) or ``out_flag: false``; ``artifact: false`` marks a step that leaves no
-artifact (``push --dry-run``).
+``{steps.NAME.out}`` (the output folder of an earlier step). Each step gets ``--out RUN_DIR/NAME``
+unless its verb's artifact has a fixed place (tools.stages.FIXED_OUT: ``train STAGE`` writes
+``STAGE/output``); a step reads every earlier step whose output lies inside a path it names (so
+``merge STAGE`` reads the ``train STAGE`` step). A verb without ``--force`` (``push``) leaves no artifact:
+its step is done when run with the same command and inputs.
 
 A step is *done* when its output folder has a manifest and the step's command and the digests of
 the steps it reads are what they were when it ran; done steps are skipped without starting a
@@ -16,6 +16,7 @@ from its last whole checkpoint (kept in ``STAGE/checkpoints``), not from step 0.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -30,14 +31,11 @@ from .artifact import is_artifact, read_artifact
 from .errors import UserError, WorkError
 from .io import write_json
 from .paths import REPO
+from .stages import FIXED_OUT, RESUMABLE, key_figures
 from .yamlio import read_yaml
 
 STATE = "run.json"
 _PH = re.compile(r"\{(run_dir|repo|vars\.[A-Za-z0-9_]+|env\.[A-Za-z0-9_]+|steps\.[A-Za-z0-9_-]+\.out)\}")
-KEY_FIGURES = ("accuracy", "valid_rate", "final_loss", "chosen_step", "perplexity", "bits_per_weight", "size_mb",
-               "n_docs", "n_items", "rows", "file_type")
-
-
 def load_pipeline(path: str | os.PathLike) -> dict:
     p = Path(path)
     doc = read_yaml(p, what="pipeline file")
@@ -95,27 +93,33 @@ class Plan:
         name = s["name"]
         self.reads[name] = []
         argv = shlex.split(self._sub(str(s["run"]), name))
-        for dep in s.get("after", []) or []:  # steps read indirectly (e.g. a stage's trained output/)
-            if dep not in self.outs:
-                raise UserError(f"step {name!r} comes after {dep!r}, which is not an earlier step",
-                                path=self.doc["_path"], field=f"{name}.after")
-            self.reads[name].append(dep)
+        for gone in ("after", "out_flag", "artifact"):
+            if gone in s:
+                raise UserError(f"`{gone}:` is no longer needed (reads and outputs follow from the commands): "
+                                "remove it", path=self.doc["_path"], field=f"{name}.{gone}")
+        fixed = FIXED_OUT.get(argv[0]) if len(argv) > 1 else None
         if "out" in s:
             out = Path(self._sub(str(s["out"]), name))
         else:
-            out = self.run_dir / name
-            if s.get("out_flag", True):
-                argv += ["--out", str(out)]
+            out = fixed(argv[1]).resolve() if fixed else self.run_dir / name
+        cmd, _ = find_verb(argv)
+        takes_out = cmd is None or any("--out" in p.opts for p in cmd.params)  # an unknown verb: check_commands
+        if takes_out and "--out" not in argv:
+            argv += ["--out", str(out)]
+        named = [Path(a).resolve() for a in argv[1:] if not a.startswith("-") and os.sep in a]
+        for dep, dep_out in self.outs.items():  # steps read indirectly: an output inside a folder this step names
+            if dep not in self.reads[name] and any(dep_out.resolve().is_relative_to(p) for p in named):
+                self.reads[name].append(dep)
         self.outs[name] = out
         self.argv[name] = argv
-        self.makes_artifact[name] = bool(s.get("artifact", True))
+        # an artifact verb takes --force (re-running it with the same inputs does nothing); push takes neither
+        self.makes_artifact[name] = cmd is None or any("--force" in p.opts for p in cmd.params)
 
     def names(self) -> list[str]:
         return [s["name"] for s in self.doc["steps"]]
 
 
 def _state(run_dir: Path) -> dict:
-    import json
     f = run_dir / STATE
     if f.is_file():
         try:
@@ -155,14 +159,16 @@ def step_status(plan: Plan, state: dict, name: str) -> str:
 
 
 def resume_note(argv: list[str]) -> str:
-    """A `train STAGE` step whose last run was killed or failed kept its checkpoints in
-    ``STAGE/checkpoints`` (recipes/train.py): re-running it resumes from the last whole one, not
-    from step 0. Say so (the newest checkpoint with a trainer state; `tools train` checks it)."""
-    if len(argv) < 2 or argv[0] != "train" or "--restart" in argv:
+    """What a resumable step (a `train STAGE` killed half-way) would resume from, asked of the verb itself
+    (`tools train STAGE --dry-run --json`, the rule recipes/train.py applies), not re-decided here."""
+    if len(argv) < 2 or argv[0] not in RESUMABLE or "--restart" in argv or not (Path(argv[1]) / "checkpoints").is_dir():
         return ""
-    steps = [int(p.parent.name.rsplit("-", 1)[-1]) for p in (Path(argv[1]) / "checkpoints").glob(
-        "checkpoint-*/trainer_state.json") if p.parent.name.rsplit("-", 1)[-1].isdigit()]
-    return f" (resumes from its checkpoint at step {max(steps)})" if steps else ""
+    r = subprocess.run(_tools_argv() + [argv[0], argv[1], "--dry-run", "--json"], capture_output=True, text=True)
+    try:
+        step = json.loads(r.stdout)["results"]["resume_from_step"]
+    except (ValueError, KeyError, TypeError):
+        return ""
+    return f" (resumes from its checkpoint at step {step})" if step else ""
 
 
 def _file_stats(out: Path) -> dict:
@@ -186,19 +192,27 @@ def _tools_argv() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "tools"]
 
 
+def find_verb(argv: list[str]) -> tuple[click.Command | None, int]:
+    """The Click command ``tools ARGV`` runs and how many words name it; (None, i) if word i names no verb."""
+    from .cli import cli  # the CLI edge: imported when a pipeline is read, not when tools.pipeline is
+
+    cmd, i = cli, 0
+    while isinstance(cmd, click.Group):
+        if i >= len(argv) or argv[i] not in cmd.commands:
+            return None, i
+        cmd, i = cmd.commands[argv[i]], i + 1
+    return cmd, i
+
+
 def check_commands(plan: Plan) -> None:
     """Every step names an existing verb and only options that verb has (before running anything)."""
-    from .cli import cli
-
     for n in plan.names():
         argv = plan.argv[n]
-        cmd, i = cli, 0
-        while isinstance(cmd, click.Group):
-            if i >= len(argv) or argv[i] not in cmd.commands:
-                got = argv[i] if i < len(argv) else "nothing"
-                raise UserError(f"step {n!r}: `tools {' '.join(argv[:i])}` has no verb {got!r}",
-                                path=plan.doc["_path"], field=n)
-            cmd, i = cmd.commands[argv[i]], i + 1
+        cmd, i = find_verb(argv)
+        if cmd is None:
+            got = argv[i] if i < len(argv) else "nothing"
+            raise UserError(f"step {n!r}: `tools {' '.join(argv[:i])}` has no verb {got!r}",
+                            path=plan.doc["_path"], field=n)
         known = {o for p in cmd.params for o in (*p.opts, *p.secondary_opts)}
         for tok in argv[i:]:
             if tok.startswith("--") and tok.split("=", 1)[0] not in known:
@@ -270,7 +284,8 @@ def run_pipeline(pipeline: str, run_dir: str, *, until: str | None = None, start
 def _figures(out: Path) -> str:
     if not is_artifact(out):
         return ""
-    ex = read_artifact(out).extra
+    art = read_artifact(out)
+    ex = art.extra
     flat = {}
     for k, v in ex.items():
         if isinstance(v, dict):
@@ -278,7 +293,7 @@ def _figures(out: Path) -> str:
                 flat.setdefault(k2, v2)
         flat.setdefault(k, v)
     parts = []
-    for k in KEY_FIGURES:
+    for k in key_figures(art.stage):
         v = flat.get(k)
         if isinstance(v, (int, float, str)) and not isinstance(v, bool):
             parts.append(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")

@@ -11,7 +11,13 @@ note_id) are dropped, the first one kept, and counted in the manifest (``dropped
 """
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+
+from tools.artifact import Lineage, Stage
 from tools.errors import UserError
+from tools.io import require_file
+from tools.progress import progress
 
 from .csv_source import BLOCK, MAX_RECORD, arrow_rows, csv_tasks, python_rows, read_csv_header
 from .notes import LICENSE, SOURCE, SOURCE_IV, VERSIONS, NoteOptions, check_version, clean_note, json_string
@@ -27,16 +33,32 @@ __all__ = ["BLOCK", "LICENSE", "MAX_RECORD", "SOURCE", "SOURCE_IV", "SPOOL_PREFI
            "redact_dsn", "resolve_db_source", "spool_dir"]
 
 
-def build_corpus(out, *, csv_path=None, dsn=None, schema=None, table=None, version: str = "auto",
-                 opts: NoteOptions | None = None, workers: int | None = None, dedup: bool = True,
-                 refuse_duplicate_ids: bool = False, force: bool = False, plot: bool = True, log=None):
-    """The ``corpus.mimic`` stage (MIMIC-III NOTEEVENTS or MIMIC-IV-Note): returns the Artifact.
-    ``schema``/``table`` default to mimiciii.noteevents, then mimiciv_note.discharge."""
-    from tools.artifact import Lineage, Stage
-    from tools.io import require_file
-    from tools.progress import progress
+@dataclass(frozen=True)
+class MimicSpec:
+    """Where the notes come from (a CSV or a PostgreSQL DSN, schema, table, MIMIC version), which to keep
+    (``opts``, dedup, a repeated id refused or counted), how many workers, and whether to plot lengths."""
 
-    opts = opts or NoteOptions()
+    csv_path: str | os.PathLike | None = None
+    dsn: str | None = None
+    schema: str | None = None
+    table: str | None = None
+    version: str = "auto"
+    opts: NoteOptions | None = None
+    workers: int | None = None
+    dedup: bool = True
+    refuse_duplicate_ids: bool = False
+    plot: bool = True
+
+
+def build_corpus(out, spec: MimicSpec | None = None, *, force: bool = False, log=None, **fields):
+    """The ``corpus.mimic`` stage (MIMIC-III NOTEEVENTS or MIMIC-IV-Note): returns the Artifact;
+    ``build_corpus(out, spec)`` or ``build_corpus(out, **MimicSpec fields)``.
+    ``schema``/``table`` default to mimiciii.noteevents, then mimiciv_note.discharge."""
+    spec = spec or MimicSpec(**fields)
+    csv_path, dsn, version, workers, dedup, plot = (spec.csv_path, spec.dsn, spec.version, spec.workers, spec.dedup,
+                                                    spec.plot)
+    schema, table, refuse_duplicate_ids = spec.schema, spec.table, spec.refuse_duplicate_ids
+    opts = spec.opts or NoteOptions()
     if (csv_path is None) == (dsn is None):
         raise UserError("give exactly one of --csv or --dsn", field="--csv/--dsn")
     check_version(version)

@@ -79,6 +79,59 @@ def _work(task):
 
 
 # -- main process --------------------------------------------------------------------------------
+def _repeats(hashes: list, ids: list, seen: set | None, seen_ids: set, refuse=None) -> tuple[list[int], int, int]:
+    """(positions to drop, exact duplicates, repeated ids) of one block's notes, the first copy winning;
+    ``seen`` None: no text dedup (--no-dedup), ids are still one a note. ``refuse(i)`` raises for a repeated id."""
+    dropped: list[int] = []
+    n_dup = n_dup_id = 0
+    if not hashes:
+        return dropped, 0, 0
+    block, id_block = set(hashes), set(ids)
+    if ((seen is None or (len(block) == len(hashes) and seen.isdisjoint(block)))
+            and len(id_block) == len(ids) and seen_ids.isdisjoint(id_block)):
+        if seen is not None:  # the usual case: no duplicate, no loop over notes
+            seen.update(block)
+        seen_ids.update(id_block)
+        return dropped, 0, 0
+    for i, (h, k) in enumerate(zip(hashes, ids)):
+        if seen is not None and h in seen:
+            dropped.append(i)
+            n_dup += 1
+        elif k in seen_ids:
+            if refuse is not None:
+                refuse(i)
+            dropped.append(i)
+            n_dup_id += 1
+        else:
+            if seen is not None:
+                seen.add(h)
+            seen_ids.add(k)
+    return dropped, n_dup, n_dup_id
+
+
+def _kept_ranges(sizes: list[int], dropped: list[int]) -> list[tuple[int, int]]:
+    """(offset, length) of the kept lines of a block, in order."""
+    offsets = [0, *accumulate(sizes)]
+    ranges, pos = [], 0
+    for i in dropped:
+        if offsets[i] > pos:
+            ranges.append((pos, offsets[i] - pos))
+        pos = offsets[i + 1]
+    if offsets[-1] > pos:
+        ranges.append((pos, offsets[-1] - pos))
+    return ranges
+
+
+def _write_kept(blob, f, ranges: list[tuple[int, int]]) -> None:
+    if isinstance(blob, str):  # spooled by a worker: copied in-kernel, then removed
+        _copy_ranges(blob, f, ranges)
+        os.unlink(blob)
+    else:
+        view = memoryview(blob)
+        for off, n in ranges:
+            f.write(view[off:off + n])
+
+
 def build(tasks: Iterator[tuple], out_file: Path, opts: NoteOptions, workers: int, where: str,
           dedup: bool = True, meanwhile=None, refuse_duplicate_ids: bool = False) -> dict:
     """Run ``tasks`` through the cleaner (in ``workers`` processes) and write the JSONL in order.
@@ -99,29 +152,9 @@ def build(tasks: Iterator[tuple], out_file: Path, opts: NoteOptions, workers: in
         block_base = base[0]
         base[0] += newlines
         stats.update(st)
-        dropped: list[int] = []        # positions of duplicates (the first copy wins)
-        n_dup = n_dup_id = 0
-        if hashes:
-            block, id_block = set(hashes), set(ids)
-            if ((not dedup or (len(block) == len(hashes) and seen.isdisjoint(block)))
-                    and len(id_block) == len(ids) and seen_ids.isdisjoint(id_block)):
-                if dedup:              # the usual case: no duplicate, no loop over notes
-                    seen.update(block)
-                seen_ids.update(id_block)
-            else:
-                for i, (h, k) in enumerate(zip(hashes, ids)):
-                    if dedup and h in seen:
-                        dropped.append(i)
-                        n_dup += 1
-                    elif k in seen_ids:
-                        if refuse_duplicate_ids:
-                            _refuse_duplicate_id(blob, sizes, i, ids, task, where, block_base)
-                        dropped.append(i)
-                        n_dup_id += 1
-                    else:
-                        if dedup:
-                            seen.add(h)
-                        seen_ids.add(k)
+        refuse = ((lambda i: _refuse_duplicate_id(blob, sizes, i, ids, task, where, block_base))
+                  if refuse_duplicate_ids else None)
+        dropped, n_dup, n_dup_id = _repeats(hashes, ids, seen if dedup else None, seen_ids, refuse)
         lengths.update(buckets)
         for i in dropped:
             lengths[buckets[i]] -= 1
@@ -130,22 +163,7 @@ def build(tasks: Iterator[tuple], out_file: Path, opts: NoteOptions, workers: in
             stats["dropped_duplicate"] += n_dup
         if n_dup_id:
             stats["dropped_duplicate_id"] += n_dup_id
-        # the byte ranges of the kept lines, written in order
-        offsets = [0, *accumulate(sizes)]
-        ranges, pos = [], 0
-        for i in dropped:
-            if offsets[i] > pos:
-                ranges.append((pos, offsets[i] - pos))
-            pos = offsets[i + 1]
-        if offsets[-1] > pos:
-            ranges.append((pos, offsets[-1] - pos))
-        if isinstance(blob, str):  # spooled by a worker: copied in-kernel, then removed
-            _copy_ranges(blob, f, ranges)
-            os.unlink(blob)
-        else:
-            view = memoryview(blob)
-            for off, n in ranges:
-                f.write(view[off:off + n])
+        _write_kept(blob, f, _kept_ranges(sizes, dropped))
 
     with open(out_file, "wb", buffering=0) as f:
         if workers <= 1:

@@ -164,6 +164,8 @@ def test_kill_and_resume_give_the_same_results(tools_cli, tmp_path):
     fin = tools_cli(*args, "--out", out)
     assert fin.returncode == 0, fin.stderr
     assert f"continuing from item {int(m.group(1)) + 1} " in fin.stderr
+    # the figure, not only the message: the manifest says from which item the finished run resumed
+    assert json.loads((out / "manifest.json").read_text())["extra"]["resumed_from_item"] == int(m.group(1))
     for f in ("results.json", "items.jsonl", "report.md", "confusion.png", "lengths.png"):
         assert (out / f).read_bytes() == (tmp_path / "ref" / f).read_bytes(), f
     assert not list(tmp_path.glob(".run.items-*"))  # the resume file goes once the artifact is complete

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import VENV_BIN, make_dataset
+from tests.helpers import VENV_BIN, cut_off_checkpoint, make_dataset
 from tools.artifact import is_artifact, read_artifact
 
 RECIPE = ["--device", "cpu", "--lora", "--max-steps", "8", "--micro-batch", "2", "--no-packing", "--warmup-steps", "0",
@@ -88,32 +88,6 @@ def _train_and_kill(stage: Path, **extra) -> None:
     while _procs_on(stage) and time.time() < deadline:
         time.sleep(0.5)
     assert not _procs_on(stage), "processes of the killed run are still running"
-
-
-def _cut_off_copy(stage: Path, drop: str, world: int) -> tuple[int, str]:
-    """Make a checkpoint one step past the newest whole one that was cut off mid-write (``drop``:
-    the file it lacks or, for a .safetensors file, the file truncated to half). Returns (whole step, name)."""
-    from recipes.train import checkpoint_problem
-
-    ckpts = sorted((stage / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    whole = [c for c in ckpts if checkpoint_problem(c, world) is None]
-    assert whole, [(c.name, checkpoint_problem(c, world)) for c in ckpts]
-    k = int(whole[-1].name.split("-")[1])
-    for c in ckpts:  # a real cut-off checkpoint past k may exist already: keep one fake one only
-        if int(c.name.split("-")[1]) > k:
-            shutil.rmtree(c)
-    bad = stage / "checkpoints" / f"checkpoint-{k + 1}"
-    shutil.copytree(whole[-1], bad)
-    state = json.loads((bad / "trainer_state.json").read_text())
-    state["global_step"] = k + 1
-    (bad / "trainer_state.json").write_text(json.dumps(state))
-    f = bad / drop
-    if drop.endswith(".safetensors"):
-        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
-    else:
-        f.unlink()
-    assert checkpoint_problem(bad, world) is not None
-    return k, bad.name
 
 
 def _adapter(path: Path) -> dict:
@@ -197,7 +171,7 @@ def test_killed_run_resumes_from_its_last_whole_checkpoint(reference):
     _train_and_kill(stage)
     ck = stage / "checkpoints"
     assert not is_artifact(stage / "output") and ck.stat().st_mode & 0o777 == 0o700
-    k, bad = _cut_off_copy(stage, "adapter_model.safetensors", 1)
+    k, bad = cut_off_checkpoint(stage, "adapter_model.safetensors", 1)
 
     r = _tools("train", stage)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -231,7 +205,7 @@ def test_two_processes_train_data_parallel_and_resume(reference, tiny_llama):
     assert "--launcher accelerate -- --multi_gpu --num_processes 2" in launch and "ACCELERATE_USE_CPU=true" in launch
     trace = root / "trace-two"
     _train_and_kill(stage, MEDILORA_TRACE_SAMPLES=trace / "killed")
-    k, bad = _cut_off_copy(stage, "rng_state_1.pth", 2)  # rank 0 wrote trainer_state.json before rank 1's RNG
+    k, bad = cut_off_checkpoint(stage, "rng_state_1.pth", 2)  # rank 0 wrote trainer_state.json before rank 1's RNG
 
     r = _tools("train", stage, MEDILORA_TRACE_SAMPLES=trace / "resumed")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -338,11 +312,9 @@ def test_checkpoint_completeness_and_lock(tmp_path, tiny_llama):
     assert r.returncode == 0 and r.stdout.strip() == str(c), r.stderr
     assert "skipping checkpoint-10: cut off mid-write" in r.stderr and (tmp_path / "ck" / "checkpoint-10").exists()
 
-    # `tools run`/`tools status` say that a killed train step will resume, not start over
+    # `tools run`/`tools status` ask `tools train --dry-run --json` (tests/tools/test_resume_status.py); nothing to
+    # ask for a --restart step or another verb
     from tools.pipeline import resume_note
-    (tmp_path / "st" / "checkpoints").mkdir(parents=True)
-    shutil.copytree(c, tmp_path / "st" / "checkpoints" / "checkpoint-8")
-    assert resume_note(["train", str(tmp_path / "st")]) == " (resumes from its checkpoint at step 8)"
     assert resume_note(["train", str(tmp_path / "st"), "--restart"]) == "" == resume_note(["merge", "x"])
 
     # a second `tools train` on a stage being trained is refused before it touches anything

@@ -163,9 +163,10 @@ def test_split_max_size_shards_load_like_the_single_file(tiny_f16, tmp_path):
     import llama_cpp
     import numpy as np
 
-    from release.ggufinfo import find_gguf, gguf_module, parse_size
+    from release.ggufinfo import gguf_module, parse_size
     from release.push import plan_push
     from release.quantize import quantize_stage
+    from tools.ggufpath import resolve_gguf
 
     one = quantize_stage(tiny_f16.path, "Q8_0", tmp_path / "one", threads=1)
     size = (one.path / one.extra["file"]).stat().st_size
@@ -175,7 +176,7 @@ def test_split_max_size_shards_load_like_the_single_file(tiny_f16, tmp_path):
     n = len(shards)
     assert n >= 3 and shards == [f"{stem}-{i:05d}-of-{n:05d}.gguf" for i in range(1, n + 1)]
     assert split.extra["file"] == shards[0] and sorted(p.name for p in split.path.glob("*.gguf")) == shards
-    assert find_gguf(split.path).name == shards[0]
+    assert resolve_gguf(split.path).name == shards[0]
     g = gguf_module()
     total = 0
     for i, s in enumerate(shards):

@@ -36,11 +36,8 @@ steps:
       --set logging_steps=1
   - name: train
     run: train {steps.sft.out}
-    out: "{steps.sft.out}/output"
-    out_flag: false
   - name: merged
     run: merge {steps.sft.out}
-    after: [train]
   - name: f16
     run: convert {steps.merged.out} --outtype f16
   - name: q3kl
