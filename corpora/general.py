@@ -10,6 +10,8 @@ model never replays the text it is judged on.
 from __future__ import annotations
 
 import os
+import pydoc_data.topics
+import sys
 
 from tools.artifact import Artifact, Stage
 from tools.io import write_jsonl
@@ -22,8 +24,6 @@ PARTS = ("heldout", "replay")
 
 def topics(part: str) -> list[tuple[str, str]]:
     """(topic, text) pairs of one half, in key order."""
-    import pydoc_data.topics
-
     if part not in PARTS:
         raise ValueError(f"part is one of {PARTS}")
     pages = sorted(pydoc_data.topics.topics.items())
@@ -36,8 +36,6 @@ def heldout_text() -> str:
 
 def build_general(out: str | os.PathLike, *, force: bool = False, log=None) -> Artifact:
     """`tools build-corpus general`: the replay half as a completion corpus ({id, text, source})."""
-    import sys
-
     params = {"source": SOURCE, "part": "replay", "python": ".".join(map(str, sys.version_info[:2]))}
     with Stage(CORPUS_GENERAL, out, params, force=force, log=log) as st:
         if st.skipped:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from corpora.general import LICENSE, SOURCE, heldout_text
 from tools.artifact import Artifact, Stage, read_artifact
 from tools.errors import UserError
 from tools.ggufpath import resolve_gguf
@@ -82,8 +83,6 @@ def _ratio_ci(nll: np.ndarray, n: np.ndarray, seed: int = 0) -> list[float]:
 def run_general(model: str | os.PathLike, out: str | os.PathLike | None = None, *, ctx: int = 256,
                 max_tokens: int = 4096, threads: int | None = None, force: bool = False) -> Artifact:
     """Score the held-out general text; artifact ``eval.general`` (results.json, windows.jsonl)."""
-    from corpora.general import LICENSE, SOURCE, heldout_text
-
     if ctx < 8 or max_tokens < ctx:
         raise UserError("--ctx must be at least 8 and --max-tokens at least --ctx", field="--ctx")
     m = Path(model)

@@ -18,6 +18,7 @@ import os
 from collections import Counter
 from pathlib import Path
 
+from corpora.sft import pubmedqa_assistant
 from tools.artifact import Artifact, Stage, read_artifact
 from tools.errors import UserError
 from tools.io import read_jsonl, write_jsonl
@@ -26,6 +27,7 @@ from tools.stages import BENCH, DATASET_PAIRS
 
 from .bench import _long_answers
 from .items import Item, answer_text, load_items, system_prompt, user_message
+from .mcq import load_mcq
 from .select import refuse_test_items
 
 
@@ -36,7 +38,6 @@ def _bench_items(res: dict, where: Path) -> tuple[dict[str, Item], str, Path]:
                         "dev/train file)", path=str(where), field="split")
     data = Path(res["data"]["path"])
     if res["task"] == "mcq":
-        from .mcq import load_mcq
         items, _, flavor = load_mcq(data, res.get("map"))
     else:
         flavor = res["task"]
@@ -47,7 +48,6 @@ def _bench_items(res: dict, where: Path) -> tuple[dict[str, Item], str, Path]:
 
 def _chosen(flavor: str, it: Item, long_answers: dict[str, str]) -> str:
     if flavor == "pubmedqa" and long_answers.get(it.id):
-        from corpora.sft import pubmedqa_assistant
         return pubmedqa_assistant(it.answer, long_answers[it.id])
     return answer_text(flavor, it.answer, it)
 

@@ -22,12 +22,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from corpora.sft import medqa_test_questions, norm_question, pubmedqa_test_ids
 from tools.errors import UserError
-from tools.io import sha256_bytes, sha256_file
+from tools.io import read_jsonl, sha256_bytes, sha256_file, write_jsonl
 from tools.progress import log, progress
 
 from .bench import PROMPT_FORMAT
 from .items import Item, answer_text, default_data, load_items, system_prompt, user_message
+from .mcq import load_mcq
 from .stats import wilson
 
 TIE_RULE = "highest accuracy; ties: the earliest step"
@@ -46,7 +48,6 @@ class SelectBy:
     def load(self, trained: frozenset[str] = frozenset()) -> tuple[list[Item], int]:
         """(the first N items whose question the stage does not train on, how many were left out)."""
         if self.split == "custom":
-            from .mcq import load_mcq
             items = load_mcq(self.data, None)[0]
         else:
             items = load_items(self.flavor, self.data, self.split)[0]
@@ -59,7 +60,6 @@ class SelectBy:
 
 
 def _norm(text: str) -> str:
-    from corpora.sft import norm_question
     return norm_question(text)
 
 
@@ -71,8 +71,6 @@ def _trained_on(item: Item, trained: frozenset[str]) -> bool:
 def trained_prompts(files: list[str | Path]) -> frozenset[str]:
     """The user turns of a stage's ChatML training files, normalized (items asked there are left
     out of the selection: a checkpoint is not chosen on what it was trained on)."""
-    from tools.io import read_jsonl
-
     out = set()
     for f in files:
         if not Path(f).is_file() or not str(f).endswith(".jsonl"):
@@ -103,7 +101,6 @@ def parse_select_by(spec: str) -> SelectBy:
         return SelectBy(text, task, "dev", default_data(task, "dev"), limit)
     path = Path(head)
     if path.suffix == ".jsonl" and path.is_file():
-        from .mcq import load_mcq
         flavor = load_mcq(path, None, 1)[2]
         return SelectBy(text, flavor, "custom", path, limit)
     raise UserError(f"{spec!r} is neither pubmedqa-dev[:N], medqa-dev[:N] nor an existing .jsonl file",
@@ -112,8 +109,6 @@ def parse_select_by(spec: str) -> SelectBy:
 
 def refuse_test_items(items: list[Item], flavor: str, path: Path) -> None:
     """Refuse any PubMedQA test PMID or MedQA test question (corpora.sft holds both lists)."""
-    from corpora.sft import medqa_test_questions, norm_question, pubmedqa_test_ids
-
     test_ids = pubmedqa_test_ids() if flavor == "pubmedqa" else frozenset()
     test_q = medqa_test_questions()
     for it in items:
@@ -206,8 +201,6 @@ def select_checkpoint(sel: SelectBy, checkpoints: list[tuple[int, Path]], base_m
     """Score every checkpoint on ``sel``'s items (less those asked in ``train_files``) and choose one;
     returns the manifest record (``checkpoints``: step, accuracy, accuracy_ci95, correct, n;
     ``chosen_step``). With ``rows_out``, every (checkpoint, item) row is written there as JSONL."""
-    from tools.io import write_jsonl
-
     if not checkpoints:
         raise UserError("--select-by: the training saved no whole checkpoint to choose from", field="--select-by")
     items, left_out = sel.load(trained_prompts(list(train_files)))

@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from tools.artifact import Artifact, Stage, is_artifact, read_artifact
 from tools.errors import UserError
+from tools.io import read_jsonl, write_jsonl
 from tools.progress import log
 from tools.stages import DATASET_PAIRS, STAGE, STAGE_DPO
 
@@ -118,10 +120,6 @@ def replay_rows(spec: "StageSpec", train_files: list[Path]) -> dict:
     """The replay rows mixed into a stage: a seeded sample of the replay data sized so that it is
     ``replay_ratio`` of the mixed rows (k = ratio x n / (1 - ratio), n = the stage's own rows). Done
     here, at dataset build time: Axolotl 0.19 concatenates and shuffles datasets but has no mixing ratio."""
-    import random
-
-    from tools.io import read_jsonl
-
     ratio = spec.replay_ratio if spec.replay_ratio is not None else 0.1
     art = read_artifact(spec.replay, stage="corpus" if spec.kind == "completion" else "dataset")
     pool = list(read_jsonl(art.file("corpus.jsonl" if spec.kind == "completion" else "train.jsonl")))
@@ -401,7 +399,6 @@ def _write(r: Resolved, cfg: dict, decided: dict) -> Artifact:
         st.path("axolotl.yaml").write_text(R.dump_yaml(cfg, header), encoding="utf-8")
         replay = decided.pop("replay", None)
         if replay:
-            from tools.io import write_jsonl
             write_jsonl(st.path(REPLAY_FILE), replay.pop("rows"))
         launch = st.path("launch.sh")
         launch.write_text(P.launch_script(preset, str(r.out), name, seed=cfg.get("seed")), encoding="utf-8")
