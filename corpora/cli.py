@@ -140,6 +140,23 @@ def guidelines(src, sources, min_chars, terms_file, canaries, canary_seed, canar
                           f"{', '.join(art.extra['per_source'])}")
 
 
+@click.command("general")
+@_common
+def general(out, force, as_json):
+    """General English shipped with Python (CPython's topic docs, PSF-2.0): the replay half, for
+    `tools stage ... --replay`; `tools eval general` scores the other half.
+
+    \b
+    Example:
+      tools build-corpus general --out runs/general
+      tools stage completion --base-model runs/base --corpus runs/notes --replay runs/general --replay-ratio 0.1 ...
+    """
+    from .general import build_general
+
+    art = build_general(out, force=force, log=log)
+    _report(art, as_json, f"{art.extra['stats']['documents']} documents")
+
+
 @click.command("pubmedqa")
 @click.option("--src", type=click.Path(), help="PubMedQA JSONL or ori_pqal.json (default: bundled dev.jsonl).")
 @click.option("--allow-test-ids", is_flag=True, help="Do not drop the 500 benchmark test PMIDs.")
@@ -263,7 +280,7 @@ def decontaminate(train, against, ngram, min_coverage, min_shared, write_clean, 
 def register(cli: click.Group) -> None:
     from tools.cli import group
 
-    for cmd in (mimic, textbooks, guidelines):
+    for cmd in (mimic, textbooks, guidelines, general):
         group("build-corpus").add_command(cmd)
     for cmd in (pubmedqa, medqa, qa):
         group("build-dataset").add_command(cmd)

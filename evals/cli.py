@@ -376,8 +376,10 @@ def errors_cmd(results_dir, min_tokens, out, force, as_json):
 @click.option("--evidence", "evidence", multiple=True, type=click.Path(exists=True, file_okay=False),
               help="Release evidence for the ship-or-not verdict: the shipped gguf (budget, memory), the "
                    "quantization table, the memorization audit (repeatable).")
+@click.option("--general", "general", multiple=True, type=click.Path(exists=True, file_okay=False),
+              help="Two `tools eval general` runs, base then tuned: adds their paired difference and a verdict line.")
 @artifact_options("Report artifact folder (report.md + compare.png).", out_required=True)
-def report_cmd(bench_dirs, labels, title, seed, includes, evidence, out, force, as_json):
+def report_cmd(bench_dirs, labels, title, seed, includes, evidence, general, out, force, as_json):
     """Put bench runs side by side on the same items: accuracy, valid-response rate, macro-F1, each
     with its 95 % interval; every run after the first is tested against the first on the shared items
     (exact McNemar on accuracy, paired bootstrap on macro-F1) and the report says whether it beats it.
@@ -388,10 +390,10 @@ def report_cmd(bench_dirs, labels, title, seed, includes, evidence, out, force, 
       tools report runs/demo/bench_base runs/demo/bench_tuned --evidence runs/demo/q3kl --evidence runs/demo/audit \\
         --out runs/demo/report      # opens with the ship-or-not verdict
     """
-    from .paired import DEFAULT_TITLE, run_report
+    from .paired import DEFAULT_TITLE, Attachments, run_report
 
-    art = run_report(bench_dirs, out, labels=labels, title=title or DEFAULT_TITLE, seed=seed, includes=includes,
-                     evidence=evidence, force=force)
+    art = run_report(bench_dirs, out, labels=labels, title=title or DEFAULT_TITLE, seed=seed, force=force,
+                     attach=Attachments(tuple(includes), tuple(evidence), tuple(general)))
     if as_json:
         return emit_json(art, read_results(art, "compare.json"))
     click.echo((art.path / "report.md").read_text())
@@ -498,6 +500,60 @@ def audit_cmd(model, train, heldout, base, canaries_from, docs, prefix, suffix, 
         raise WorkError(f"the memorization audit failed ({art.path / 'audit.md'})")
 
 
+@click.command("general")
+@click.option("--model", required=True, help="HF model folder (or a cached Hub id) or GGUF file.")
+@click.option("--ctx", default=256, show_default=True, help="Tokens a window.")
+@click.option("--max-tokens", default=4096, show_default=True, help="Tokens of held-out text scored.")
+@threads_option
+@artifact_options("Output folder (default runs/eval/general-MODEL).")
+def general_cmd(model, ctx, max_tokens, threads, out, force, as_json):
+    """General ability: perplexity on held-out general English that ships with Python (CPython's
+    topic docs, PSF-2.0; the half never used for replay), with a 95 % bootstrap interval.
+
+    \b
+    Example:
+      tools eval general --model runs/base --out runs/general-base
+      tools eval general --model runs/merged --out runs/general-tuned
+      tools report runs/bench-base runs/bench-tuned --general runs/general-base --general runs/general-tuned --out r
+    """
+    from .general import run_general
+
+    art = run_general(model, out, ctx=ctx, max_tokens=max_tokens, threads=threads, force=force)
+    res = read_results(art, "results.json")
+    if as_json:
+        return emit_json(art, res)
+    _print(f"general: perplexity {res['perplexity']} {res['perplexity_ci95']} on {res['tokens']} tokens "
+           f"({res['windows']} windows) -> {art.path}")
+
+
+@click.command("pairs")
+@click.option("--bench", "bench_dir", required=True, type=click.Path(),
+              help="A bench run on dev or train items (bench --split dev, or bench mcq on a dev file).")
+@artifact_options("Output dataset folder.", out_required=True)
+def pairs_cmd(bench_dir, out, force, as_json):
+    """Preference pairs from a bench run's mistakes: chosen = the gold answer in the protocol's format
+    (PubMedQA with its long answer), rejected = the model's own wrong or unparseable answer.
+    Test-split runs and files holding benchmark test items are refused.
+
+    \b
+    Example:
+      tools bench pubmedqa --model runs/sft.gguf --split dev --limit 200 --out runs/bench-dev
+      tools build-dataset pairs --bench runs/bench-dev --out runs/pairs
+    """
+    from .pairs import build_pairs
+
+    art = build_pairs(bench_dir, out, force=force)
+    if as_json:
+        return emit_json(art)
+    _print(f"pairs: {art.path} ({art.extra['items']} pairs of {art.extra['counts']['items']} items)")
+
+
+def _checkpoint_selector(spec: str):
+    from .select import selector
+
+    return selector(spec)
+
+
 def parse_eval(text: str):
     """``--eval "bench TASK OPTIONS"`` / ``"eval semantic OPTIONS"`` parsed by that verb's own options."""
     import shlex
@@ -522,11 +578,14 @@ def parse_eval(text: str):
 
 
 def register(cli):
+    from recipes.selection import register as register_selector
     from tools.cli import group
 
+    register_selector(_checkpoint_selector)  # `tools train --select-by` (recipes cannot import evals)
+    group("build-dataset").add_command(pairs_cmd)
     for cmd in (bench_pubmedqa, bench_medqa, bench_mcq):  # options checked against BenchSpec in tests/tools/test_cli.py
         group("bench").add_command(cmd)
-    for cmd in (eval_mmlu, perplexity_cmd, semantic_cmd, suite_cmd):
+    for cmd in (eval_mmlu, perplexity_cmd, semantic_cmd, suite_cmd, general_cmd):
         group("eval").add_command(cmd)
     group("rag").add_command(index_cmd)
     group("rag").add_command(query_cmd)

@@ -2,11 +2,16 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
-from tools.artifact import Artifact
+from tools.artifact import Artifact, Stage, read_artifact
 from tools.errors import UserError
+from tools.io import write_json
 from tools.stages import BENCH
+
+from .general import paired_delta
+from .verdict import verdict_block
 
 DEFAULT_TITLE = "MediLoRA: base vs fine-tuned under the MediLoRA protocol"
 
@@ -71,30 +76,40 @@ def paired(a: tuple, b: tuple, seed: int = 0) -> dict:
                                              f"(95 % interval {f1['ci95'][0]:+.4f} to {f1['ci95'][1]:+.4f}, {f1_word})."}
 
 
-def run_report(bench_dirs, out, *, labels=(), title: str = DEFAULT_TITLE, seed: int = 0, includes=(),
-               evidence=(), force: bool = False) -> Artifact:
+@dataclass(frozen=True)
+class Attachments:
+    """What a report carries besides the bench runs: files appended as sections (``includes``), release
+    evidence for the ship-or-not verdict (``evidence``: GGUF, quantization and audit artifacts), and two
+    `tools eval general` runs, base then tuned (``general``)."""
+    includes: tuple = ()
+    evidence: tuple = ()
+    general: tuple = ()
+
+
+def run_report(bench_dirs, out, *, labels=(), title: str = DEFAULT_TITLE, seed: int = 0,
+               attach: Attachments = Attachments(), force: bool = False) -> Artifact:
     """`tools report`: put bench runs side by side on the same items: accuracy, valid-response rate,
     macro-F1, each with its 95 % interval; every run after the first is tested against the first on the
-    shared items (exact McNemar on accuracy, paired bootstrap on macro-F1). With ``evidence`` (quantization,
-    audit and GGUF artifacts) the report opens with the ship-or-not verdict (evals/verdict.py).
-    Artifact ``report.compare``."""
-    from tools.artifact import Stage, read_artifact
-    from tools.io import write_json
-
-    from .verdict import verdict_block
-
+    shared items (exact McNemar on accuracy, paired bootstrap on macro-F1). With evidence the report opens
+    with the ship-or-not verdict (evals/verdict.py); with two general runs it adds their paired difference
+    and a verdict line. Artifact ``report.compare``."""
     if labels and len(labels) != len(bench_dirs):
         raise UserError(f"{len(labels)} labels for {len(bench_dirs)} runs", field="--label")
     labels = list(labels) or [Path(d).name for d in bench_dirs]
     runs = [(lab, *_load(d)) for lab, d in zip(labels, bench_dirs)]
     table = compare_rows(runs)
     tests = [paired(runs[0], r, seed=seed) for r in runs[1:]]
-    if evidence and not tests:
+    if attach.evidence and not tests:
         raise UserError("a verdict needs two runs (the base first)", field="--evidence")
-    verdict = verdict_block(tests[0], [read_artifact(e) for e in evidence]) if evidence else None
+    verdict = verdict_block(tests[0], [read_artifact(e) for e in attach.evidence]) if attach.evidence else None
+    if attach.general and len(attach.general) != 2:
+        raise UserError("--general takes two `tools eval general` runs: base, then tuned", field="--general")
+    gen = paired_delta(*attach.general, seed=seed) if attach.general else None
     params = {"labels": labels, "title": title, **({"seed": seed} if seed else {})}
-    with Stage("report.compare", out, params, inputs=list(bench_dirs) + list(includes) + list(evidence),
-               force=force) as st:
+    if gen:  # a new parameter: reports without it keep their fingerprints
+        params["general"] = [str(Path(g).resolve()) for g in attach.general]
+    inputs = [*bench_dirs, *attach.includes, *attach.evidence, *attach.general]
+    with Stage("report.compare", out, params, inputs=inputs, force=force) as st:
         if not st.skipped:
             # timings stay out of the data file (DESIGN: times live only in the manifest)
             doc = {"title": title, "runs": [{k: v for k, v in r.items() if k != "s_per_item"} for r in table],
@@ -106,9 +121,14 @@ def run_report(bench_dirs, out, *, labels=(), title: str = DEFAULT_TITLE, seed: 
             if verdict:
                 doc["ship"] = verdict
                 st.extra["ship"] = verdict["decision"]
+            lines = _markdown(title, runs, table, tests, verdict)
+            if gen:
+                doc["general"] = gen
+                lines += ["## General ability (held-out general English, same windows)", "", gen["verdict"], ""]
+                st.extra["general"] = gen["verdict"]
             write_json(st.path("compare.json"), doc)
             _plot(table, st.path("compare.png"), title)
-            st.path("report.md").write_text("\n".join(_markdown(title, runs, table, tests, verdict) + _included(includes)))
+            st.path("report.md").write_text("\n".join(lines + _included(attach.includes)))
             gold = [row["gold"] for row in runs[0][2]]
             maj = max(sorted(set(gold)), key=gold.count)
             st.extra["runs"] = {r["run"]: {"accuracy": r["accuracy"], "valid_rate": r["valid_rate"],

@@ -39,6 +39,11 @@ def _common(f):
         click.option("--warmup-steps", type=int, default=None, help="Warm-up steps (default 100)."),
         click.option("--packing/--no-packing", default=None, help="Sample packing (default: from the data)."),
         click.option("--seed", type=int, default=None, help="Seed (default 42)."),
+        click.option("--replay", default=None, type=click.Path(),
+                     help="General data mixed in against forgetting: a corpus (completion) or dataset (sft) artifact, "
+                          "e.g. `tools build-corpus general`."),
+        click.option("--replay-ratio", type=float, default=None,
+                     help="Share of the mixed training rows that are replay (default 0.1); seeded sample."),
         click.option("--set", "set_items", multiple=True, metavar="KEY=VALUE",
                      help="Any Axolotl key (YAML value; dotted keys for nested); wins over everything."),
         force_option,
@@ -56,10 +61,14 @@ def check_stage_options(cmd: click.Command) -> None:
     from .stage import StageSpec
 
     names = {p.name for p in cmd.params} - {"as_json"}
-    names = {"data" if n in ("corpora", "datasets") else n for n in names}
+    names = {"data" if n in ("corpora", "datasets", "pairs") else n for n in names}
     spec = {f.name for f in fields(StageSpec)} - {"kind", "arch"}
     if cmd.name == "completion":
         spec -= {"from_stage", "merged"}
+    if cmd.name != "dpo":
+        spec -= {"method"}
+    else:
+        spec -= {"base_model"}
     if names - {"arch"} != spec:
         raise AssertionError(f"{cmd.name} options and StageSpec differ: {sorted(names ^ spec)}")
 
@@ -67,7 +76,7 @@ def check_stage_options(cmd: click.Command) -> None:
 def _write(kind: str, as_json: bool, params: dict) -> None:
     from .stage import StageSpec, write_stage
 
-    data = params.pop("corpora", None) or params.pop("datasets", None) or ()
+    data = params.pop("corpora", None) or params.pop("datasets", None) or params.pop("pairs", None) or ()
     if params.get("target_modules") is not None:
         params["target_modules"] = tuple(t.strip() for t in params["target_modules"].split(",") if t.strip())
     spec = StageSpec(kind=kind, data=tuple(data), **{k: v for k, v in params.items()})
@@ -126,6 +135,28 @@ def stage_sft(as_json, **kw):
     _write("sft", as_json, kw)
 
 
+@click.command("dpo")
+@click.option("--from", "from_stage", required=True, type=click.Path(),
+              help="The trained SFT stage folder the preference stage starts from.")
+@click.option("--merged", default=None, type=click.Path(),
+              help="The SFT stage's `merge` artifact: a new adapter on it, so the reference model is the SFT model "
+                   "(without it the SFT adapter is trained further and the reference is the SFT stage's base).")
+@click.option("--pairs", "pairs", multiple=True, required=True, type=click.Path(),
+              help="Preference pairs (`tools build-dataset pairs --bench RUN`); repeat for several.")
+@click.option("--method", type=click.Choice(["dpo", "ipo", "simpo", "grpo"]), default=None,
+              help="Preference objective (default dpo); grpo is written and checked, trained only with a vLLM server.")
+@_common
+def stage_dpo(as_json, **kw):
+    """Preference tuning (Axolotl `rl: dpo`) on pairs from the model's own bench mistakes.
+
+    \b
+    Example:
+      tools build-dataset pairs --bench runs/bench-dev --out runs/pairs
+      tools stage dpo --from runs/stage2 --merged runs/merge2 --pairs runs/pairs --out runs/stage3
+    """
+    _write("dpo", as_json, kw)
+
+
 @click.command("train")
 @click.argument("stage_dir", type=click.Path())
 @click.option("--dry-run", is_flag=True, help="Print exactly what would run, run nothing.")
@@ -133,10 +164,13 @@ def stage_sft(as_json, **kw):
 @click.option("--restart", is_flag=True,
               help="Discard the checkpoints of an earlier killed or failed run and train from step 0.")
 @click.option("--adopt", is_flag=True, help="Record an output/ written by launch.sh/sbatch as the artifact.")
+@click.option("--select-by", default=None, metavar="TASK[:N]",
+              help="Keep the checkpoint with the best dev accuracy (log-likelihood, bench's prompts): "
+                   "pubmedqa-dev[:N], medqa-dev[:N] or an MCQ .jsonl of dev/train items (test items refused).")
 @out_option("The trained artifact: STAGE_DIR/output, where merge, stage --from and card read it (the default; "
             "the only value accepted, so a pipeline can pass --out to every verb).")
 @json_option
-def train_cmd(stage_dir, dry_run, force, restart, adopt, out, as_json):
+def train_cmd(stage_dir, dry_run, force, restart, adopt, select_by, out, as_json):
     """Run Axolotl on a stage folder: preprocess, then train; output/ becomes an artifact.
 
     Checkpoints live in STAGE_DIR/checkpoints (mode 0700) while training. A run that failed or was
@@ -149,15 +183,18 @@ def train_cmd(stage_dir, dry_run, force, restart, adopt, out, as_json):
       tools train runs/stage1 --dry-run
       tools train runs/stage1
       tools train runs/stage1 --restart
+      tools train runs/stage2 --select-by pubmedqa-dev:200
     """
     from tools.progress import out as console
 
+    from .selection import selector
     from .train import dry_run_lines, train_stage
 
     if out is not None and Path(out).resolve() != (Path(stage_dir) / "output").resolve():
         raise UserError(f"a stage's training output is STAGE_DIR/output ({Path(stage_dir) / 'output'})",
                         field="--out")
-    res = train_stage(stage_dir, dry_run=dry_run, force=force, adopt=adopt, restart=restart)
+    res = train_stage(stage_dir, dry_run=dry_run, force=force, adopt=adopt, restart=restart,
+                      select=selector(select_by))
     plan = res if isinstance(res, dict) else None  # --dry-run: the commands, no artifact
     if as_json:
         return emit_json(None if plan else res, plan)
@@ -166,6 +203,10 @@ def train_cmd(stage_dir, dry_run, force, restart, adopt, out, as_json):
     console.print(f"train: {res.path}")
     for k in ("base_model", "adapter", "steps", "world_size", "resumed_from_step", "final_loss"):
         console.print(f"  {k}: {res.extra.get(k)}")
+    sel = res.extra.get("selection")
+    if sel:
+        console.print(f"  chosen checkpoint ({sel['by']}): step {sel['chosen_step']} of "
+                  + ", ".join(f"{p['step']}: {p['accuracy']:.3f}" for p in sel["checkpoints"]), markup=False)
 
 
 @click.command("memory")
@@ -200,7 +241,8 @@ def memory_cmd(stage_dir, model, batch, seq_len, regimes, lora_r, as_json):
 @click.argument("stage_dir", type=click.Path(exists=True))
 @click.option("--out", type=click.Path(), default=None, help="PNG path (default STAGE_DIR/loss.png).")
 def plot_cmd(stage_dir, out):
-    """Render train/eval loss curves from a trained stage's log history.
+    """Render train/eval loss curves from a trained stage's log history (and, after `tools train
+    --select-by`, the dev accuracy of every checkpoint next to the loss).
 
     \b
     Example:  tools plot runs/sft-stage
@@ -208,15 +250,17 @@ def plot_cmd(stage_dir, out):
     from .logs import plot_stage
 
     out, info = plot_stage(stage_dir, out)
+    sel = info.get("selection")
+    chosen = f", chosen step {sel['chosen_step']} by {sel['by']}" if sel else ""
     click.echo(f"{out}  ({info['train_points']} train points, final loss {info['final_train_loss']}, "
-               f"{info['eval_points']} eval points)")
+               f"{info['eval_points']} eval points{chosen})")
 
 
 def register(cli):
     from tools.cli import group
 
     stage = group("stage")
-    for cmd in (stage_completion, stage_sft):  # options checked against StageSpec in tests/tools/test_cli.py
+    for cmd in (stage_completion, stage_sft, stage_dpo):  # options checked against StageSpec in tests/tools/test_cli.py
         stage.add_command(cmd)
     for cmd in (train_cmd, memory_cmd, plot_cmd):
         cli.add_command(cmd)

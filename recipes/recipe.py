@@ -56,6 +56,11 @@ MEDILORA_DEFAULTS: dict[str, Any] = {
 }
 
 ADAPTER_MODES = ("qlora", "lora", "full")
+# `tools stage dpo --method`: preference objectives Axolotl trains from the same {prompt, chosen, rejected}
+# rows (TRL's DPOTrainer: dpo, ipo and simpo are its losses; orpo is TRL's ORPOTrainer). GRPO is written
+# and checked but generates with a vLLM server, so `tools train` refuses it on CPU (recipes/train.py).
+RL_METHODS = ("dpo", "ipo", "simpo", "grpo")
+RL_BETA = 0.1  # TRL's default DPO beta
 SEQ_BUCKETS = (256, 512, 1024, 2048, 4096)
 CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
 CHATML_EOT = "<|im_end|>"
@@ -134,6 +139,15 @@ def chatml_keys(base_model: str, adapter: bool, continuing_adapter: bool) -> dic
     return keys
 
 
+def rl_keys(method: str) -> dict:
+    """The Axolotl keys of a preference stage (no sample packing: Axolotl refuses it with rl)."""
+    keys: dict[str, Any] = {"rl": method, "sample_packing": False, "rl_beta": RL_BETA}
+    if method == "grpo":  # generation by a vLLM server, rewarded by the bench's answer check (a name, not an import)
+        keys["trl"] = {"use_vllm": True, "vllm_mode": "server", "num_generations": 4, "max_completion_length": 64,
+                       "reward_funcs": ["evals.rewards.answer_correct"]}
+    return keys
+
+
 # -- data ----------------------------------------------------------------------------------------
 
 def _token_counter(base_model: str):
@@ -169,16 +183,30 @@ def check_messages(row: dict, path: Path, line: int) -> None:
                         path=str(path), line=line, field="messages")
 
 
+def _pair_text(row: dict, path: Path, line: int) -> str:
+    """The longer side of a preference pair as the model sees it (system, prompt, answer)."""
+    for k in ("prompt", "chosen", "rejected"):
+        if not isinstance(row[k], str) or not row[k].strip():
+            raise UserError(f"empty or non-string `{k}`", path=str(path), line=line, field=k)
+    msgs = ([{"role": "system", "content": row["system"]}] if row.get("system") else []) + [
+        {"role": "user", "content": row["prompt"]},
+        {"role": "assistant", "content": max(row["chosen"], row["rejected"], key=len)}]
+    return chatml_text(msgs)
+
+
 def scan_rows(files: list[Path], kind: str, sample: int = 4000) -> list[str]:
     """Check every row (file:line on a bad one); return up to ``sample`` texts as the model sees them."""
     texts: list[str] = []
     n = 0
     for f in files:
         line = 0
-        required = ("id", "text") if kind == "completion" else ("id", "messages")
+        required = {"completion": ("id", "text"), "dpo": ("id", "prompt", "chosen", "rejected")}.get(kind,
+                                                                                                  ("id", "messages"))
         for line, row in enumerate(read_jsonl(f, required=required), 1):
             n += 1
-            if kind == "completion":
+            if kind == "dpo":
+                t = _pair_text(row, f, line)
+            elif kind == "completion":
                 if not isinstance(row["text"], str) or not row["text"].strip():
                     raise UserError("empty or non-string `text`", path=str(f), line=line, field="text")
                 t = row["text"]
@@ -199,8 +227,9 @@ def choose_length(base_model: str, texts: list[str], kind: str) -> dict:
     count, how = _token_counter(base_model)
     lens = sorted(count(texts))
     p95 = lens[min(len(lens) - 1, int(0.95 * len(lens)))]
-    need = (lens[-1] + 8) if kind == "sft" else p95
-    cap = 4096 if kind == "sft" else 2048
+    chat = kind in ("sft", "dpo")
+    need = (lens[-1] + 8) if chat else p95
+    cap = 4096 if chat else 2048
     seq = next((b for b in SEQ_BUCKETS if b >= need and b <= cap), cap)
     median = statistics.median(lens)
     return {"sequence_len": seq, "sample_packing": bool(kind == "completion" or median * 2 <= seq),

@@ -54,15 +54,19 @@ import subprocess
 import sys
 import time
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from tools.artifact import Artifact, Stage, read_artifact
 from tools.errors import UserError, WorkError
 from tools.io import write_json
 from tools.progress import log, progress
+from tools.stages import STAGE
 
 from . import hardware as P
 from . import recipe as R
+from .selection import KEEP_ALL, check_before_training, run_selection
 
 # wall-clock and memory figures: they differ run to run, so they stay out of log_history.json
 VOLATILE = re.compile(r"(runtime|per_second|per_sec|memory/|_flos$|^total_flos$)")
@@ -74,7 +78,7 @@ ERROR_RE = re.compile(r"^\s*(?:[\w.]+(?:Error|Exception|Interrupt)|AssertionErro
 
 
 def _stage(stage_dir: str | os.PathLike) -> Artifact:
-    return read_artifact(stage_dir, stage=("stage.",))
+    return read_artifact(stage_dir, stage=STAGE)
 
 
 def _load_yaml(path: Path) -> dict:
@@ -88,11 +92,12 @@ def _load_yaml(path: Path) -> dict:
     return cfg
 
 
-def plan(stage_dir: str | os.PathLike, work: str | None = None, resume: str | None = None) -> dict:
+def plan(stage_dir: str | os.PathLike, work: str | None = None, resume: str | None = None,
+         keep_all: bool = False) -> dict:
     """What `tools train` runs for this stage: commands, environment additions, output folder.
 
     ``work`` is Axolotl's output_dir (default ``STAGE_DIR/checkpoints``), ``resume`` a checkpoint
-    folder to resume from."""
+    folder to resume from; ``keep_all`` keeps every checkpoint (--select-by chooses among them)."""
     stage_dir = Path(stage_dir).resolve()
     art = _stage(stage_dir)
     cfg_file = stage_dir / "axolotl.yaml"
@@ -103,6 +108,8 @@ def plan(stage_dir: str | os.PathLike, work: str | None = None, resume: str | No
     overrides = {"output_dir": work or str(stage_dir / CHECKPOINTS)}
     if resume:
         overrides["resume_from_checkpoint"] = resume
+    if keep_all:
+        overrides.update(KEEP_ALL)
     pre, train = P.axolotl_commands(preset, str(cfg_file), axolotl, overrides)
     # One process: `axolotl train` prepares (tokenizes, filters, saves to dataset_prepared_path) the data itself,
     # the same code as `axolotl preprocess`, and one Axolotl start-up (~12 s of imports) is saved. Several
@@ -361,12 +368,13 @@ def final_loss(hist: list[dict]) -> float | None:
     return None
 
 
-def plot_loss(hist: list[dict], out_png: Path, title: str) -> bool:
-    """The loss curve `tools plot` draws; False when the history holds no train loss."""
+def plot_loss(hist: list[dict], out_png: Path, title: str, selection: dict | None = None) -> bool:
+    """The loss curve `tools plot` draws (with --select-by's accuracy per checkpoint); False when the
+    history holds no train loss."""
     if not any("loss" in h and "step" in h for h in hist):
         return False
     from recipes.logs import plot_loss as _plot
-    _plot(hist, out_png, title)
+    _plot(hist, out_png, title, selection)
     return True
 
 
@@ -391,7 +399,7 @@ def _record(st: Stage, work: Path, cfg: dict, art: Artifact, streamed: list[dict
     hist_raw, source = read_log_history(history_dir or work, streamed)
     hist = clean_history(hist_raw)
     write_json(work / "log_history.json", hist)
-    plot_loss(hist, work / "loss.png", f"{art.stage}: {Path(str(cfg.get('base_model'))).name}")
+    plot_loss(hist, work / "loss.png", f"{art.stage}: {Path(str(cfg.get('base_model'))).name}", extra.get("selection"))
     adapter = (work / "adapter_config.json").is_file()
     if not adapter and not (work / "config.json").is_file():
         raise WorkError("Axolotl finished but wrote neither an adapter nor a model")
@@ -413,13 +421,15 @@ def _record(st: Stage, work: Path, cfg: dict, art: Artifact, streamed: list[dict
 
 
 def train_stage(stage_dir: str | os.PathLike, dry_run: bool = False, force: bool = False,
-                adopt: bool = False, restart: bool = False) -> Artifact | dict:
+                adopt: bool = False, restart: bool = False, select: Callable | None = None) -> Artifact | dict:
     """Train a stage folder; return the ``train`` artifact (``STAGE_DIR/output``) or, with
     ``dry_run``, the plan (a dict: commands, environment, output). Raises UserError / WorkError.
 
     Axolotl trains into ``STAGE_DIR/checkpoints`` (mode 0700); a run that failed or was killed leaves
     its checkpoints there and the next call resumes from the last whole one ("resuming from step N"
-    on stderr); ``restart`` discards them and starts from step 0."""
+    on stderr); ``restart`` discards them and starts from step 0. ``select`` (``evals.select.selector``,
+    `--select-by`) keeps every checkpoint and puts the one it chooses into the output
+    (recipes/selection.py)."""
     stage_dir = Path(stage_dir).resolve()
     art = _stage(stage_dir)
     if art.extra.get("arch") == "seq2seq" or art.params.get("arch") == "seq2seq":
@@ -433,10 +443,16 @@ def train_stage(stage_dir: str | os.PathLike, dry_run: bool = False, force: bool
         if sha256_file(cfg_file) != want:
             raise UserError("axolotl.yaml was edited after `tools stage` wrote it: re-stage with --set (or --force)",
                             path=str(cfg_file))
-    the_plan = plan(stage_dir)
+    the_plan = plan(stage_dir, keep_all=select is not None)
     preset = P.Preset(**the_plan["preset"])
     if dry_run:
         return {**the_plan, "resume_from_step": None} if restart else the_plan
+    if cfg.get("rl") == "grpo" and preset.device == "cpu":
+        raise UserError("GRPO samples its completions with a vLLM server (trl.use_vllm, `axolotl vllm-serve`), which "
+                        "needs a GPU: train this stage on a GPU machine", path=str(cfg_file), field="rl")
+    if adopt and select is not None:
+        raise UserError("--select-by chooses among the checkpoints of a `tools train` run; --adopt has none",
+                        field="--select-by")
     if preset.nodes > 1 and not adopt:
         raise UserError(f"this stage spans {preset.nodes} nodes: submit `sbatch {stage_dir}/slurm.sbatch` (or run "
                         f"launch.sh on every node), then record the result with `tools train {stage_dir} --adopt`",
@@ -444,9 +460,12 @@ def train_stage(stage_dir: str | os.PathLike, dry_run: bool = False, force: bool
     for d in cfg.get("datasets") or []:
         if isinstance(d, dict) and d.get("path") and str(d["path"]).startswith("/") and not Path(d["path"]).is_file():
             raise UserError("training data is gone", path=str(d["path"]), field="datasets")
+    check_before_training(select, cfg)
     out = stage_dir / "output"
     params = {"stage_fingerprint": art.manifest.get("fingerprint"), "launcher": preset.launcher,
               "adopted": bool(adopt)}
+    if select is not None:  # a new parameter: trainings without it keep their fingerprints
+        params["select_by"] = getattr(select, "spec", str(select))
     ckpts = stage_dir / CHECKPOINTS
     lock = _lock(stage_dir)  # noqa: F841 - held until this function returns
     with Stage("train", out, params, inputs=[stage_dir], force=force or restart, log=log) as st:
@@ -462,7 +481,7 @@ def train_stage(stage_dir: str | os.PathLike, dry_run: bool = False, force: bool
             _record(st, work, cfg, art, [], {"adopted": True, "world_size": preset.world_size,
                                               "resumed_from_step": None}, history_dir=out)
         else:
-            _train(st, work, stage_dir, cfg, art, preset, restart)
+            _train(st, work, stage_dir, cfg, art, preset, restart, select)
     if not adopt:
         shutil.rmtree(ckpts, ignore_errors=True)  # output/ is recorded: the checkpoints have served
     return _finish(st.result)
@@ -490,19 +509,39 @@ def _drop_leftover(ckpts: Path, art: Artifact, preset: P.Preset) -> None:
         had = json.loads((ckpts / RUN_MARKER).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return
-    if had == {"stage_fingerprint": art.manifest.get("fingerprint"), "world_size": preset.world_size}:
+    if had == _run_marker(art, preset):
         shutil.rmtree(ckpts, ignore_errors=True)
 
 
+@dataclass
+class _Job:
+    """One Axolotl run of a stage: what `_train` decided and `_run_axolotl` runs."""
+
+    st: Stage
+    work: Path
+    stage_dir: Path
+    cfg: dict
+    art: Artifact
+    preset: P.Preset
+    ckpts: Path
+    last: tuple[int, Path] | None
+    env: dict
+    pre: list[str] | None  # None: one process, Axolotl's train prepares the data itself
+    train: list[str]
+    prepared: bool
+    prepared_for: dict
+    marker: Path
+    select: Callable | None = None  # --select-by: evals.select.selector(SPEC)
+
+
 def _train(st: Stage, work: Path, stage_dir: Path, cfg: dict, art: Artifact, preset: P.Preset,
-           restart: bool) -> None:
+           restart: bool, select: Callable | None = None) -> None:
     ckpts = _prepare_checkpoints(stage_dir, art, preset, restart)
     last = last_checkpoint(ckpts, preset.world_size)
     env = R.env_for_axolotl(seed=cfg.get("seed", 42), preset=preset)
     env["MEDILORA_DIE_WITH_PARENT"] = "1"  # killed with `tools train` (recipes/seeding/sitecustomize.py)
-    the_plan = plan(stage_dir, str(ckpts), str(last[1]) if last else None)
+    the_plan = plan(stage_dir, str(ckpts), str(last[1]) if last else None, keep_all=select is not None)
     *before, train = the_plan["commands"]
-    pre = before[0] if before else None  # None: one process, Axolotl's train prepares the data itself
     from tools.io import sha256_file
     prepared_for = {"stage_fingerprint": art.manifest.get("fingerprint"),
                     "axolotl_yaml": sha256_file(stage_dir / "axolotl.yaml")}
@@ -511,65 +550,62 @@ def _train(st: Stage, work: Path, stage_dir: Path, cfg: dict, art: Artifact, pre
         prepared = json.loads(marker.read_text(encoding="utf-8")) == prepared_for
     except (OSError, ValueError):
         prepared = False
+    job = _Job(st, work, stage_dir, cfg, art, preset, ckpts, last, env, before[0] if before else None, train,
+               prepared, prepared_for, marker, select)
     try:
-        _run_axolotl(st, work, stage_dir, cfg, art, preset, ckpts, last, env, pre, train, prepared, prepared_for,
-                     marker)
+        _run_axolotl(job)
     except BaseException:
         if not any(_step_of(p) is not None for p in ckpts.iterdir()):
             shutil.rmtree(ckpts, ignore_errors=True)  # nothing to resume from
         raise
 
 
-def _run_axolotl(st: Stage, work: Path, stage_dir: Path, cfg: dict, art: Artifact, preset: P.Preset, ckpts: Path,
-                 last: tuple[int, Path] | None, env: dict, pre: list[str] | None, train: list[str], prepared: bool,
-                 prepared_for: dict, marker: Path) -> None:
-    resumed = last[0] if last else None
-    tail: deque = deque(maxlen=400)
-    streamed: list[dict] = []
-    t0 = time.time()
-    log_path = stage_dir / "train.log"
-    with open(log_path, "a" if resumed else "w", encoding="utf-8") as logf:
-        if resumed:
-            logf.write(f"# resuming from step {resumed} ({last[1]})\n")
-            log(f"resuming from step {resumed} ({last[1].name} in {ckpts})")
-        if prepared:
-            log(f"preprocess: skipped (the data in {marker.parent} was prepared for this stage)")
-        elif pre is None:
-            log("preprocess: by `axolotl train` itself (one process)")
-            marker.unlink(missing_ok=True)
-        else:
-            log(f"preprocess: {shlex.join(pre)}")
-            marker.unlink(missing_ok=True)
-            rc = _run(pre, env, logf, tail, lambda *_: None, stage_dir)
-            if rc != 0:
-                raise WorkError(f"axolotl preprocess failed (exit {rc}): {error_line(tail)} (log: {log_path})")
-            write_json(marker, prepared_for)
-        t1 = time.time()
-        logf.flush()
-        started_at = logf.tell()
-        log(f"train ({preset.launcher}, world size {preset.world_size}): {shlex.join(train)}")
-        total = int(cfg.get("max_steps") or 0) or None
-        with progress("training", total=total, unit="steps") as advance:
-            seen = {"n": resumed or 0, "total": total}
-            if resumed:
-                advance(resumed)
+def _preprocess(job: _Job, logf, tail: deque, log_path: Path) -> None:
+    """Run (or skip) `axolotl preprocess` of several processes; one process prepares in `axolotl train`."""
+    if job.prepared:
+        log(f"preprocess: skipped (the data in {job.marker.parent} was prepared for this stage)")
+        return
+    job.marker.unlink(missing_ok=True)
+    if job.pre is None:
+        log("preprocess: by `axolotl train` itself (one process)")
+        return
+    log(f"preprocess: {shlex.join(job.pre)}")
+    rc = _run(job.pre, job.env, logf, tail, lambda *_: None, job.stage_dir)
+    if rc != 0:
+        raise WorkError(f"axolotl preprocess failed (exit {rc}): {error_line(tail)} (log: {log_path})")
+    write_json(job.marker, job.prepared_for)
 
-            def advance_to(n, bar_total):
-                if seen["total"] is None:
-                    seen["total"] = bar_total
-                if bar_total == seen["total"] and n > seen["n"]:  # not the eval bars
-                    advance(n - seen["n"])
-                    seen["n"] = n
-            rc = _run(train, env, logf, tail, advance_to, stage_dir)
-        if rc != 0:
-            kept = last_checkpoint(ckpts, preset.world_size, drop_broken=False)
-            where = (f"checkpoint-{kept[0]} kept in {ckpts}: `tools train` again resumes from it, --restart starts "
-                     "over" if kept else "no checkpoint was written")
-            phase = "" if _trainer_started(log_path, started_at) else " before training started"
-            raise WorkError(f"axolotl train failed{phase} (exit {rc}): {error_line(tail)} (log: {log_path}; {where})")
-        if not prepared and pre is None:
-            write_json(marker, prepared_for)  # Axolotl's train saved the data it prepared
-        t2 = time.time()
+
+def _train_steps(job: _Job, logf, tail: deque, log_path: Path) -> None:
+    """Run `axolotl train`, advancing a progress bar from the trainer's own bar; WorkError if it fails."""
+    resumed = job.last[0] if job.last else None
+    logf.flush()
+    started_at = logf.tell()
+    log(f"train ({job.preset.launcher}, world size {job.preset.world_size}): {shlex.join(job.train)}")
+    total = int(job.cfg.get("max_steps") or 0) or None
+    with progress("training", total=total, unit="steps") as advance:
+        seen = {"n": resumed or 0, "total": total}
+        if resumed:
+            advance(resumed)
+
+        def advance_to(n, bar_total):
+            if seen["total"] is None:
+                seen["total"] = bar_total
+            if bar_total == seen["total"] and n > seen["n"]:  # not the eval bars
+                advance(n - seen["n"])
+                seen["n"] = n
+        rc = _run(job.train, job.env, logf, tail, advance_to, job.stage_dir)
+    if rc != 0:
+        kept = last_checkpoint(job.ckpts, job.preset.world_size, drop_broken=False)
+        where = (f"checkpoint-{kept[0]} kept in {job.ckpts}: `tools train` again resumes from it, --restart starts "
+                 "over" if kept else "no checkpoint was written")
+        phase = "" if _trainer_started(log_path, started_at) else " before training started"
+        raise WorkError(f"axolotl train failed{phase} (exit {rc}): {error_line(tail)} (log: {log_path}; {where})")
+
+
+def _streamed(tail: deque) -> tuple[list[dict], dict]:
+    """(the loss dicts the trainer printed, its closing summary) from the last lines of its output."""
+    streamed: list[dict] = []
     summary: dict = {}
     for s in tail:
         for key, sink in (("{'loss'", streamed), ("{'train_runtime'", None)):
@@ -584,11 +620,34 @@ def _run_axolotl(st: Stage, work: Path, stage_dir: Path, cfg: dict, art: Artifac
                 sink.append(d)
             else:
                 summary = d
-    _collect(ckpts, work)
-    _record(st, work, cfg, art, streamed, {"wall_seconds": {"preprocess": round(t1 - t0, 1) if pre is not None else None,
-                                                            "train": round(t2 - t1, 1)},
-                                           "world_size": preset.world_size, "resumed_from_step": resumed},
-            summary, history_dir=ckpts)
+    return streamed, summary
+
+
+def _run_axolotl(job: _Job) -> None:
+    resumed = job.last[0] if job.last else None
+    tail: deque = deque(maxlen=400)
+    t0 = time.time()
+    log_path = job.stage_dir / "train.log"
+    with open(log_path, "a" if resumed else "w", encoding="utf-8") as logf:
+        if resumed:
+            logf.write(f"# resuming from step {resumed} ({job.last[1]})\n")
+            log(f"resuming from step {resumed} ({job.last[1].name} in {job.ckpts})")
+        _preprocess(job, logf, tail, log_path)
+        t1 = time.time()
+        _train_steps(job, logf, tail, log_path)
+        if not job.prepared and job.pre is None:
+            write_json(job.marker, job.prepared_for)  # Axolotl's train saved the data it prepared
+        t2 = time.time()
+    streamed, summary = _streamed(tail)
+    _collect(job.ckpts, job.work)
+    extra = {"wall_seconds": {"preprocess": round(t1 - t0, 1) if job.pre is not None else None,
+                              "train": round(t2 - t1, 1)},
+             "world_size": job.preset.world_size, "resumed_from_step": resumed}
+    if job.select is not None:
+        whole = [(_step_of(p), p) for p in job.ckpts.glob("checkpoint-*")
+                 if _step_of(p) is not None and checkpoint_problem(p, job.preset.world_size) is None]
+        extra["selection"] = run_selection(job.select, whole, job.cfg, job.work)
+    _record(job.st, job.work, job.cfg, job.art, streamed, extra, summary, history_dir=job.ckpts)
 
 
 def _trainer_started(log_path: Path, offset: int) -> bool:

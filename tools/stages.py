@@ -31,20 +31,28 @@ PREDICT = "predict"
 RAG = "rag"
 AUDIT = "audit"  # `tools audit`: memorization evidence that `tools push` checks, never uploaded
 
+# Kinds a reader asks for by name (a manifest's full ``FAMILY.KIND``), registered here like the families.
+CORPUS_GENERAL = "corpus.general"  # general English shipped with Python: the replay half (corpora/general.py)
+DATASET_PAIRS = "dataset.pairs"  # preference pairs from a bench run's mistakes (evals/pairs.py)
+STAGE_DPO = "stage.dpo"  # Axolotl `rl:` preference stage (recipes/stage.py)
+EVAL_GENERAL = "eval.general"  # perplexity on the held-out general English (evals/general.py)
+
 FAMILIES = (BASE_MODEL, HF_FROM_GGUF, CORPUS, DATASET, DECONTAMINATE, STAGE, TRAIN, MERGE, GGUF, IMATRIX,
             COMPARE_QUANT, CARD, EXPORT, BENCH, EVAL, REPORT, ANALYZE, SWEEP, PREDICT, RAG, AUDIT)
 DATA_FAMILIES = (CORPUS, DATASET)  # text artifacts: never pushed when derived from credentialed data
 
-# The figures `tools status` shows of a finished step, by family (keys of manifest.extra, one level deep).
+# The figures `tools status` shows of a finished step, by full kind or else by family (keys of
+# manifest.extra, one level deep).
 KEY_FIGURES: dict[str, tuple[str, ...]] = {
     CORPUS: ("kept", "documents"),  # extra.stats: MIMIC notes kept, textbook documents
-    DATASET: ("items",),
-    TRAIN: ("final_loss",),
+    DATASET: ("items",),  # dataset.pairs: the pairs
+    TRAIN: ("final_loss", "chosen_step"),  # chosen_step: extra.selection after `train --select-by`
     GGUF: ("file_type", "bits_per_weight"),
     COMPARE_QUANT: ("quant_type", "mean_kl"),
     BENCH: ("accuracy", "valid_rate"),
     EVAL: ("accuracy",),
     AUDIT: ("passed",),  # extra.audit.passed: the verdict `tools push` requires of a credentialed model
+    EVAL_GENERAL: ("perplexity",),
 }
 
 
@@ -60,7 +68,7 @@ def in_family(stage: str, *families: str) -> bool:
 
 
 def key_figures(stage: str) -> tuple[str, ...]:
-    return KEY_FIGURES.get(family(stage), ())
+    return KEY_FIGURES.get(str(stage), KEY_FIGURES.get(family(stage), ()))
 
 
 # Verbs whose artifact does not go to RUN_DIR/STEP: (verb, where it goes given its positional argument).

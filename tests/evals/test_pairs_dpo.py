@@ -1,0 +1,137 @@
+"""Preference tuning on the model's own mistakes, end to end through the real CLIs on CPU: the tiny
+SFT model is merged, converted and benched on PubMedQA dev; its wrong answers become pairs
+(`build-dataset pairs`); `tools stage dpo` + `tools train` run Axolotl's DPO on part of them, and on
+the held-out pairs the chosen-minus-rejected log-probability margin must rise. A bench on the test
+split can never become pairs (exit 2)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.helpers import gguf_path, make_dataset
+from tools.artifact import Stage, read_artifact
+from tools.io import write_jsonl
+
+FAST = ["--device", "cpu", "--lora", "--micro-batch", "2", "--grad-accum", "1", "--no-packing", "--warmup-steps", "0",
+        "--set", "optimizer=adamw_torch"]
+HELD_OUT = 8
+
+
+def _margin(model, tok, rows: list[dict]) -> float:
+    """Mean of log p(chosen | prompt) - log p(rejected | prompt) over ``rows`` (ChatML prompt)."""
+    import torch
+
+    total = 0.0
+    for r in rows:
+        prompt = tok.apply_chat_template([{"role": "system", "content": r["system"]},
+                                          {"role": "user", "content": r["prompt"]}],
+                                         tokenize=False, add_generation_prompt=True)
+        n = len(tok(prompt)["input_ids"])
+        side = {}
+        for k in ("chosen", "rejected"):
+            ids = tok(prompt + r[k] + "<|im_end|>")["input_ids"]
+            with torch.no_grad():
+                logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+            side[k] = sum(float(logp[j - 1, ids[j]]) for j in range(n, len(ids)))
+        total += side["chosen"] - side["rejected"]
+    return total / len(rows)
+
+
+def _pairs_artifact(out: Path, rows: list[dict], made_from: Path) -> Path:
+    with Stage("dataset.pairs", out, {"rows": len(rows)}, inputs=[made_from]) as st:
+        if not st.skipped:
+            write_jsonl(st.path("train.jsonl"), rows)
+    return out
+
+
+@pytest.mark.slow
+def test_dpo_on_own_mistakes_raises_heldout_margin(tmp_path, tiny_llama, tools_cli):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    def ok(*args):
+        r = tools_cli(*args)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r
+
+    sft = tmp_path / "sft"
+    ok("stage", "sft", "--base-model", tiny_llama, "--dataset", make_dataset(tmp_path / "ds", n=8), "--out", sft,
+       "--max-steps", "2", "--lr", "1e-2", *FAST)
+    ok("train", sft)
+    ok("merge", sft, "--out", tmp_path / "merged")
+    gguf = gguf_path(json.loads(ok("convert", tmp_path / "merged", "--outtype", "f32", "--out", tmp_path / "gguf",
+                                   "--json").stdout))
+
+    # test items never become pairs
+    ok("bench", "pubmedqa", "--model", gguf, "--split", "test", "--limit", "2", "--mode", "loglik",
+       "--out", tmp_path / "bench-test")
+    r = tools_cli("build-dataset", "pairs", "--bench", tmp_path / "bench-test", "--out", tmp_path / "bad")
+    assert r.returncode == 2 and "test split" in r.stderr and not (tmp_path / "bad").exists(), r.stderr
+
+    ok("bench", "pubmedqa", "--model", gguf, "--split", "dev", "--limit", "40", "--mode", "loglik",
+       "--out", tmp_path / "bench-dev")
+    ok("build-dataset", "pairs", "--bench", tmp_path / "bench-dev", "--out", tmp_path / "pairs")
+    pairs = read_artifact(tmp_path / "pairs", stage="dataset.pairs")
+    rows = [json.loads(x) for x in (pairs.path / "train.jsonl").read_text().splitlines()]
+    wrong = [json.loads(x) for x in (tmp_path / "bench-dev" / "items.jsonl").read_text().splitlines()]
+    assert len(rows) == sum(not w["correct"] for w in wrong) > HELD_OUT + 8
+    for r in rows:  # chosen: gold label + PubMedQA's long answer; rejected: the label the model preferred
+        assert r["chosen"].startswith(r["meta"]["gold"] + ". ") and len(r["chosen"]) > 40
+        assert r["rejected"] == r["meta"]["model_answer"] != r["meta"]["gold"]
+    assert any(i["stage"].startswith("bench.") for i in pairs.manifest["inputs"])  # lineage
+
+    train_pairs = _pairs_artifact(tmp_path / "train-pairs", rows[:-HELD_OUT], pairs.path)
+    dpo = tmp_path / "dpo"
+    ok("stage", "dpo", "--from", sft, "--merged", tmp_path / "merged", "--pairs", train_pairs, "--out", dpo,
+       "--max-steps", "8", "--lr", "5e-3", *FAST)
+    assert "rl: dpo" in (dpo / "axolotl.yaml").read_text()
+    ok("train", dpo)
+    hist = read_artifact(dpo / "output").extra["log_history"]
+    assert any("rewards/margins" in h for h in hist)  # TRL's DPO trainer ran
+
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "merged"))
+    base = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32).eval()
+    held = rows[-HELD_OUT:]
+    before = _margin(base, tok, held)
+    after = _margin(PeftModel.from_pretrained(base, str(dpo / "output")).eval(), tok, held)
+    print(f"held-out chosen-minus-rejected margin: {before:.3f} -> {after:.3f} nats ({HELD_OUT} pairs)")
+    assert after > before + 0.05
+
+
+def _fake_trained_sft(root: Path, base: Path) -> Path:
+    """An SFT stage folder whose output is a trained adapter, as the manifests say (no training)."""
+    s1 = root / "sft"
+    with Stage("stage.sft", s1, {"kind": "sft", "mode": "lora", "preset": {"device": "cpu"}}) as st:
+        st.path("axolotl.yaml").write_text("base_model: x\n")
+    with Stage("train", s1 / "output", {"fake": True}, inputs=[s1]) as st:
+        st.path("adapter_config.json").write_text(json.dumps(
+            {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}))
+        st.extra.update({"adapter": True, "base_model": str(base)})
+    return s1
+
+
+def test_grpo_is_written_and_checked_but_refused_on_cpu(tmp_path, tiny_llama, tools_cli):
+    from evals.rewards import answer_correct
+
+    s1 = _fake_trained_sft(tmp_path, tiny_llama)
+    row = {"id": "1", "system": "s", "prompt": "Is it? Answer with yes, no or maybe.", "chosen": "yes. Because.",
+           "rejected": "no", "meta": {"task": "pubmedqa", "gold": "yes", "labels": ["yes", "no", "maybe"]}}
+    pairs = _pairs_artifact(tmp_path / "pairs", [row], s1)
+    g = tmp_path / "grpo"
+    r = tools_cli("stage", "dpo", "--from", s1, "--pairs", pairs, "--method", "grpo", "--out", g, "--device", "cpu",
+                  "--lora", "--max-steps", "2")
+    assert r.returncode == 0, r.stderr  # Axolotl's schema accepted it
+    cfg = yaml.safe_load((g / "axolotl.yaml").read_text())
+    assert cfg["rl"] == "grpo" and cfg["trl"]["use_vllm"] and cfg["trl"]["reward_funcs"] == ["evals.rewards.answer_correct"]
+    r = tools_cli("train", g)
+    assert r.returncode == 2 and "vLLM" in r.stderr and not (g / "output").exists(), r.stderr
+    # a preference stage starts from a trained SFT stage: --base-model alone is refused
+    r = tools_cli("stage", "dpo", "--base-model", tiny_llama, "--pairs", pairs, "--out", tmp_path / "x")
+    assert r.returncode == 2
+    # the reward is the bench's own answer check
+    assert answer_correct(["p"] * 3, ["Yes, it is.", "no", [{"role": "assistant", "content": "maybe"}]],
+                          meta=[row["meta"]] * 3) == [1.0, 0.0, 0.0]
