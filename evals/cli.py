@@ -163,11 +163,12 @@ def eval_mmlu(model, shots, subjects, limit, threads, n_gpu_layers, batch_size, 
       tools eval mmlu-medical --limit 20
       tools eval mmlu-medical --model runs/merge --shots 5
     """
-    from .mmlu import run_mmlu, summary_lines
+    from .mmlu import MmluSpec, run_mmlu, summary_lines
 
-    subj = [s.strip() for s in subjects.split(",") if s.strip()] if subjects else None
-    art = run_mmlu(model=model, shots=int(shots), subjects=subj, limit=limit, threads=threads,
-                   n_gpu_layers=n_gpu_layers, batch_size=batch_size, out=out, force=force)
+    subj = tuple(s.strip() for s in subjects.split(",") if s.strip()) if subjects else None
+    spec = MmluSpec(model=model, shots=int(shots), subjects=subj, limit=limit, threads=threads,
+                    n_gpu_layers=n_gpu_layers, batch_size=batch_size)
+    art = run_mmlu(spec, out, force=force)
     res = read_results(art)
     if as_json:
         return emit_json(art, res)

@@ -68,7 +68,7 @@ def test_five_shot_and_hf_backend(tmp_path, tiny_llama, monkeypatch):
 
     from lm_eval.models.huggingface import HFLM
 
-    from evals.mmlu import run_mmlu
+    from evals.mmlu import MmluSpec, run_mmlu
     from tools.paths import bundled_data
 
     contexts: list[str] = []
@@ -78,7 +78,7 @@ def test_five_shot_and_hf_backend(tmp_path, tiny_llama, monkeypatch):
         contexts.extend(r.args[0] for r in requests)
         return orig(self, requests, *a, **k)
     monkeypatch.setattr(HFLM, "loglikelihood", recording)
-    art = run_mmlu(model=tiny_llama, shots=5, subjects=["medical_genetics"], limit=2, out=tmp_path / "hf")
+    art = run_mmlu(MmluSpec(model=tiny_llama, shots=5, subjects=("medical_genetics",), limit=2), tmp_path / "hf")
     res = json.loads((art.path / "results.json").read_text())
     assert res["shots"] == 5 and res["n"] == 2 and res["model"]["backend"] == "lm-eval hf"
     assert 0.0 <= res["accuracy"] <= 1.0 and art.stage == "eval.mmlu-medical"
