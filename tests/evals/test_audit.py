@@ -67,7 +67,8 @@ def test_memorizing_model_fails_base_and_one_step_pass(run, tiny_llama, tools_cl
     audit = read_artifact(run / "audit-many")
     assert audit.extra["audit"]["files"] == [{"name": "model.safetensors",
                                               "sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}]
-    assert audit.extra["audit"]["passed"] is False and audit.lineage == read_artifact(run / "train").lineage
+    assert audit.extra["audit"]["passed"] is False
+    assert audit.lineage.sources >= read_artifact(run / "train").lineage.sources   # it read the training notes
     # no secret in any file the audit wrote, nor in its manifest
     secrets = [c["secret"] for c in read_artifact(run / "train").extra["canaries"]["items"]]
     for f in (run / "audit-many").iterdir():
