@@ -308,6 +308,26 @@ def _ci(ci) -> str:
     return f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else ""
 
 
+def _training_notes(trains: list[Artifact]) -> list[str]:
+    """What the card says about how a training was steered: the checkpoint kept by dev accuracy
+    (`tools train --select-by`) and the general data replayed against forgetting (`--replay`)."""
+    out = []
+    for t in trains:
+        sel = t.extra.get("selection")
+        if sel:
+            best = next(c for c in sel["checkpoints"] if c["step"] == sel["chosen_step"])
+            out.append(f"- Checkpoint: step {sel['chosen_step']} of {sel['last_step']}, the best of "
+                       f"{len(sel['checkpoints'])} on {sel['n']} dev items ({sel['by']}): accuracy "
+                       f"{_pct(best['accuracy'])}{_ci(best['accuracy_ci95'])}.")
+        stage_dir = Path(t.extra["stage_dir"]) if t.extra.get("stage_dir") else None
+        rep = read_artifact(stage_dir).extra.get("replay") if stage_dir and (stage_dir / "manifest.json").is_file() \
+            else None
+        if rep:
+            out.append(f"- Replay against forgetting: {rep['rows_replay']} general rows mixed into {rep['rows_own']} "
+                       f"({_pct(rep['ratio'])} of the training rows).")
+    return out
+
+
 def _fit_lines(e: dict) -> list[str]:
     """A GGUF's budget choice (``tools quantize --budget``) and its laptop fit (``release.fit``)."""
     L = []
@@ -327,6 +347,7 @@ def _files_section(groups: dict) -> list[str]:
     L = ["## Files", ""]
     if groups["train"]:
         L.append("- LoRA adapter (`adapter_config.json`, `adapter_model.safetensors`): load with peft on the base model.")
+        L += _training_notes(groups["train"])
     if groups["merge"]:
         L.append("- Merged model (safetensors, tokenizer and chat template).")
     for a in groups["gguf"]:

@@ -111,3 +111,22 @@ def test_replay_loses_less_general_ability(tmp_path, smollm2_hf, tools_cli):
         ppl[name] = json.loads(r.stdout)["results"]["perplexity"]
     print(f"general perplexity: base {ppl['base']}, clinical only {ppl['plain']}, with 10 % replay {ppl['replay']}")
     assert ppl["plain"] > ppl["base"] and ppl["replay"] < ppl["plain"]
+
+
+def test_card_states_the_chosen_checkpoint_and_the_replay(tmp_path):
+    from release.card import _training_notes
+    from tools.artifact import Stage
+
+    s = tmp_path / "stage"
+    with Stage("stage.completion", s, {"k": 1}) as st:
+        st.path("axolotl.yaml").write_text("x: 1\n")
+        st.extra["replay"] = {"rows_replay": 2, "rows_own": 16, "ratio": 0.1}
+    with Stage("train", s / "output", {"k": 1}, inputs=[s]) as st:
+        st.path("adapter_config.json").write_text("{}")
+        st.extra.update({"stage_dir": str(s), "selection": {
+            "by": "pubmedqa-dev:20", "n": 20, "chosen_step": 2, "last_step": 4,
+            "checkpoints": [{"step": 2, "accuracy": 0.65, "accuracy_ci95": [0.43, 0.82]},
+                            {"step": 4, "accuracy": 0.6, "accuracy_ci95": [0.39, 0.78]}]}})
+    notes = _training_notes([read_artifact(s / "output")])
+    assert notes[0].startswith("- Checkpoint: step 2 of 4, the best of 2 on 20 dev items (pubmedqa-dev:20)")
+    assert "65.0%" in notes[0] and "2 general rows mixed into 16 (10.0%" in notes[1]
