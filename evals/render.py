@@ -179,15 +179,19 @@ def plot_intervals(names: list[str], values: list[float], cis: list[list[float]]
     save_png(fig, path)
 
 
+def suite_rows(r: dict):
+    """A suite run's tasks in leaderboard order: (column title, figures or None, why skipped or None)."""
+    for name in r["order"]:
+        yield r["columns"][name], r["tasks"].get(name), r["skipped"].get(name)
+
+
 def suite_table(r: dict) -> list[str]:
     """The per-task Markdown table of a suite run: task, n, acc [95 %], acc_norm, data; then the average."""
     lines = ["| task | n | acc | 95 % interval | acc_norm | data |", "|---|---|---|---|---|---|"]
-    for name in r["order"]:
-        col = r["columns"][name]
-        if name in r["skipped"]:
-            lines.append(f"| {col} | - | - | - | - | skipped: {r['skipped'][name]} |")
+    for col, v, why in suite_rows(r):
+        if why is not None:
+            lines.append(f"| {col} | - | - | - | - | skipped: {why} |")
             continue
-        v = r["tasks"][name]
         lines.append(f"| {col} | {v['n']} | {_pct(v['acc'])} | {_ci(v, 'acc_ci95')} | {_pct(v['acc_norm'])} | "
                      f"{v['data']['source']} `{Path(v['data']['path']).name}` |")
     lines.append(f"| **Average** ({len(r['average_over'])} tasks, unweighted) | {r['n']} | **{_pct(r['average'])}** "

@@ -42,6 +42,7 @@ from .bench import _read_scratch, scratch_path
 from .items import load_items
 from .lm_eval_tasks.utils import mmlu_csv
 from .mcq import medmcqa_docs
+from .render import render_suite_report, suite_rows
 from .stats import wilson
 
 LM_EVAL_TASKS = Path(lm_eval.__file__).resolve().parent / "tasks"
@@ -286,7 +287,6 @@ def run_suite(spec: SuiteSpec) -> Artifact:
         for t, _, _ in loaded:
             write_jsonl(st.path(f"{t.name}/items.jsonl"), [r for r in rows if r["task"] == t.name])
         write_json(st.path("results.json"), results)
-        from .render import render_suite_report
         render_suite_report(results, st.path("report.md").parent, plots=spec.plots)
         st.lineage.licenses.add("MIT")
         st.lineage.sources.update(f"{t.column} ({files[t.name].name})" for t, _, _ in loaded)
@@ -314,12 +314,10 @@ def _results(spec: SuiteSpec, model: Path, loaded: list, rows: list[dict], files
 def summary_lines(res: dict) -> list[str]:
     """One line per task (acc with its interval), then the average."""
     lines = []
-    for name in res["order"]:
-        col = res["columns"][name]
-        if name in res["skipped"]:
-            lines.append(f"{col:28s}     -  skipped: {res['skipped'][name]}")
+    for col, v, why in suite_rows(res):
+        if why is not None:
+            lines.append(f"{col:28s}     -  skipped: {why}")
             continue
-        v = res["tasks"][name]
         lo, hi = v["acc_ci95"]
         lines.append(f"{col:28s} {v['n']:5d}  {100 * v['acc']:5.1f}%  [{100 * lo:.1f}, {100 * hi:.1f}]")
     over = len(res["average_over"])
