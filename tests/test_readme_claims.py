@@ -19,7 +19,8 @@ def verbs() -> dict[str, click.Command]:
     def walk(cmd, path):
         if isinstance(cmd, click.Group):
             for n, c in cmd.commands.items():
-                walk(c, [*path, n])
+                if not c.hidden:  # hidden verbs are test fixtures (tests/tools/test_foundation.py), not product
+                    walk(c, [*path, n])
         else:
             out[" ".join(path)] = cmd
     walk(cli, [])
