@@ -26,6 +26,7 @@ from pathlib import Path
 from scipy.stats import skewnorm
 
 from corpora.canaries import SPACE_BITS, candidates, recorded
+from release.push import WEIGHT_SUFFIXES
 from tools.artifact import is_artifact, read_artifact
 from tools.errors import UserError
 from tools.io import read_jsonl_numbered
@@ -249,7 +250,7 @@ def _inputs(p) -> list[Path]:
     p = Path(p)
     if p.is_file() or is_artifact(p):
         return [p]
-    return sorted(f for f in p.iterdir() if f.suffix in (".safetensors", ".gguf", ".bin") or f.name == "config.json")
+    return sorted(f for f in p.iterdir() if f.suffix in WEIGHT_SUFFIXES or f.name == "config.json")
 
 
 def run_audit(spec: AuditSpec, out, *, force: bool = False):
