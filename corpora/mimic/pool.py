@@ -185,8 +185,8 @@ def build(tasks: Iterator[tuple], out_file: Path, opts: NoteOptions, workers: in
             if meanwhile is not None:  # after the fork: no thread is mid-import when workers start
                 import threading
                 threading.Thread(target=meanwhile, daemon=True).start()
+            pending: deque = deque()
             try:
-                pending: deque = deque()
                 for t in tasks:
                     pending.append((t, pool.apply_async(_work, (t,))))
                     while len(pending) >= 2 * workers:
@@ -196,6 +196,9 @@ def build(tasks: Iterator[tuple], out_file: Path, opts: NoteOptions, workers: in
                     t0, r = pending.popleft()
                     handle(r.get(), f, t0)
                 pool.close()
+            except Exception:
+                _wind_down(pool, pending)
+                raise
             except BaseException:
                 pool.terminate()
                 raise
@@ -205,6 +208,18 @@ def build(tasks: Iterator[tuple], out_file: Path, opts: NoteOptions, workers: in
     stats = {k: int(v) for k, v in sorted(stats.items())}
     stats["length_log2_histogram"] = {str(1 << k): int(v) for k, v in sorted(lengths.items()) if v}
     return stats
+
+
+def _wind_down(pool, pending: deque) -> None:
+    """After a refused block: let the tasks already handed out finish, then close the pool.
+    ``Pool.terminate()`` here could hang the main process on the task queue's lock when it killed a
+    worker holding it (seen as an intermittent hang of the refuse tests under pytest-xdist)."""
+    for _, r in pending:
+        r.wait(timeout=120)
+    if all(r.ready() for _, r in pending):
+        pool.close()
+    else:  # pragma: no cover - a worker stuck for two minutes
+        pool.terminate()
 
 
 def _refuse_duplicate_id(blob, sizes: list, i: int, ids: list, task, where: str, block_base: int):
