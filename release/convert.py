@@ -16,6 +16,7 @@ from tools.progress import log
 
 from .fit import memory_figures
 from .llamasrc import llama_cpp_version, run_script
+from .quantgap import _load, _window_logprobs, heldout_text, next_token_gap
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0", "auto")
 # the fidelity gate: largest mean KL(HF float32 || GGUF) per output type, smallest top-1 agreement
@@ -176,17 +177,10 @@ def convert_stage(model_dir: str | os.PathLike, out: str | os.PathLike, outtype:
             fid = fidelity_check(model_dir, st.path(name_), max_tokens=fidelity_tokens, threads=threads)
             fid.update({"threshold_kl": max_kl, "threshold_top1": min_top1})
             st.extra["fidelity"] = fid
-            bad = []
-            if not fid["tokens_match"]:
-                bad.append(f"the GGUF tokenizes the text differently from the HF tokenizer (first difference at "
-                           f"token {fid['first_token_mismatch']})")
-            if fid["mean_kl"] > max_kl:
-                bad.append(f"mean KL(HF || GGUF) {fid['mean_kl']:.4g} nats > {max_kl:g}")
-            if fid["top1_agreement"] < min_top1:
-                bad.append(f"top-1 agreement {100 * fid['top1_agreement']:.1f}% < {100 * min_top1:.0f}%")
+            bad = gate_failures(fid, max_kl, min_top1)
             if bad:
                 raise WorkError("fidelity gate: the GGUF does not behave like the HF model on "
-                                f"{fid['tokens_scored']} held-out tokens: " + "; ".join(bad)
+                                f"{fid['tokens_scored']} held-out tokens: " + "; ".join(bad.values())
                                 + " (wrong tokenizer, template or rope setting?)")
     return st.result
 
@@ -202,11 +196,8 @@ def fidelity_check(model_dir: str | os.PathLike, gguf: str | os.PathLike, *, max
                    text: str | None = None, threads: int | None = None) -> dict:
     """Next-token distributions of the HF model (transformers, float32) and the GGUF (llama.cpp) on the
     same held-out tokens: mean KL(HF || GGUF), top-1 agreement, and whether both tokenize alike."""
-    import numpy as np
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .quantgap import _load, _window_logprobs, heldout_text
 
     given = text is not None
     text = text if given else heldout_text(2)[: 12 * max_tokens]
@@ -228,13 +219,33 @@ def fidelity_check(model_dir: str | os.PathLike, gguf: str | os.PathLike, *, max
     with torch.no_grad():
         logits = model(torch.tensor([ids])).logits[0].double()
     lh = torch.log_softmax(logits, dim=-1).numpy()
-    v = min(lh.shape[1], lg.shape[1])  # padded vocabularies: compare the common part
-    a, b = lh[:-1, :v], lg[:-1, :v]
-    kl = (np.exp(a) * (a - b)).sum(axis=-1).clip(min=0.0)
-    agree = float((a.argmax(-1) == b.argmax(-1)).mean())
-    return {"tokens_scored": int(len(kl)), "mean_kl": float(f"{kl.mean():.6g}"), "max_kl": float(f"{kl.max():.6g}"),
-            "top1_agreement": round(agree, 6), "tokens_match": mism is None and len(hf_ids[:n]) == len(g_ids[:n]),
+    return {**fidelity_figures(hf=lh, gguf=lg), "tokens_match": mism is None and len(hf_ids[:n]) == len(g_ids[:n]),
             "first_token_mismatch": mism, "text": "given" if given else "pubmedqa-test-heldout"}
+
+
+def fidelity_figures(*, hf, gguf) -> dict:
+    """Mean and largest KL(HF || GGUF) (the HF model's distribution is the reference p) and top-1 agreement
+    of the next-token log-probabilities ``hf`` and ``gguf``: one row per position of the same token ids;
+    the last position predicts no token of the text and is not scored."""
+    v = min(hf.shape[1], gguf.shape[1])  # padded vocabularies: compare the common part
+    kl, same = next_token_gap(hf[:-1, :v], gguf[:-1, :v])
+    return {"tokens_scored": int(len(kl)), "mean_kl": float(f"{kl.mean():.6g}"), "max_kl": float(f"{kl.max():.6g}"),
+            "top1_agreement": round(float(same.mean()), 6)}
+
+
+def gate_failures(fid: dict, max_kl: float, min_top1: float) -> dict[str, str]:
+    """The checks of the fidelity gate that the figures ``fid`` fail, each with its line: ``tokens_match``
+    (the GGUF tokenizes the text differently), ``mean_kl`` (above ``max_kl``), ``top1_agreement`` (below
+    ``min_top1``). Empty: the gate passes."""
+    bad = {}
+    if not fid["tokens_match"]:
+        bad["tokens_match"] = (f"the GGUF tokenizes the text differently from the HF tokenizer (first difference "
+                               f"at token {fid['first_token_mismatch']})")
+    if fid["mean_kl"] > max_kl:
+        bad["mean_kl"] = f"mean KL(HF || GGUF) {fid['mean_kl']:.4g} nats > {max_kl:g}"
+    if fid["top1_agreement"] < min_top1:
+        bad["top1_agreement"] = f"top-1 agreement {100 * fid['top1_agreement']:.1f}% < {100 * min_top1:.0f}%"
+    return bad
 
 
 # -- a LoRA adapter as a GGUF (llama.cpp's convert_lora_to_gguf.py) ---------------------------------

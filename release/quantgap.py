@@ -125,14 +125,24 @@ class Reference:
                     nxt, pos = np.array(w[1:]), np.arange(len(w) - 1)
                     nll_r.append(-lr[pos, nxt])
                     nll_q.append(-lq[pos, nxt])
-                    a, b = lr[:-1], lq[:-1]
-                    kls.append((np.exp(a) * (a - b)).sum(axis=-1).clip(min=0.0))
-                    agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+                    kl, same = next_token_gap(lr[:-1], lq[:-1])
+                    kls.append(kl)
+                    agree += int(same.sum())
                     advance(len(w))
         finally:
             ql.close()
         return {"kl": np.concatenate(kls), "nll_ref": np.concatenate(nll_r), "nll_quant": np.concatenate(nll_q),
                 "agree": agree}
+
+
+def next_token_gap(ref, other):
+    """Per position: KL(ref || other) in nats, with ``ref`` the distribution p that ``other`` (q) is judged
+    against, sum p (log p - log q); and whether both put their highest probability on the same token.
+    The rows of ``ref`` and ``other`` are next-token log-probabilities over one vocabulary."""
+    import numpy as np
+
+    kl = (np.exp(ref) * (ref - other)).sum(axis=-1).clip(min=0.0)
+    return kl, ref.argmax(-1) == other.argmax(-1)
 
 
 def mean_ci95(x, block: int = 32) -> list[float]:

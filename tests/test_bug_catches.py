@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
+
+import pytest
 
 from tools.artifact import read_artifact
 
@@ -132,3 +135,38 @@ def test_no_dedup_still_keeps_one_note_per_id_across_blocks(tmp_path):
         ids = [json.loads(x)["id"] for x in out.read_text().splitlines()]
         assert len(ids) == len(set(ids)) == 40 and stats["dropped_duplicate_id"] == 1, (workers, stats)
         assert "reused id" not in out.read_text()
+
+
+def _logp(*rows):
+    import numpy as np
+    return np.log(np.array(rows, dtype=np.float64))
+
+
+def test_fidelity_gate_kl_runs_from_the_hf_reference_to_the_gguf():
+    """(5) the fidelity gate's KL is KL(p || q) with p the HF (float32) reference, by hand on two positions
+    where the two directions differ (the third row predicts nothing of the text and is not scored)."""
+    from release.convert import fidelity_figures
+
+    hf = _logp([0.9, 0.1], [0.2, 0.8], [0.5, 0.5])
+    gguf = _logp([0.5, 0.5], [0.6, 0.4], [0.1, 0.9])
+    kl_pq = [0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5), 0.2 * math.log(0.2 / 0.6) + 0.8 * math.log(0.8 / 0.4)]
+    kl_qp = [0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1), 0.6 * math.log(0.6 / 0.2) + 0.4 * math.log(0.4 / 0.8)]
+    fid = fidelity_figures(hf=hf, gguf=gguf)
+    assert fid["tokens_scored"] == 2 and fid["top1_agreement"] == 0.5
+    assert fid["mean_kl"] == pytest.approx(sum(kl_pq) / 2, rel=1e-5) and fid["max_kl"] == pytest.approx(kl_pq[0], rel=1e-5)
+    assert abs(fid["mean_kl"] - sum(kl_qp) / 2) > 0.05  # the reverse direction is another figure here
+
+
+def test_fidelity_gate_fails_on_top1_agreement_alone():
+    """A top-1 gate switched off: 2 of 10 positions are near-ties the GGUF tips the other way, so the mean KL
+    is far under its limit and only the top-1 agreement (80 % < 90 %) fails the gate."""
+    from release.convert import FIDELITY_MIN_TOP1, fidelity_figures, gate_failures
+
+    sure, tie, tipped = [0.97, 0.02, 0.01], [0.51, 0.48, 0.01], [0.48, 0.51, 0.01]
+    hf = _logp(*[sure] * 8, tie, tie, sure)
+    fid = {**fidelity_figures(hf=hf, gguf=_logp(*[sure] * 8, tipped, tipped, sure)), "tokens_match": True}
+    assert fid["top1_agreement"] == 0.8 and fid["mean_kl"] < 1e-3
+    assert set(gate_failures(fid, 0.01, FIDELITY_MIN_TOP1)) == {"top1_agreement"}
+    same = {**fidelity_figures(hf=hf, gguf=hf), "tokens_match": True}
+    assert same["top1_agreement"] == 1.0 and gate_failures(same, 0.01, FIDELITY_MIN_TOP1) == {}
+    assert set(gate_failures({**same, "tokens_match": False, "first_token_mismatch": 3}, 0.01, 0.9)) == {"tokens_match"}

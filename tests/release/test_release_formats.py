@@ -1,11 +1,14 @@
 """Release formats: several quant types + table, the HF-vs-GGUF fidelity gate, a LoRA adapter as GGUF."""
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import shutil
 
 import pytest
 
+from tests.helpers import run_tools
 from tools.errors import WorkError
 
 
@@ -68,11 +71,71 @@ def test_fidelity_gate_fails_a_broken_conversion(sharp_llama, tmp_path, monkeypa
     assert not (tmp_path / "out").exists()
 
 
-def test_several_quant_types_one_call_table_card_push(tools_cli, sharp_f16, tmp_path):
-    out = tmp_path / "set"
-    p = tools_cli("quantize", sharp_f16.path, "--q", "Q4_K_M,Q8_0", "--out", out, "--max-tokens", "128",
-                  "--json", check=True)
-    res = json.loads(p.stdout)["manifest"]["extra"]
+@pytest.fixture(scope="module")
+def quant_set(sharp_f16, tmp_path_factory):
+    """``tools quantize F16 --q Q4_K_M,Q8_0``: the set's folder and its manifest's ``extra``."""
+    out = tmp_path_factory.mktemp("qset") / "set"
+    p = run_tools("quantize", sharp_f16.path, "--q", "Q4_K_M,Q8_0", "--out", out, "--max-tokens", "128", "--json",
+                  check=True)
+    return out, json.loads(p.stdout)["manifest"]["extra"]
+
+
+def _own_perplexity(gguf, text: str, n_tokens: int) -> float:
+    """Perplexity of ``gguf`` on the first ``n_tokens`` tokens of ``text``, from its own logits, computed here
+    (llama.cpp logits, a log-softmax by hand) rather than by release.quantgap."""
+    import numpy as np
+
+    from release.ggufinfo import read_gguf
+    from tools.llamacpp import load
+
+    bos = bool(read_gguf(gguf, tensors=False)["metadata"].get("tokenizer.ggml.add_bos_token", True))
+    llm = load(gguf, n_ctx=256, n_batch=256, n_ubatch=256, logits_all=True, n_threads=1, n_threads_batch=1)
+    try:
+        toks = llm.tokenize(text.encode("utf-8"), add_bos=bos, special=False)[:n_tokens]
+        llm.eval(toks)
+        z = np.array(llm.scores[: len(toks)], dtype=np.float64)
+    finally:
+        llm.close()
+    logz = np.log(np.exp(z - z.max(axis=1, keepdims=True)).sum(axis=1)) + z.max(axis=1)
+    nll = [logz[i] - z[i, toks[i + 1]] for i in range(len(toks) - 1)]
+    return math.exp(sum(nll) / len(nll))
+
+
+def test_quant_table_perplexity_is_each_types_own(quant_set):
+    """(4) the quant table's perplexity of a type is computed from that type's logits: Q4_K_M's, recomputed
+    here from the Q4_K_M file on the same 128 held-out tokens, is the table's, and is not the F16 source's."""
+    out, _ = quant_set
+    rows = {r["type"]: r for r in json.loads((out / "quant-table.json").read_text())["rows"]}
+    text = (out / "heldout.txt").read_text(encoding="utf-8")
+    q4 = rows["Q4_K_M"]
+    own = _own_perplexity(out / q4["file"], text, 128)
+    assert q4["perplexity"] == pytest.approx(own, rel=1e-4)
+    assert abs(q4["perplexity"] / q4["ref_perplexity"] - 1) > 1e-3  # a sharp model: Q4_K_M is measurably off
+    md_row = next(ln for ln in (out / "quant-table.md").read_text().splitlines() if ln.startswith("| Q4_K_M |"))
+    assert f"| {q4['perplexity']:.3f} |" in md_row
+
+
+def test_several_quant_types_write_one_file_each(quant_set):
+    """Several quant types writing one: each type's file is its own (distinct sha256, the GGUF's own file
+    type), and each table row names that file and its size on disk."""
+    from release.ggufinfo import read_gguf
+
+    out, res = quant_set
+    rows = json.loads((out / "quant-table.json").read_text())["rows"]
+    assert [r["type"] for r in rows] == res["types"] == ["Q4_K_M", "Q8_0"]
+    shas = set()
+    for r in rows:
+        f = out / r["file"]
+        assert f.parent.name == r["type"] and f.name.endswith(f"-{r['type']}.gguf"), r["file"]
+        assert r["size_bytes"] == f.stat().st_size
+        assert read_gguf(f, tensors=False)["file_type"].upper().startswith(r["type"]), r["type"]
+        shas.add(hashlib.sha256(f.read_bytes()).hexdigest())
+    assert len(shas) == len(rows) == len(res["files"]) == 2
+    assert res["files"] == [r["file"] for r in rows]
+
+
+def test_several_quant_types_one_call_table_card_push(tools_cli, quant_set, tmp_path):
+    out, res = quant_set
     assert res["types"] == ["Q4_K_M", "Q8_0"]
     for q in ("Q4_K_M", "Q8_0"):
         files = list((out / q).glob("*.gguf"))
