@@ -133,6 +133,11 @@ def _scratch_lines(out: Path) -> int:
     return sum(1 for f in files for line in f.read_text().splitlines() if line.strip()) if files else 0
 
 
+def _scratch_ids(out: Path) -> list[str]:
+    return [json.loads(line)["id"] for f in out.parent.glob(f".{out.name}.items-*.jsonl")
+            for line in f.read_text().splitlines() if line.strip()]
+
+
 def _run_until(args, out: Path, lines: int, sig) -> subprocess.CompletedProcess:
     # a shell running us in the background hands SIGINT down ignored; Ctrl-C must reach the bench
     p = subprocess.Popen(_tools() + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -157,6 +162,10 @@ def test_kill_and_resume_give_the_same_results(tools_cli, tmp_path):
     assert 1 <= done < 3
     stopped = _run_until([*map(str, args), "--out", str(out)], out, done + 1, signal.SIGINT)
     assert stopped.returncode == 130, stopped.stderr
+    # the figure first: the resumed run went on with the next item (none skipped, none done twice)
+    ref_ids = [json.loads(x)["id"] for x in (tmp_path / "ref" / "items.jsonl").read_text().splitlines()]
+    assert len(ref_ids) == len(set(ref_ids)) == 4
+    assert _scratch_ids(out) == ref_ids[: _scratch_lines(out)] and _scratch_lines(out) > done
     assert f"resuming: {done} of 4 items already done" in stopped.stderr
     assert f"continuing from item {done + 1} " in stopped.stderr
     m = re.search(r"interrupted after (\d) of 4 items.*continue from item (\d)", " ".join(stopped.stderr.split()))
