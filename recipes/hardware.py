@@ -92,10 +92,9 @@ def make_preset(device: str = "gpu", gpus: int | None = None, nodes: int = 1, sh
     if procs is not None and procs < 1:
         raise UserError("--procs must be at least 1", field="--procs")
     if device == "cpu":
-        # a stored preset names CPU processes per node `gpus` (the field's name predates CPU processes)
-        if gpus and procs is not None and gpus != procs:
+        if gpus:
             raise UserError("--device cpu has no GPUs: ask for processes with --procs N", field="--gpus")
-        procs = procs or gpus or 1
+        procs = procs or 1
         if shard not in (None, "none"):
             raise UserError(f"--shard {shard} needs GPUs: DeepSpeed and FSDP through Axolotl hard-code the NCCL "
                             "backend and fail on CPU; several CPU processes train with plain DDP over gloo "
@@ -113,6 +112,18 @@ def make_preset(device: str = "gpu", gpus: int | None = None, nodes: int = 1, sh
     if shard not in SHARDS:
         raise UserError(f"unknown shard {shard!r} ({', '.join(SHARDS)})", field="--shard")
     return Preset("gpu", gpus, nodes, shard)
+
+
+def preset_choice(stored: dict | None) -> dict:
+    """A stored preset (:meth:`Preset.to_dict`, a stage manifest's ``params.preset``) as the choice that makes
+    it again: ``device``, ``gpus``, ``procs``, ``nodes``, ``shard`` for :func:`make_preset` and StageSpec
+    (None where the preset says nothing). The one place that reads the stored field ``gpus`` as what it is:
+    processes per node, GPUs on GPU and CPU processes (``procs``) on CPU; the field keeps its name, which
+    predates CPU processes, because it is part of every stage's fingerprint."""
+    stored = stored or {}
+    cpu = stored.get("device") == "cpu"
+    return {"device": stored.get("device"), "gpus": None if cpu else stored.get("gpus"),
+            "procs": stored.get("gpus") if cpu else None, "nodes": stored.get("nodes"), "shard": stored.get("shard")}
 
 
 # -- the base model, without loading it ----------------------------------------------------------

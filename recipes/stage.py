@@ -284,15 +284,11 @@ class StageSpec:
     @classmethod
     def from_params(cls, params: dict, out: str | os.PathLike, **changes) -> "StageSpec":
         """The spec that wrote a stage, from its manifest's params (``changes`` applied on top)."""
-        preset = params.get("preset") or {}
         sets = params.get("set") or {}
-        cpu = preset.get("device") == "cpu"  # a stored CPU preset names its processes per node `gpus`
         return replace(cls(kind=params["kind"], out=out, data=tuple(params["data"]),
                            base_model=None if params.get("from") else params["base_model"],
-                           from_stage=params.get("from"), merged=params.get("merged"), device=preset.get("device"),
-                           gpus=None if cpu else preset.get("gpus"), procs=preset.get("gpus") if cpu else None,
-                           nodes=preset.get("nodes"), shard=preset.get("shard"),
-                           mode=params.get("mode"), method=params.get("method"),
+                           from_stage=params.get("from"), merged=params.get("merged"),
+                           **P.preset_choice(params.get("preset")), mode=params.get("mode"), method=params.get("method"),
                            replay=(params.get("replay") or {}).get("data"),
                            replay_ratio=(params.get("replay") or {}).get("ratio"), **(params.get("options") or {}),
                            set_items=tuple(f"{k}={json.dumps(v)}" for k, v in sorted(sets.items()))), **changes)
@@ -350,7 +346,8 @@ def _resolve(spec: StageSpec) -> Resolved:
         base_model, inputs = start["base_model"], list(start["inputs"])
         ip = start["inherit"].get("preset") or {}
         if device is None and gpus is None and nodes is None and shard is None and procs is None and ip:
-            device, gpus, nodes, shard = ip.get("device"), ip.get("gpus"), ip.get("nodes"), ip.get("shard")
+            c = P.preset_choice(ip)
+            device, gpus, nodes, shard, procs = c["device"], c["gpus"], c["nodes"], c["shard"], c["procs"]
         elif device is None and ip:
             device = ip.get("device")  # e.g. --procs 4 on stage one's CPU
         if mode is None:

@@ -38,6 +38,45 @@ def schema_check(yaml_file: Path, n_gpu: int, gpu: bool = True):
 
 # -- presets ------------------------------------------------------------------------------------
 
+def test_a_stored_preset_reads_back_by_one_rule():
+    """Preset.gpus is processes per node (GPUs on GPU, CPU processes on CPU): hardware.preset_choice alone
+    reads it back, for StageSpec.from_params and for an SFT stage inheriting stage one's preset; every
+    preset made again from its stored form is the same preset, and the CPU one names no GPUs."""
+    from recipes.hardware import make_preset, preset_choice
+    from recipes.stage import StageSpec
+    from tools.errors import UserError
+
+    for device, gpus, nodes, shard, procs in (("gpu", None, 1, None, None), ("gpu", 4, 2, "zero3", None),
+                                              ("cpu", None, 1, None, 3), ("cpu", None, 2, None, 2)):
+        p = make_preset(device, gpus, nodes, shard, procs)
+        assert make_preset(**{k: v for k, v in preset_choice(p.to_dict()).items() if v is not None}) == p
+    cpu = make_preset("cpu", procs=3)
+    assert cpu.to_dict()["gpus"] == 3 and cpu.procs == 3
+    assert preset_choice(cpu.to_dict()) == {"device": "cpu", "gpus": None, "procs": 3, "nodes": 1, "shard": "none"}
+    assert preset_choice(None) == dict.fromkeys(("device", "gpus", "procs", "nodes", "shard"))
+    spec = StageSpec.from_params({"kind": "completion", "data": [], "base_model": "m", "preset": cpu.to_dict()}, "o")
+    assert (spec.device, spec.gpus, spec.procs, spec.nodes) == ("cpu", None, 3, 1)
+    gpu = StageSpec.from_params({"kind": "completion", "data": [], "base_model": "m",
+                                 "preset": make_preset("gpu", 4).to_dict()}, "o")
+    assert (gpu.device, gpu.gpus, gpu.procs, gpu.shard) == ("gpu", 4, None, "zero2")
+    with pytest.raises(UserError, match="no GPUs"):
+        make_preset("cpu", gpus=2)
+
+
+@pytest.mark.parametrize("procs", [None, 2])
+def test_sft_inherits_stage_ones_cpu_processes(monkeypatch, tmp_path, procs):
+    """An SFT stage over a 3-process CPU stage one trains on 3 CPU processes (read back by preset_choice),
+    or on the processes it asks for (--procs 2)."""
+    import recipes.stage as S
+    from recipes.hardware import Preset, make_preset
+
+    one = {"base_model": "org/model", "inputs": [], "start": "adapter", "stage_one": str(tmp_path / "s1"),
+           "inherit": {"preset": make_preset("cpu", procs=3).to_dict(), "mode": "lora"}}
+    monkeypatch.setattr(S, "resolve_from", lambda from_stage, merged: one)
+    r = S._resolve(S.StageSpec("sft", tmp_path / "s2", from_stage=str(tmp_path / "s1"), procs=procs))
+    assert r.preset == Preset("cpu", procs or 3, 1, "none") and r.mode == "lora"
+
+
 def test_hardware_presets_pass_axolotl_schema(tmp_path, tiny_llama, data):
     from recipes.stage import StageSpec, write_stage
 
