@@ -1,7 +1,11 @@
 """The CLI as a whole: every verb listed by `tools --help`, every verb's --help with an example."""
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import click
 import pytest
@@ -27,6 +31,26 @@ def test_top_level_help_lists_every_verb():
     for verb in leaf_verbs():
         assert " ".join(verb) in listed
         assert " ".join(verb) in " ".join(r.output.split()), verb
+
+
+# what `tools --help` must not load: the heavy backends (seconds), numpy, and rich (a fifth of the start);
+# verbs import them when they run. Checked by name, not timed: a timing test flickers on a loaded machine.
+START_FREE = ("torch", "transformers", "llama_cpp", "datasets", "accelerate", "peft", "axolotl", "numpy", "pandas",
+              "matplotlib", "scipy", "sklearn", "faiss", "huggingface_hub", "safetensors", "jinja2", "yaml", "rich")
+
+
+def test_help_loads_no_heavy_module():
+    """`tools --help` in a fresh interpreter (the verbs registered, the verb map printed) imports none of
+    START_FREE, so it starts well under 0.5 s."""
+    code = ("import sys\nimport tools.cli\ntry:\n    tools.cli.cli.main(['--help'], prog_name='tools')\n"
+            "except SystemExit:\n    pass\nprint(' '.join(sorted({m.split('.')[0] for m in sys.modules})))")
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120, cwd=root,
+                       env=env)
+    loaded = set(p.stdout.split("\n")[-2].split())
+    assert "tools" in loaded and "corpora" in loaded and "evals" in loaded
+    assert not loaded & set(START_FREE), sorted(loaded & set(START_FREE))
 
 
 @pytest.mark.parametrize("verb", leaf_verbs(), ids=" ".join)
