@@ -1,5 +1,8 @@
 """Tests for bugs the earlier tests let through (issue 25: each was put in by hand, and its area's tests
-still passed). Every test here fails on its bug; the bug is named in the test's docstring."""
+still passed). Every test here fails on its bug; the bug is named in the test's docstring. Those that need
+an area's fixtures live with them: (4) the quant table's own perplexity and several quant types writing
+one file each in tests/release/test_release_formats.py, a resume one item late in
+tests/evals/test_bench_protocol.py (test_kill_and_resume_give_the_same_results)."""
 from __future__ import annotations
 
 import csv
