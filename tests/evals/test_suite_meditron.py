@@ -130,7 +130,8 @@ def test_meditron_cli_limit_2_resumes(tools_cli, tmp_path):
 
 def test_meditron_bad_usage_exits_2(tools_cli, tmp_path):
     med = _medmcqa(tmp_path / "dev.json", 1)
-    for extra, msg in ((["open-medical", "--shots", "3"], "--shots: only for tools eval suite meditron"),
+    none = tmp_path / "none.gguf"   # were a check missing, the run would stop at the model, not run for minutes
+    for extra, msg in ((["open-medical", "--shots", "3", "--model", none], "--shots: only for tools eval suite meditron"),
                        (["meditron", "--tasks", "medqa,mmlu"], "unknown task 'mmlu'"),
                        (["meditron", "--data", f"medmcqa={med}"], "pass --dev medmcqa=FILE or --shots 0")):
         p = tools_cli("eval", "suite", *extra, "--out", tmp_path / "o")
