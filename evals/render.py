@@ -227,7 +227,7 @@ def render_suite_report(results: dict, folder: Path, plots: bool = True) -> None
 
 def meditron_table(r: dict) -> list[str]:
     """The per-task Markdown table of a meditron run: mean over seeds, SD, interval, per seed, unparseable."""
-    lines = ["| task | n | accuracy (mean over seeds) | SD over seeds | 95 % interval | per seed | unparseable | "
+    lines = ["| task | n | accuracy (mean over seeds) | SD over seeds (points) | 95 % interval | per seed | unparseable | "
              "accuracy on parsed |", "|---|---|---|---|---|---|---|---|"]
     for name in r["order"]:
         col, v = r["columns"][name], r["tasks"].get(name)
@@ -259,7 +259,8 @@ def render_meditron_report(results: dict, folder: Path, plots: bool = True) -> N
     p = r["protocol"]
     lines = [f"# Meditron protocol ({mode}{r['shots']}-shot over {len(r['seeds'])} seeds{lim})", "",
              f"- model: `{r['model']['name']}` (sha256 `{r['model']['sha256'][:16]}…`)",
-             f"- metric: {r['metric']}; {r['samples']} sample(s) an item, majority vote",
+             f"- metric: {r['metric']}; " + (f"{r['samples']} samples an item, majority vote (self-consistency)"
+                                              if r["samples"] > 1 else "one sample an item"),
              f"- prompts: MediLoRA chat ({p['prompt_format']}), top-k {p['sampling']['top_k']}, temperature "
              f"{p['sampling']['temperature']}, at most {p['max_tokens']} new tokens; shots drawn per seed, never "
              "a test item", "", *meditron_table(r), "", "## Meditron layout", "", *meditron_row(r, r["model"]["name"]),

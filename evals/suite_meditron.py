@@ -319,10 +319,10 @@ def summary_lines(res: dict) -> list[str]:
             lines.append(f"{col:16s}     -  not run: {res['not_run'][name]}")
             continue
         lo, hi = v["accuracy_ci95"]
-        sd = f" ± {100 * v['accuracy_sd']:.1f}" if v["accuracy_sd"] is not None else ""
+        sd = f"  SD {100 * v['accuracy_sd']:.1f}" if v["accuracy_sd"] is not None else ""
         lines.append(f"{col:16s} {v['n']:5d}  {100 * v['accuracy']:5.1f}%{sd}  [{100 * lo:.1f}, {100 * hi:.1f}]  "
                      f"unparseable {v['unparseable']} ({100 * v['unparseable_rate']:.1f}%)")
-    sd = f" ± {100 * res['average_sd']:.1f}" if res["average_sd"] is not None else ""
+    sd = f"  SD {100 * res['average_sd']:.1f}" if res["average_sd"] is not None else ""
     lines.append(f"{'average':16s} {res['n']:5d}  {100 * res['average']:5.1f}%{sd}  "
-                 f"(unweighted, {len(res['average_over'])} tasks; {len(res['seeds'])} seeds, {res['shots']} shots)")
+                 f"(unweighted, {len(res['average_over'])} tasks; {res['shots']}-shot, {len(res['seeds'])} seeds)")
     return lines
