@@ -454,22 +454,30 @@ def _resume(scratch: Path, items: list[Item]) -> list[dict]:
     return rows
 
 
-def run_items(plan: BenchPlan, scratch: Path) -> tuple[list[dict], RunFacts]:
+def run_items(plan: BenchPlan, scratch: Path, lr: LlamaRunner | None = None,
+              label: str | None = None) -> tuple[list[dict], RunFacts]:
     """Run the items not yet in ``scratch`` (each appended and flushed there as it finishes); the rows as
-    they read back from JSON, and what the run measured."""
+    they read back from JSON, and what the run measured. ``lr``: a model already loaded (the meditron
+    suite runs many plans on one; ``label`` names each in the progress line); by default the plan's
+    model is loaded here."""
+    if lr is None:
+        t0 = time.perf_counter()
+        with LlamaRunner(plan.model_path, n_ctx=plan.spec.n_ctx, n_threads=plan.spec.threads,
+                         n_batch=plan.spec.n_batch, seed=plan.spec.seed, n_gpu_layers=plan.spec.n_gpu_layers,
+                         lora_path=plan.lora_path) as own:
+            load = time.perf_counter() - t0
+            rows, run = run_items(plan, scratch, own, label)
+        run.load = load
+        return rows, run
     spec, items = plan.spec, plan.items
     rows = _resume(scratch, items)
     run = RunFacts(resumed=len(rows))
-    t0 = time.perf_counter()
-    with LlamaRunner(plan.model_path, n_ctx=spec.n_ctx, n_threads=spec.threads, n_batch=spec.n_batch, seed=spec.seed,
-                     n_gpu_layers=spec.n_gpu_layers, lora_path=plan.lora_path) as lr, \
-            open(scratch, "a", encoding="utf-8") as sf:
-        run.load = time.perf_counter() - t0
+    with open(scratch, "a", encoding="utf-8") as sf:
         runner = ItemRunner(plan, lr, Retriever(plan.rag_dir) if plan.rag_dir else None)
         lr.evaluated_tokens = 0
         t1 = time.perf_counter()
         try:
-            with progress(f"{spec.task} {spec.mode}", total=len(items), unit="items") as advance:
+            with progress(label or f"{spec.task} {spec.mode}", total=len(items), unit="items") as advance:
                 advance(run.resumed)
                 for it in items[run.resumed:]:
                     row = runner.run(it)

@@ -175,49 +175,84 @@ def eval_mmlu(model, shots, subjects, limit, threads, n_gpu_layers, batch_size, 
     _print(*summary_lines(res), f"artifact: {art.path}")
 
 
-def _data_pairs(pairs: tuple[str, ...]) -> dict[str, str]:
-    from tools.errors import UserError
-
+def _data_pairs(pairs: tuple[str, ...], flag: str = "--data") -> dict[str, str]:
     out = {}
     for p in pairs:
         name, sep, path = p.partition("=")
         if not sep or not name.strip() or not path.strip():
-            raise UserError(f"{p!r} is not TASK=FILE", field="--data")
+            raise UserError(f"{p!r} is not TASK=FILE", field=flag)
         out[name.strip()] = path.strip()
     return out
 
 
+MEDITRON_ONLY = ("dev", "tasks", "shots", "seeds", "cot", "samples", "max_tokens")
+
+
 @click.command("suite")
-@click.argument("protocol", type=click.Choice(["open-medical"]))
+@click.argument("protocol", type=click.Choice(["open-medical", "meditron"]))
 @click.option("--model", "model", type=click.Path(), default=None,
               help="GGUF file (default: the embedded SmolLM2-135M-Instruct Q4_1).")
 @click.option("--data", "data", multiple=True,
               help="TASK=FILE: data for a task (medmcqa is not shipped: --data medmcqa=dev.json); repeatable.")
 @click.option("--answer-base", type=click.Choice(["0", "1"]), default=None,
               help="MedMCQA cop counted from 0 (Hub export) or 1 (GitHub dev.json); default: told from the file.")
-@click.option("--limit", type=int, default=None, help="Only the first N questions of each task (a quick look).")
+@click.option("--limit", type=int, default=None,
+              help="Only the first N questions of each task (meditron: of each MMLU subject) - a quick look.")
+@click.option("--tasks", default=None,
+              help="meditron: comma-separated tasks to run (mmlu_medical, pubmedqa, medmcqa, medqa, medqa4); "
+                   "default all.")
+@click.option("--dev", "dev", multiple=True,
+              help="meditron: TASK=FILE, the few-shot pool of a task (default: the bundled dev split; medmcqa "
+                   "needs one, e.g. its train.json); repeatable.")
+@click.option("--shots", type=int, default=None, help="meditron: examples per prompt, drawn per seed (default 5).")
+@click.option("--seeds", type=int, default=None,
+              help="meditron: runs with seeds 0..N-1 (shots and sampling); mean and SD over them (default 3).")
+@click.option("--cot", is_flag=True, default=None, help="meditron: reasoning first, then a final 'Answer: X' line.")
+@click.option("--samples", type=int, default=None,
+              help="meditron: N sampled answers an item, majority vote (self-consistency; default 1).")
+@click.option("--max-tokens", type=int, default=None, help="meditron: new tokens at most (default 16; 256 with --cot).")
 @threads_option
 @click.option("--n-gpu-layers", type=int, default=None, help=N_GPU_LAYERS_HELP)
 @click.option("--n-ctx", type=int, default=4096, show_default=True)
-@artifact_options("Output folder (default runs/eval/open-medical-<model>).")
-def suite_cmd(protocol, model, data, answer_base, limit, threads, n_gpu_layers, n_ctx, out, force, as_json):
+@artifact_options("Output folder (default runs/eval/<protocol>-<model>).")
+def suite_cmd(protocol, as_json, **kw):
     """A published protocol on a GGUF, one table. open-medical: the Open Medical-LLM Leaderboard's
-    nine tasks, zero-shot log-likelihood acc, offline.
+    nine tasks, zero-shot log-likelihood acc. meditron: Meditron's evaluation (generated answers,
+    few-shot over several seeds, unparseable answers counted). Both offline.
 
-    lm-eval's own task files build every prompt (MedMCQA, MedQA 4 options, PubMedQA, six MMLU
-    subjects); llama.cpp scores them with prefix reuse. Per-task accuracy with its 95 % interval,
-    the average, items per task, a leaderboard-style table and a plot. A killed run resumes.
+    open-medical: lm-eval's own task files build every prompt (MedMCQA, MedQA 4 options, PubMedQA,
+    six MMLU subjects); llama.cpp scores them with prefix reuse. meditron: MMLU-medical (nine
+    subjects), PubMedQA, MedMCQA, MedQA 5 and 4 options through the `tools bench` protocol, each
+    task and seed one bench run on one loaded model. Per-task accuracy with its 95 % interval, the
+    average, items per task, a table laid out like the protocol's own and a plot. A killed run resumes.
 
     \b
     Example:
       tools eval suite open-medical --limit 20
       tools eval suite open-medical --model out/model.Q3_K_L.gguf --data medmcqa=medmcqa/dev.json
+      tools eval suite meditron --limit 10 --seeds 3 --shots 3
+      tools eval suite meditron --tasks medqa4,pubmedqa --cot --samples 5 --shots 0 --seeds 1
     """
-    from .suite import SuiteSpec, run_suite, summary_lines
+    data, answer_base = _data_pairs(kw.pop("data")), kw.pop("answer_base")
+    answer_base = None if answer_base is None else int(answer_base)
+    if protocol == "open-medical":
+        given = [k for k in MEDITRON_ONLY if kw.get(k) not in (None, ())]
+        if given:
+            raise UserError("only for tools eval suite meditron (open-medical is zero-shot log-likelihood)",
+                            field="--" + given[0].replace("_", "-"))
+        from .suite import SuiteSpec, run_suite, summary_lines
 
-    spec = SuiteSpec(model=model, data=_data_pairs(data), answer_base=None if answer_base is None else int(answer_base),
-                     limit=limit, threads=threads, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, out=out, force=force)
-    art = run_suite(spec)
+        spec = SuiteSpec(model=kw["model"], data=data, answer_base=answer_base, limit=kw["limit"],
+                         threads=kw["threads"], n_ctx=kw["n_ctx"], n_gpu_layers=kw["n_gpu_layers"], out=kw["out"],
+                         force=kw["force"])
+        art = run_suite(spec)
+    else:
+        from .suite_meditron import MeditronSpec, run_meditron, summary_lines
+
+        tasks = tuple(t.strip() for t in kw.pop("tasks").split(",") if t.strip()) if kw.get("tasks") else None
+        opts = {k: v for k, v in kw.items() if v is not None and k != "dev"}
+        art = run_meditron(MeditronSpec(**{**opts, "data": data, "dev": _data_pairs(kw["dev"], "--dev"),
+                                           "tasks": tasks, "answer_base": answer_base}))
     res = read_results(art)
     if as_json:
         return emit_json(art, res)

@@ -6,7 +6,8 @@ mapping label -> text), ``answer`` (a label, the text of one option, or an index
 1-based by file, never guessed: a 0 anywhere means 0-based, the option count anywhere (4 of 4) means
 1-based (MedMCQA's GitHub release counts ``cop`` from 1, its Hub export from 0); a file whose
 integers show neither is refused unless ``answer_base`` (``--answer-base 0|1``) says which.
-``--map TARGET=SOURCE`` renames fields (``--map question=stem --map answer=cop``); ``options`` may
+A ``.csv`` file is read in MMLU's layout (no header: question, A, B, C, D, answer letter; ids are
+row numbers). ``--map TARGET=SOURCE`` renames fields (``--map question=stem --map answer=cop``); ``options`` may
 be gathered from several fields (``--map options=opa+opb+opc+opd``, MedMCQA's layout).
 
 Sets whose options are exactly yes / no / maybe are asked and parsed like PubMedQA (the
@@ -147,6 +148,14 @@ def _row(obj: dict, mapping: dict, path: Path, line: int, base: int = 0) -> tupl
     return Item(iid, q, ctx or "", {relabel[k]: t for k, t in opts.items()}, relabel[ans]), False
 
 
+def _mmlu_rows(path: Path) -> list[tuple[int, dict]]:
+    """(row number, MCQ row) of an MMLU CSV (question, A, B, C, D, answer letter)."""
+    from .lm_eval_tasks.utils import mmlu_csv
+
+    return [(i, {"id": str(i), "question": d["question"], "options": d["choices"], "answer": "ABCD"[d["answer"]]})
+            for i, d in enumerate(mmlu_csv(path, path.stem), 1)]
+
+
 def load_mcq(data: str | os.PathLike, mapping: dict[str, list[str]] | None = None,
              limit: int | None = None) -> tuple[list[Item], Path, str]:
     """(items, path, flavour) of an MCQ JSONL; flavour ``pubmedqa`` (all rows yes/no/maybe) or ``medqa``.
@@ -158,7 +167,7 @@ def load_mcq(data: str | os.PathLike, mapping: dict[str, list[str]] | None = Non
     path = Path(data)
     mapping = dict(mapping or {})
     declared = mapping.pop("answer_base", None)
-    rows = list(_numbered(path))
+    rows = _mmlu_rows(path) if path.suffix.lower() == ".csv" else list(_numbered(path))
     ints, af = _int_answers(rows, mapping)
     base = None
     try:

@@ -223,3 +223,53 @@ def render_suite_report(results: dict, folder: Path, plots: bool = True) -> None
         lines += ["![per-task accuracy](suite.png)"]
     with atomic_write(folder / "report.md") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def meditron_table(r: dict) -> list[str]:
+    """The per-task Markdown table of a meditron run: mean over seeds, SD, interval, per seed, unparseable."""
+    lines = ["| task | n | accuracy (mean over seeds) | SD over seeds (points) | 95 % interval | per seed | unparseable | "
+             "accuracy on parsed |", "|---|---|---|---|---|---|---|---|"]
+    for name in r["order"]:
+        col, v = r["columns"][name], r["tasks"].get(name)
+        if v is None:
+            lines.append(f"| {col} | - | - | - | - | - | - | not run: {r['not_run'][name]} |")
+            continue
+        sd = f"{100 * v['accuracy_sd']:.1f}" if v["accuracy_sd"] is not None else "-"
+        seeds = " / ".join(_pct(p["accuracy"]) for p in v["per_seed"])
+        lines.append(f"| {col} | {v['n']} | {_pct(v['accuracy'])} | {sd} | {_ci(v, 'accuracy_ci95')} | {seeds} | "
+                     f"{v['unparseable']} ({_pct(v['unparseable_rate'])}) | {_pct(v['accuracy_parsed'])} |")
+    sd = f"{100 * r['average_sd']:.1f}" if r["average_sd"] is not None else "-"
+    lines.append(f"| **Average** ({len(r['average_over'])} tasks, unweighted) | {r['n']} | **{_pct(r['average'])}** "
+                 f"| {sd} | | | | |")
+    return lines
+
+
+def meditron_row(r: dict, label: str) -> list[str]:
+    """The run as one row laid out like Meditron's table (its columns, then Avg)."""
+    cols = [r["columns"][n] for n in r["order"]]
+    cells = [f"{100 * r['tasks'][n]['accuracy']:.1f}" if n in r["tasks"] else "-" for n in r["order"]]
+    return ["| Model | " + " | ".join(cols) + " | Avg |", "|---" * (len(cols) + 2) + "|",
+            f"| {label} | " + " | ".join(cells) + f" | {100 * r['average']:.1f} |"]
+
+
+def render_meditron_report(results: dict, folder: Path, plots: bool = True) -> None:
+    r, folder = results, Path(folder)
+    lim = f", first {r['limit']} questions of each task (MMLU: of each subject)" if r["limit"] else ""
+    mode = ("self-consistency " if r["samples"] > 1 else "") + ("CoT, " if r["cot"] else "")
+    p = r["protocol"]
+    lines = [f"# Meditron protocol ({mode}{r['shots']}-shot over {len(r['seeds'])} seeds{lim})", "",
+             f"- model: `{r['model']['name']}` (sha256 `{r['model']['sha256'][:16]}…`)",
+             f"- metric: {r['metric']}; " + (f"{r['samples']} samples an item, majority vote (self-consistency)"
+                                              if r["samples"] > 1 else "one sample an item"),
+             f"- prompts: MediLoRA chat ({p['prompt_format']}), top-k {p['sampling']['top_k']}, temperature "
+             f"{p['sampling']['temperature']}, at most {p['max_tokens']} new tokens; shots drawn per seed, never "
+             "a test item", "", *meditron_table(r), "", "## Meditron layout", "", *meditron_row(r, r["model"]["name"]),
+             ""]
+    if plots:
+        names = [n for n in r["order"] if n in r["tasks"]]
+        plot_intervals([r["columns"][n] for n in names], [r["tasks"][n]["accuracy"] for n in names],
+                       [r["tasks"][n]["accuracy_ci95"] for n in names], folder / "suite.png",
+                       f"Meditron protocol: {r['model']['name']}")
+        lines += ["![per-task accuracy](suite.png)"]
+    with atomic_write(folder / "report.md") as f:
+        f.write("\n".join(lines) + "\n")
