@@ -114,6 +114,21 @@ def _fake_trained_sft(root: Path, base: Path) -> Path:
     return s1
 
 
+def _fake_full_sft(root: Path, base: Path) -> Path:
+    """An SFT stage folder whose output is a full model: the tiny Llama itself (no SFT run)."""
+    import shutil
+
+    s1 = root / "sft-full"
+    with Stage("stage.sft", s1, {"kind": "sft", "mode": "full", "preset": {"device": "cpu"}}) as st:
+        st.path("axolotl.yaml").write_text("base_model: x\n")
+    with Stage("train", s1 / "output", {"fake": True, "full": True}, inputs=[s1]) as st:
+        for f in Path(base).iterdir():
+            if f.is_file():
+                shutil.copy(f, st.path(f.name))
+        st.extra.update({"adapter": False, "base_model": str(base)})
+    return s1
+
+
 def test_grpo_is_written_and_checked_but_refused_on_cpu(tmp_path, tiny_llama, tools_cli):
     from evals.rewards import answer_correct
 
@@ -180,3 +195,23 @@ def test_orpo_and_kto_stages_write_the_pairs_in_the_layout_axolotl_reads(tmp_pat
             assert [(d["completion"], d["label"]) for d in done[:2]] == [
                 ("yes. Because the trial said so.<|im_end|>", True), ("no<|im_end|>", False)]
             assert len(done) == 6 and sum(d["label"] for d in done) == 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,logged", [("kto", "kl"), ("orpo", "log_odds_ratio")])
+def test_orpo_and_kto_train_on_cpu_through_axolotl(tmp_path, tiny_llama, tools_cli, method, logged):
+    """ORPO and KTO (from the pairs rewritten in their layouts) train through the real Axolotl CLI on CPU:
+    TRL's trainer of that method ran on chosen and rejected rows, and one update raised its reward margin."""
+    s1 = _fake_full_sft(tmp_path, tiny_llama)
+    pairs = [{"id": f"p{i}", "system": "Answer with yes, no or maybe.", "prompt": f"Does drug {i} lower blood pressure?",
+              "chosen": "yes. The trial found a lower pressure.", "rejected": "no", "meta": {}} for i in range(8)]
+    out = tmp_path / method
+    r = tools_cli("stage", "dpo", "--from", s1, "--pairs", _pairs_artifact(tmp_path / "pairs", pairs, s1),
+                  "--method", method, "--out", out, "--max-steps", "2", "--lr", "5e-3", *FAST)
+    assert r.returncode == 0, r.stderr
+    r = tools_cli("train", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    hist = [h for h in read_artifact(out / "output").extra["log_history"] if "loss" in h]
+    assert len(hist) == 2 and all(logged in h and "logps/chosen" in h and "logps/rejected" in h for h in hist)
+    print(f"{method} on CPU: reward margin {hist[0]['rewards/margins']:.4f} -> {hist[-1]['rewards/margins']:.4f}")
+    assert hist[-1]["rewards/margins"] > hist[0]["rewards/margins"]
