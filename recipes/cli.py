@@ -8,6 +8,8 @@ import click
 from tools.cli_options import emit_json, force_option, json_option, out_option
 from tools.errors import UserError
 
+from .recipe import RL_METHODS
+
 ADAPTER_FLAGS = ("qlora", "lora", "full")
 
 
@@ -143,8 +145,9 @@ def stage_sft(as_json, **kw):
                    "(without it the SFT adapter is trained further and the reference is the SFT stage's base).")
 @click.option("--pairs", "pairs", multiple=True, required=True, type=click.Path(),
               help="Preference pairs (`tools build-dataset pairs --bench RUN`); repeat for several.")
-@click.option("--method", type=click.Choice(["dpo", "ipo", "simpo", "grpo"]), default=None,
-              help="Preference objective (default dpo); grpo is written and checked, trained only with a vLLM server.")
+@click.option("--method", type=click.Choice(list(RL_METHODS)), default=None,
+              help="Preference objective (default dpo); orpo and kto read the pairs rewritten in their layout; grpo is "
+                   "written and checked, trained only with a vLLM server.")
 @_common
 def stage_dpo(as_json, **kw):
     """Preference tuning (Axolotl `rl: dpo`) on pairs from the model's own bench mistakes.

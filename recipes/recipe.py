@@ -56,10 +56,14 @@ MEDILORA_DEFAULTS: dict[str, Any] = {
 }
 
 ADAPTER_MODES = ("qlora", "lora", "full")
-# `tools stage dpo --method`: preference objectives Axolotl trains from the same {prompt, chosen, rejected}
-# rows (TRL's DPOTrainer: dpo, ipo and simpo are its losses; orpo is TRL's ORPOTrainer). GRPO is written
-# and checked but generates with a vLLM server, so `tools train` refuses it on CPU (recipes/train.py).
-RL_METHODS = ("dpo", "ipo", "simpo", "grpo")
+# `tools stage dpo --method`: preference objectives Axolotl trains from the pairs (dpo and ipo: TRL's
+# DPOTrainer; simpo: its CPOTrainer; orpo: ORPOTrainer; kto: KTOTrainer, on unpaired rows). ORPO and KTO
+# read other row layouts than DPO's ChatML pairs: the stage writes the pairs in theirs (preference_rows).
+# GRPO is written and checked but generates with a vLLM server, so `tools train` refuses it on CPU
+# (recipes/train.py); none of the others needs a GPU-only dependency.
+RL_METHODS = ("dpo", "ipo", "simpo", "orpo", "kto", "grpo")
+# Axolotl's prompt strategy per method (axolotl.prompt_strategies.{dpo,orpo,kto}); the rest: chatml.prompt_pairs
+RL_DATASET_TYPES = {"orpo": "chat_template.argilla", "kto": "chatml.prompt_pairs"}
 RL_BETA = 0.1  # TRL's default DPO beta
 SEQ_BUCKETS = (256, 512, 1024, 2048, 4096)
 CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
@@ -142,6 +146,8 @@ def chatml_keys(base_model: str, adapter: bool, continuing_adapter: bool) -> dic
 def rl_keys(method: str) -> dict:
     """The Axolotl keys of a preference stage (no sample packing: Axolotl refuses it with rl)."""
     keys: dict[str, Any] = {"rl": method, "sample_packing": False, "rl_beta": RL_BETA}
+    if method == "kto":  # Axolotl's schema asks for it (KTO's collator needs the label column)
+        keys["remove_unused_columns"] = False
     if method == "grpo":  # generation by a vLLM server, rewarded by the bench's answer check (a name, not an import)
         keys["trl"] = {"use_vllm": True, "vllm_mode": "server", "num_generations": 4, "max_completion_length": 64,
                        "reward_funcs": ["evals.rewards.answer_correct"]}
@@ -149,6 +155,21 @@ def rl_keys(method: str) -> dict:
 
 
 # -- data ----------------------------------------------------------------------------------------
+
+def preference_rows(method: str, pairs: list[dict]) -> list[dict] | None:
+    """The pairs {id, system, prompt, chosen, rejected} in the layout ``method`` reads (None: as they are).
+    ORPO (chat_template.argilla): chosen and rejected as [user, assistant] turns. KTO: unpaired rows, a
+    pair -> one desirable (label true) and one undesirable (label false) completion of the same prompt."""
+    if method == "orpo":
+        def turns(p, answer):
+            return [{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": answer}]
+        return [{"id": p["id"], "system": p.get("system") or "", "prompt": p["prompt"],
+                 "chosen": turns(p, p["chosen"]), "rejected": turns(p, p["rejected"])} for p in pairs]
+    if method == "kto":
+        return [{"id": f"{p['id']}:{side}", "system": p.get("system") or "", "prompt": p["prompt"],
+                 "completion": p[side], "label": side == "chosen"} for p in pairs for side in ("chosen", "rejected")]
+    return None
+
 
 def _token_counter(base_model: str):
     """Token lengths with the base tokenizer when it is local (fast ``tokenizers``), else ~4 chars/token."""

@@ -114,6 +114,7 @@ def resolve_from(from_stage: str, merged: str | None) -> dict:
 
 
 REPLAY_FILE = "replay.jsonl"
+PREFERENCE_FILE = "preference.jsonl"  # ORPO/KTO stages: the pairs in the layout the method reads
 
 
 def replay_rows(spec: "StageSpec", train_files: list[Path]) -> dict:
@@ -150,11 +151,12 @@ class Resolved:
     inputs: list[Path]
 
 
-def _dataset_entry(kind: str, path: Path) -> dict:
+def _dataset_entry(kind: str, path: Path, method: str | None = None) -> dict:
     if kind == "completion":
         return {"path": str(path), "type": "completion", "ds_type": "json", "field": "text"}
-    if kind == "dpo":  # rows {system, prompt, chosen, rejected}: Axolotl's ChatML pair strategy
-        return {"path": str(path), "type": "chatml.prompt_pairs", "ds_type": "json", "split": "train"}
+    if kind == "dpo":  # rows {system, prompt, chosen, rejected} (ChatML pairs) or their ORPO/KTO layout
+        return {"path": str(path), "type": R.RL_DATASET_TYPES.get(method or "dpo", "chatml.prompt_pairs"),
+                "ds_type": "json", "split": "train"}
     return {"path": str(path), "type": "chat_template", "ds_type": "json", "split": "train",
             "field_messages": "messages", "message_property_mappings": {"role": "role", "content": "content"},
             "roles_to_train": ["assistant"], "train_on_eos": "turn"}
@@ -177,6 +179,11 @@ def build(r: Resolved, train_files: list[Path], val_files: list[Path]) -> tuple[
         cfg["evals_per_epoch"] = 1
     if kind == "dpo":
         cfg.update(R.rl_keys(r.spec.method or "dpo"))
+        rows = R.preference_rows(r.spec.method or "dpo", [x for f in train_files for x in read_jsonl(f)])
+        if rows is not None:  # ORPO/KTO: the pairs rewritten in their layout, into the stage folder
+            decided["preference"] = {"method": r.spec.method, "pairs": len(rows) // (2 if r.spec.method == "kto" else 1),
+                                     "rows": rows}
+            cfg["datasets"] = [_dataset_entry(kind, out / PREFERENCE_FILE, r.spec.method)]
     R.apply_overrides(cfg, _mode_keys(r.mode))
     continuing = bool(start and start.get("lora_model_dir"))
     if continuing:
@@ -397,6 +404,11 @@ def _write(r: Resolved, cfg: dict, decided: dict) -> Artifact:
         replay = decided.pop("replay", None)
         if replay:
             write_jsonl(st.path(REPLAY_FILE), replay.pop("rows"))
+        pref = decided.pop("preference", None)
+        if pref:
+            write_jsonl(st.path(PREFERENCE_FILE), pref["rows"])
+            st.extra["preference_rows"] = {"file": PREFERENCE_FILE, "method": pref["method"], "pairs": pref["pairs"],
+                                           "rows": len(pref["rows"])}
         launch = st.path("launch.sh")
         launch.write_text(P.launch_script(preset, str(r.out), name, seed=cfg.get("seed")), encoding="utf-8")
         launch.chmod(0o755)

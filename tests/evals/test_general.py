@@ -87,30 +87,64 @@ def test_replay_mixes_a_seeded_share_into_the_stage(tmp_path, tiny_llama, tools_
         assert r.returncode == 2 and "--replay" in r.stderr and not (tmp_path / "bad").exists(), r.stderr
 
 
+def _tiny_that_knows_general_english(tiny, out, steps: int = 200):
+    """The random tiny Llama trained (plain PyTorch, seeded, one thread) on the replay half of the general
+    corpus, so that it has a general ability to lose; the held-out half stays unseen."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from corpora.general import topics
+
+    threads = torch.get_num_threads()
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(tiny))
+        model = AutoModelForCausalLM.from_pretrained(str(tiny), dtype=torch.float32).train()
+        ids = tok("\n\n".join(text for _, text in topics("replay")), add_special_tokens=False)["input_ids"]
+        blocks = torch.tensor([ids[i:i + 128] for i in range(0, len(ids) - 128, 128)])
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        pick = torch.Generator().manual_seed(0)
+        for _ in range(steps):
+            batch = blocks[torch.randint(len(blocks), (8,), generator=pick)]
+            model(input_ids=batch, labels=batch).loss.backward()
+            opt.step()
+            opt.zero_grad()
+    finally:
+        torch.set_num_threads(threads)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    shutil.copy(tiny / "tokenizer.model", out / "tokenizer.model")
+    return out
+
+
 @pytest.mark.slow
-def test_replay_loses_less_general_ability(tmp_path, smollm2_hf, tools_cli):
-    """SmolLM2-135M trained hard (LoRA, high lr) on a small clinical corpus loses general perplexity;
-    the same stage with 10 % general replay loses less."""
+def test_replay_loses_less_general_ability(tmp_path, tiny_llama, tools_cli):
+    """The tiny Llama, given some general English first, trained hard (LoRA, high lr) on a small clinical
+    corpus loses general perplexity; the same stage with 10 % general replay loses less."""
+    base = _tiny_that_knows_general_english(tiny_llama, tmp_path / "base")
     corpus = make_corpus(tmp_path / "clinical", n=16)
     assert tools_cli("build-corpus", "general", "--out", tmp_path / "general").returncode == 0
-    hard = ["--device", "cpu", "--lora", "--seq-len", "128", "--max-steps", "12", "--lr", "3e-3", "--micro-batch", "2",
+    hard = ["--device", "cpu", "--lora", "--seq-len", "128", "--max-steps", "12", "--lr", "1e-2", "--micro-batch", "2",
             "--grad-accum", "1", "--warmup-steps", "0", "--no-packing", "--lora-r", "16",
             "--target", "q_proj,k_proj,v_proj,o_proj", "--set", "optimizer=adamw_torch"]
     ppl = {}
     for name, extra in (("plain", []), ("replay", ["--replay", tmp_path / "general", "--replay-ratio", "0.1"])):
         s = tmp_path / name
-        r = tools_cli("stage", "completion", "--base-model", smollm2_hf, "--corpus", corpus, "--out", s, *hard, *extra)
+        r = tools_cli("stage", "completion", "--base-model", base, "--corpus", corpus, "--out", s, *hard, *extra)
         assert r.returncode == 0, r.stderr
         r = tools_cli("train", s)
         assert r.returncode == 0, r.stderr[-3000:]
-    for name, model in (("base", smollm2_hf), ("plain", tmp_path / "plain" / "output"),
+    for name, model in (("base", base), ("plain", tmp_path / "plain" / "output"),
                         ("replay", tmp_path / "replay" / "output")):
         r = tools_cli("eval", "general", "--model", model, "--ctx", "128", "--max-tokens", "1024",
                       "--out", tmp_path / f"g-{name}", "--json")
         assert r.returncode == 0, r.stderr
         ppl[name] = json.loads(r.stdout)["results"]["perplexity"]
     print(f"general perplexity: base {ppl['base']}, clinical only {ppl['plain']}, with 10 % replay {ppl['replay']}")
-    assert ppl["plain"] > ppl["base"] and ppl["replay"] < ppl["plain"]
+    assert ppl["plain"] > 1.2 * ppl["base"] and ppl["replay"] < ppl["plain"]
 
 
 def test_card_states_the_chosen_checkpoint_and_the_replay(tmp_path):

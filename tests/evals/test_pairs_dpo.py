@@ -114,6 +114,21 @@ def _fake_trained_sft(root: Path, base: Path) -> Path:
     return s1
 
 
+def _fake_full_sft(root: Path, base: Path) -> Path:
+    """An SFT stage folder whose output is a full model: the tiny Llama itself (no SFT run)."""
+    import shutil
+
+    s1 = root / "sft-full"
+    with Stage("stage.sft", s1, {"kind": "sft", "mode": "full", "preset": {"device": "cpu"}}) as st:
+        st.path("axolotl.yaml").write_text("base_model: x\n")
+    with Stage("train", s1 / "output", {"fake": True, "full": True}, inputs=[s1]) as st:
+        for f in Path(base).iterdir():
+            if f.is_file():
+                shutil.copy(f, st.path(f.name))
+        st.extra.update({"adapter": False, "base_model": str(base)})
+    return s1
+
+
 def test_grpo_is_written_and_checked_but_refused_on_cpu(tmp_path, tiny_llama, tools_cli):
     from evals.rewards import answer_correct
 
@@ -135,3 +150,68 @@ def test_grpo_is_written_and_checked_but_refused_on_cpu(tmp_path, tiny_llama, to
     # the reward is the bench's own answer check
     assert answer_correct(["p"] * 3, ["Yes, it is.", "no", [{"role": "assistant", "content": "maybe"}]],
                           meta=[row["meta"]] * 3) == [1.0, 0.0, 0.0]
+
+
+def test_orpo_and_kto_stages_write_the_pairs_in_the_layout_axolotl_reads(tmp_path, tiny_llama, tools_cli):
+    """ORPO and KTO read other row layouts than DPO's ChatML pairs: the stage rewrites the pairs (ORPO:
+    chosen/rejected as [user, assistant] turns; KTO: one desirable and one undesirable row per pair), the
+    YAML passes Axolotl's schema, and Axolotl's own prompt strategy turns every written row into what
+    TRL's trainer takes."""
+    from axolotl.prompt_strategies.kto import load as load_kto
+    from axolotl.prompt_strategies.orpo import load as load_orpo
+    from axolotl.utils.dict import DictDefault
+    from transformers import AutoTokenizer
+
+    s1 = _fake_trained_sft(tmp_path, tiny_llama)
+    pairs = [{"id": f"p{i}", "system": "Answer briefly.", "prompt": f"Question {i}? Answer with yes, no or maybe.",
+              "chosen": "yes. Because the trial said so.", "rejected": "no", "meta": {"gold": "yes"}} for i in range(3)]
+    art = _pairs_artifact(tmp_path / "pairs", pairs, s1)
+    tok = AutoTokenizer.from_pretrained(str(tiny_llama))
+    for method, load, want in (("orpo", load_orpo, ("prompt", "chosen", "rejected")),
+                               ("kto", load_kto, ("prompt", "completion", "label"))):
+        out = tmp_path / method
+        r = tools_cli("stage", "dpo", "--from", s1, "--pairs", art, "--method", method, "--out", out,
+                      "--device", "cpu", "--lora", "--max-steps", "2")
+        assert r.returncode == 0, r.stderr  # Axolotl's schema accepted it
+        cfg = yaml.safe_load((out / "axolotl.yaml").read_text())
+        assert cfg["rl"] == method and not cfg["sample_packing"]
+        [ds] = cfg["datasets"]
+        assert ds["path"] == str(out / "preference.jsonl")
+        rows = [json.loads(x) for x in Path(ds["path"]).read_text().splitlines()]
+        assert read_artifact(out).extra["preference_rows"] == {"file": "preference.jsonl", "method": method,
+                                                              "pairs": 3, "rows": len(rows)}
+        fn = load(ds["type"], DictDefault(cfg), dataset_idx=0)
+        assert fn is not None, ds["type"]
+        done = [fn(dict(row), tokenizer=tok) if method == "orpo" else fn(dict(row)) for row in rows]
+        for d in done:
+            assert all(d.get(k) is not None for k in want), d
+            assert d["prompt"].startswith("<|im_start|>system\nAnswer briefly.<|im_end|>\n<|im_start|>user\nQuestion")
+            assert d["prompt"].endswith("<|im_start|>assistant\n")
+        if method == "orpo":
+            assert len(done) == 3 and all(d["chosen"].startswith("yes. Because") and d["rejected"].startswith("no")
+                                          for d in done)
+        else:  # unpaired: each pair gives one desirable and one undesirable completion of the same prompt
+            assert cfg["remove_unused_columns"] is False
+            assert [(d["completion"], d["label"]) for d in done[:2]] == [
+                ("yes. Because the trial said so.<|im_end|>", True), ("no<|im_end|>", False)]
+            assert len(done) == 6 and sum(d["label"] for d in done) == 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,logged", [("kto", "kl"), ("orpo", "log_odds_ratio")])
+def test_orpo_and_kto_train_on_cpu_through_axolotl(tmp_path, tiny_llama, tools_cli, method, logged):
+    """ORPO and KTO (from the pairs rewritten in their layouts) train through the real Axolotl CLI on CPU:
+    TRL's trainer of that method ran on chosen and rejected rows, and one update raised its reward margin."""
+    s1 = _fake_full_sft(tmp_path, tiny_llama)
+    pairs = [{"id": f"p{i}", "system": "Answer with yes, no or maybe.", "prompt": f"Does drug {i} lower blood pressure?",
+              "chosen": "yes. The trial found a lower pressure.", "rejected": "no", "meta": {}} for i in range(8)]
+    out = tmp_path / method
+    r = tools_cli("stage", "dpo", "--from", s1, "--pairs", _pairs_artifact(tmp_path / "pairs", pairs, s1),
+                  "--method", method, "--out", out, "--max-steps", "2", "--lr", "5e-3", *FAST)
+    assert r.returncode == 0, r.stderr
+    r = tools_cli("train", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    hist = [h for h in read_artifact(out / "output").extra["log_history"] if "loss" in h]
+    assert len(hist) == 2 and all(logged in h and "logps/chosen" in h and "logps/rejected" in h for h in hist)
+    print(f"{method} on CPU: reward margin {hist[0]['rewards/margins']:.4f} -> {hist[-1]['rewards/margins']:.4f}")
+    assert hist[-1]["rewards/margins"] > hist[0]["rewards/margins"]
