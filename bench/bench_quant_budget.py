@@ -3,7 +3,12 @@
 SmolLM2-135M-Instruct (the embedded GGUF, turned into an HF model and converted to f16 with llama.cpp's
 converter), an importance matrix from PubMedQA *dev* contexts (bench_imatrix's corpus), every candidate
 measured against the f16 on held-out medical text (PubMedQA *test* contexts, never used for the imatrix;
->= 4096 scored tokens): the stock types and the documented mixes (release/budget.py). Reported:
+>= 4096 scored tokens): the stock types and the documented mixes (release/budget.py) around the bases of
+``--mix-bases`` (Q4_0, Q4_1 and Q4_K_M: the two legacy 4-bit types most of this model's tensors can take,
+its rows of 576 not being a multiple of 256, and the most used K type; every base would be ~130
+candidates). Caveat: the only SmolLM2 weights this machine has are the embedded Q4_1 release, so the
+"f16" is that file dequantized; its layer weights lie exactly on Q4_1's grid and its embeddings on Q8_0's,
+which makes Q4_1 (and a mix keeping Q4_1 on the layers) nearly lossless here. Reported:
 
 - which stock types the search's front **strictly dominates** (a mix that is no larger at a lower mean
   KL, or smaller at no higher KL), each as a size ratio and a KL ratio;
@@ -82,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tiny", action="store_true", help="Tiny random Llama, few tokens: a fast check of the bench.")
     ap.add_argument("--budget-kl", type=float, default=0.05, help="The KL budget whose search time is reported.")
     ap.add_argument("--types", default=None, help="Stock types [all; IQ types with the imatrix].")
-    ap.add_argument("--mix-bases", default="Q4_0,Q4_K_M,Q5_0,IQ4_XS,Q3_K_M",
+    ap.add_argument("--mix-bases", default="Q4_0,Q4_1,Q4_K_M",
                     help="Stock types the mixes are built around (fewer = faster).")
     ap.add_argument("--min-tokens", type=int, default=4096, help="Held-out tokens scored per candidate.")
     ap.add_argument("--heldout-items", type=int, default=40, help="PubMedQA test contexts in the held-out text.")
@@ -121,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                        real.extra["measured"], "real_search_seconds": round(time.monotonic() - t1, 1)})
     report["seconds"] = round(time.monotonic() - t0, 1)
     (out / "bench_quant_budget.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    md = markdown(report, every.path)
+    md = markdown(report, every.path, rows)
     (out / "bench_quant_budget.md").write_text(md, encoding="utf-8")
     print(md)
     print(f"figures in {out / 'bench_quant_budget.json'}; every candidate: {every.path / 'candidates.md'}, "
@@ -129,7 +134,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def markdown(r: dict, every: Path) -> str:
+def front_table(rows: list[dict]) -> list[str]:
+    """Every measured candidate by size: stock or mix, size, mean KL with its interval, on the Pareto front."""
+    from release.budget import pareto_front
+
+    m = sorted((x for x in rows if x["mean_kl"] is not None), key=lambda x: (x["size_bytes"], x["mean_kl"]))
+    front = set(pareto_front([(x["size_bytes"], x["mean_kl"]) for x in m]))
+    L = ["| candidate | stock | size MB | bits/weight | mean KL [95 % CI] | top-1 | front |", "|---|---|---|---|---|---|---|"]
+    for i, x in enumerate(m):
+        lo, hi = x["mean_kl_ci95"]
+        L.append(f"| {x['recipe']} | {'yes' if x['stock'] else 'mix'} | {x['size_bytes'] / 1e6:.2f} | "
+                 f"{x['bits_per_weight']:.3f} | {x['mean_kl']:.4g} [{lo:.4g}, {hi:.4g}] | "
+                 f"{100 * x['top1_agreement']:.1f}% | {'yes' if i in front else ''} |")
+    return L
+
+
+def markdown(r: dict, every: Path, rows: list[dict] | None = None) -> str:
     L = [f"{r['candidates']} candidates ({r['stock']} stock types) of `{r['model']}`, mean KL vs f16 on "
          f"{r['tokens_scored']} held-out tokens (PubMedQA test contexts); imatrix from {r['imatrix']['corpus_stage']} "
          f"({r['imatrix']['tokens']} tokens).", "",
@@ -143,6 +163,8 @@ def markdown(r: dict, every: Path) -> str:
           f"Search for kl={r['budget_kl']:g}: picks {r['search_pick']} after measuring {r['search_measured']} of "
           f"{r['candidates']} candidates, {r['search_seconds']:.0f} s against {r['every_candidate_seconds']:.0f} s "
           "for measuring every candidate.", f"Every candidate: `{every / 'candidates.md'}`.", ""]
+    if rows:
+        L += front_table(rows) + [""]
     return "\n".join(L)
 
 

@@ -615,9 +615,11 @@ def parse_eval(text: str):
 
 def register(cli):
     from recipes.selection import register as register_selector
+    from release.budget import register_accuracy
     from tools.cli import group
 
     register_selector(_checkpoint_selector)  # `tools train --select-by` (recipes cannot import evals)
+    register_accuracy(_accuracy_probe)  # `tools quantize --budget acc-drop=N` (release cannot import evals)
     group("build-dataset").add_command(pairs_cmd)
     for cmd in (bench_pubmedqa, bench_medqa, bench_mcq):  # options checked against BenchSpec in tests/tools/test_cli.py
         group("bench").add_command(cmd)
@@ -630,3 +632,9 @@ def register(cli):
     cli.add_command(audit_cmd)
     cli.add_command(sweep_cmd)
 
+
+
+def _accuracy_probe(data: str | None, threads: int | None = None):
+    from .accdrop import accuracy_probe
+
+    return accuracy_probe(data, threads)

@@ -45,17 +45,19 @@ class SelectBy:
     data: Path
     limit: int | None
 
+    field: str = "--select-by"  # the option it came from, for errors
+
     def load(self, trained: frozenset[str] = frozenset()) -> tuple[list[Item], int]:
         """(the first N items whose question the stage does not train on, how many were left out)."""
         if self.split == "custom":
             items = load_mcq(self.data, None)[0]
         else:
             items = load_items(self.flavor, self.data, self.split)[0]
-        refuse_test_items(items, self.flavor, self.data)
+        refuse_test_items(items, self.flavor, self.data, field=self.field)
         kept = [it for it in items if not _trained_on(it, trained)]
         if not kept:
             raise UserError(f"all {len(items)} items are in the stage's training data: hold some out (tools split) "
-                            "or choose on other items", path=str(self.data), field="--select-by")
+                            "or choose on other items", path=str(self.data), field=self.field)
         return kept[:self.limit] if self.limit else kept, len(items) - len(kept)
 
 
@@ -82,8 +84,9 @@ def trained_prompts(files: list[str | Path]) -> frozenset[str]:
     return frozenset(out)
 
 
-def parse_select_by(spec: str) -> SelectBy:
-    """``pubmedqa-dev[:N]``, ``medqa-dev[:N]`` or ``FILE.jsonl[:N]``; test items are refused (UserError)."""
+def parse_select_by(spec: str, field: str = "--select-by") -> SelectBy:
+    """``pubmedqa-dev[:N]``, ``medqa-dev[:N]`` or ``FILE.jsonl[:N]``; test items are refused (UserError naming
+    ``field``, the option the spec came from: ``--select-by``, `tools quantize`'s ``--budget-data``)."""
     text = (spec or "").strip()
     head, _, n = text.rpartition(":") if ":" in text else (text, "", "")
     if not head:
@@ -91,30 +94,29 @@ def parse_select_by(spec: str) -> SelectBy:
     limit = None
     if n:
         if not n.isdigit() or int(n) < 1:
-            raise UserError(f"{spec!r}: N after ':' must be a positive number", field="--select-by")
+            raise UserError(f"{spec!r}: N after ':' must be a positive number", field=field)
         limit = int(n)
     task, _, split = head.partition("-")
     if task in ("pubmedqa", "medqa") and split:
         if split != "dev":
-            raise UserError(f"{spec!r}: checkpoints are chosen on the dev split, never on {split} "
-                            "(test items judge the final model only)", field="--select-by")
-        return SelectBy(text, task, "dev", default_data(task, "dev"), limit)
+            raise UserError(f"{spec!r}: choices are made on the dev split, never on {split} "
+                            "(test items judge the final model only)", field=field)
+        return SelectBy(text, task, "dev", default_data(task, "dev"), limit, field)
     path = Path(head)
     if path.suffix == ".jsonl" and path.is_file():
         flavor = load_mcq(path, None, 1)[2]
-        return SelectBy(text, flavor, "custom", path, limit)
-    raise UserError(f"{spec!r} is neither pubmedqa-dev[:N], medqa-dev[:N] nor an existing .jsonl file",
-                    field="--select-by")
+        return SelectBy(text, flavor, "custom", path, limit, field)
+    raise UserError(f"{spec!r} is neither pubmedqa-dev[:N], medqa-dev[:N] nor an existing .jsonl file", field=field)
 
 
-def refuse_test_items(items: list[Item], flavor: str, path: Path) -> None:
+def refuse_test_items(items: list[Item], flavor: str, path: Path, field: str = "--select-by") -> None:
     """Refuse any PubMedQA test PMID or MedQA test question (corpora.sft holds both lists)."""
     test_ids = pubmedqa_test_ids() if flavor == "pubmedqa" else frozenset()
     test_q = medqa_test_questions()
     for it in items:
         if it.id in test_ids or norm_question(it.question) in test_q:
-            raise UserError(f"item {it.id!r} is a benchmark test item: checkpoints are chosen on dev or train "
-                            "items only", path=str(path), field="--select-by")
+            raise UserError(f"item {it.id!r} is a benchmark test item: choices are made on dev or train items "
+                            "only", path=str(path), field=field)
 
 
 # ---- the scorer --------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ is not significant either way; "do not ship" when the base is better or a check 
 """
 from __future__ import annotations
 
+from release.budget import accuracy_line
 from tools.artifact import Artifact
 from tools.stages import AUDIT, in_family
 
@@ -47,7 +48,8 @@ def _quant(a: Artifact) -> dict | None:
         return {"check": "quantization", "status": "pass",
                 "line": f"{c.get('recipe', e.get('file_type'))} within the budget ({e.get('budget_text') or 'none'}): "
                         f"mean KL vs f16 {c['mean_kl']:.4f} [95 % CI {ci[0]:.4f}, {ci[1]:.4f}], "
-                        f"{e.get('size_bytes', 0) / 1e6:.1f} MB"}
+                        f"{e.get('size_bytes', 0) / 1e6:.1f} MB"
+                        + (f"; {accuracy_line(c['accuracy'])}" if c.get("accuracy") else "")}
     if a.stage == "gguf.set" and e.get("table"):
         kls = ", ".join(f"{r['type']} {r['mean_kl']:.4f}" for r in e["table"] if r.get("mean_kl") is not None)
         return {"check": "quantization", "status": "info",

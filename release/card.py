@@ -330,6 +330,8 @@ def _training_notes(trains: list[Artifact]) -> list[str]:
 
 def _fit_lines(e: dict) -> list[str]:
     """A GGUF's budget choice (``tools quantize --budget``) and its laptop fit (``release.fit``)."""
+    from .budget import accuracy_line
+
     L = []
     c = e.get("chosen")
     if c and e.get("budget_text") is not None:
@@ -337,7 +339,8 @@ def _fit_lines(e: dict) -> list[str]:
         L.append(f"  - Chosen by `tools quantize --budget` ({e['budget_text'] or 'lowest mean KL'}): recipe "
                  f"`{c['recipe']}`, mean KL vs f16 {c['mean_kl']:.4f} [95 % CI {lo:.4f}, {hi:.4f}], top-1 agreement "
                  f"{_pct(c['top1_agreement'])}, perplexity {c['perplexity']:.3f} (f16 {c['ref_perplexity']:.3f}) on "
-                 f"{c['tokens_scored']} held-out tokens; {e['measured']} of {e['candidates']} candidates measured")
+                 f"{c['tokens_scored']} held-out tokens; {e['measured']} of {e['candidates']} candidates measured"
+                 + (f"; {accuracy_line(c['accuracy'])}" if c.get("accuracy") else ""))
     if e.get("memory"):
         L.append(f"  - Laptop fit: {fit_line(e['memory'])}")
     return L

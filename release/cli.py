@@ -69,7 +69,11 @@ def convert_cmd(model_dir, outtype, out, name, lora, base, fidelity_tokens, max_
 @click.option("--q", "qtype", default="Q3_K_L", show_default=True,
               help="Any llama.cpp type name (Q4_K_M, IQ4_XS, ...); several, comma-separated, give one GGUF each + a table.")
 @click.option("--budget", multiple=True, help="Instead of --q: the smallest candidate within this quality budget, "
-              "kl=NATS (mean KL vs MODEL on held-out text); see release/budget.py.")
+              "kl=NATS (mean KL vs MODEL on held-out text) and/or acc-drop=POINTS (accuracy lost vs MODEL on dev "
+              "items, upper end of the paired 95 % interval); see release/budget.py, evals/accdrop.py.")
+@click.option("--budget-data", metavar="TASK-dev[:N]|FILE.jsonl[:N]",
+              help="acc-drop: the dev items, pubmedqa-dev[:N], medqa-dev[:N] or an MCQ JSONL (test items refused) "
+              "[pubmedqa-dev, 500 items].")
 @click.option("--max-size", help="Budget: the file may be at most this large (90M, 2G, bytes).")
 @click.option("--max-ram", help="Budget: weights + KV cache at --ctx tokens may need at most this much (4G).")
 @click.option("--types", help="Budget: stock types to search from, comma-separated [all llama.cpp k/legacy types; "
@@ -90,8 +94,8 @@ def convert_cmd(model_dir, outtype, out, name, lora, base, fidelity_tokens, max_
 @click.option("--split-max-size", help="Cut each GGUF into llama.cpp gguf-split shards of at most this much tensor "
               "data (50G, 500M, bytes); NAME-00001-of-0000N.gguf, load the first.")
 @artifact_options("GGUF artifact folder [beside MODEL, named by type].", path_type=Path)
-def quantize_cmd(model, qtype, budget, max_size, max_ram, types, mix_bases, measure_all, min_tokens, imatrix, out, name,
-                 allow_requantize, threads, text_file, ctx, max_tokens, split_max_size, force, as_json):
+def quantize_cmd(model, qtype, budget, budget_data, max_size, max_ram, types, mix_bases, measure_all, min_tokens, imatrix,
+                 out, name, allow_requantize, threads, text_file, ctx, max_tokens, split_max_size, force, as_json):
     """Quantize a GGUF in-process with llama.cpp; report the real tensor-type mix and bits per weight.
 
     \b
@@ -100,18 +104,19 @@ def quantize_cmd(model, qtype, budget, max_size, max_ram, types, mix_bases, meas
     tools quantize runs/gguf-f16 --q Q3_K_L,Q4_K_M,Q8_0 --out runs/gguf-set   # one GGUF per type + table
     tools quantize runs/gguf-f16 --q IQ3_XXS --imatrix runs/imatrix --split-max-size 2G
     tools quantize runs/gguf-f16 --budget kl=0.05 --max-ram 4G --ctx 4096 --out runs/gguf-fit
+    tools quantize runs/gguf-f16 --budget acc-drop=2 --budget kl=0.1 --budget-data pubmedqa-dev:200
     """
     from release.ggufinfo import parse_size
     from release.quantgap import Scoring
     from release.quantize import QuantOptions, default_out, quantize_many, summary_lines, warning_for
 
-    if budget or max_size or max_ram:
+    if budget or max_size or max_ram or budget_data:
         from release import budget as qb
 
         names = lambda s: tuple(t.strip().upper() for t in s.split(",") if t.strip()) if s else None  # noqa: E731
         spec = qb.SearchSpec(qb.parse_budget(budget, max_size, max_ram, ctx or 4096), types=names(types),
                              imatrix=imatrix, text_file=text_file, min_tokens=min_tokens, threads=threads,
-                             measure_all=measure_all, mix_bases=names(mix_bases))
+                             measure_all=measure_all, mix_bases=names(mix_bases), acc_data=budget_data)
         art = qb.quantize_budget(model, out or default_out(model, "budget"), spec, force=force)
         if as_json:
             return emit_json(art, read_results(art, "candidates.json"))

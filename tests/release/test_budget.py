@@ -158,3 +158,142 @@ def test_bench_quant_budget_tiny(f16, tmp_path):
     assert r["real_search_pick"] == r["search_pick"] and r["real_search_measured"] == r["search_measured"]
     assert r["search_seconds"] <= r["every_candidate_seconds"]
     assert "stock type | dominated by" in (tmp_path / "b" / "bench_quant_budget.md").read_text()
+
+
+# ---- acc-drop: accuracy points lost against the f16 on dev items, paired, judged by its interval's upper end ----
+
+ACC = ["--types", "Q4_0,Q8_0", "--mix-bases", "Q8_0", "--min-tokens", "511", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def sharp_f16(tmp_path_factory):
+    """A tiny Llama whose answers depend on the item: every weight matrix of the random model x8 (at the
+    usual init a random Llama gives every item the same answer, so quantizing it changes none)."""
+    from safetensors.torch import load_file, save_file
+
+    from release.convert import Gate, convert_stage
+    from tools.tinymodel import build_tiny_llama
+
+    d = tmp_path_factory.mktemp("sharp")
+    m = build_tiny_llama(d / "model")
+    sd = load_file(m / "model.safetensors")
+    save_file({k: v * 8 if v.dim() == 2 else v for k, v in sd.items()}, m / "model.safetensors", metadata={"format": "pt"})
+    a = convert_stage(m, d / "f16", "f16", gate=Gate(tokens=0))
+    return a.path / a.extra["file"]
+
+
+@pytest.fixture(scope="module")
+def dev_items(tmp_path_factory):
+    """60 PubMedQA dev items without their abstracts (short prompts: a tiny model scores them in a second)."""
+    from tests.helpers import pubmedqa_rows
+    from tools.io import write_jsonl
+
+    path = tmp_path_factory.mktemp("items") / "dev-items.jsonl"
+    write_jsonl(path, [{"id": d["id"], "question": d["QUESTION"], "options": ["yes", "no", "maybe"],
+                        "answer": d["final_decision"]} for d in pubmedqa_rows(60)])
+    return path
+
+
+@pytest.fixture(scope="module")
+def acc_all(sharp_f16, dev_items, tmp_path_factory):
+    """Q4_0, Q8_0 and the mixes around Q8_0, each with its KL and its paired accuracy drop (--measure-all)."""
+    from tests.helpers import run_tools
+
+    out = tmp_path_factory.mktemp("acc") / "all"
+    p = run_tools("quantize", sharp_f16, "--budget", "acc-drop=100", "--budget-data", dev_items, "--measure-all", *ACC,
+                  "--out", out, "--json", check=True)
+    return json.loads(p.stdout)["results"]["candidates"]
+
+
+def _hi(row: dict) -> float:
+    return row["accuracy"]["acc_drop_ci95_points"][1]
+
+
+def _first_within(rows: list[dict], kl: float, drop: float) -> dict | None:
+    """The search's pick computed from an exhaustive table: smallest first (stock before mix on a tie)."""
+    order = sorted(rows, key=lambda r: (r["size_bytes"], not r["stock"], r["recipe"]))
+    return next((r for r in order if r["mean_kl"] <= kl and _hi(r) <= drop), None)
+
+
+def test_acc_drop_budget_only_near_lossless_candidates_meet(acc_all, sharp_f16, dev_items, tools_cli, tmp_path):
+    rows = {r["recipe"]: r for r in acc_all}
+    assert len(rows) >= 4 and all(r["accuracy"] and r["accuracy"]["items"] == 60 for r in acc_all)
+    q4, q8 = rows["Q4_0"]["accuracy"], rows["Q8_0"]["accuracy"]
+    assert q4["lost"] + q4["gained"] > 0 and q4["ref_accuracy"] == q8["ref_accuracy"]  # 4 bits change answers
+    budget = _hi(rows["Q8_0"])
+    assert _hi(rows["Q4_0"]) > budget  # only the 8-bit candidates are sure to lose no more than Q8_0 does
+    want = _first_within(acc_all, float("inf"), budget)
+    assert want["recipe"].startswith("Q8_0") and want["size_bytes"] > rows["Q4_0"]["size_bytes"]
+    p = tools_cli("quantize", sharp_f16, "--budget", f"acc-drop={budget}", "--budget-data", dev_items, *ACC,
+                  "--out", tmp_path / "acc", "--json", check=True)
+    r = json.loads(p.stdout)["results"]
+    assert r["chosen"] == want["recipe"] and r["budget"]["max_acc_drop"] == budget
+    by = {c["recipe"]: c for c in r["candidates"]}
+    assert by[want["recipe"]]["accuracy"] == want["accuracy"]  # same items, same file: the same answers
+    for c in r["candidates"]:
+        if c["size_bytes"] < want["size_bytes"]:  # every smaller one measured and over the drop budget
+            assert c["status"].startswith("over the acc-drop budget") and _hi(c) > budget
+        elif c["recipe"] != want["recipe"]:
+            assert c["status"].startswith("skipped") and c["accuracy"] is None
+    md = (tmp_path / "acc" / "candidates.md").read_text()
+    assert "drop vs f16, points [95 % CI]" in md and f"**{want['recipe']}**" in md
+    # combined with a KL budget no larger than Q8_0's KL: the smallest candidate within both
+    kl = rows["Q8_0"]["mean_kl"]
+    both = _first_within(acc_all, kl, budget)
+    p = tools_cli("quantize", sharp_f16, "--budget", f"acc-drop={budget}", "--budget", f"kl={kl}", "--budget-data",
+                  dev_items, *ACC, "--out", tmp_path / "both", "--json", check=True)
+    assert json.loads(p.stdout)["results"]["chosen"] == both["recipe"]
+
+
+def test_impossible_acc_drop_exits_2_and_writes_nothing(acc_all, sharp_f16, dev_items, tools_cli, tmp_path):
+    from tools.paths import bundled_data
+
+    q4 = next(r for r in acc_all if r["recipe"] == "Q4_0")
+    assert _hi(q4) > 0
+    only_q4 = ["--types", "Q4_0", "--mix-bases", "Q8_0", "--min-tokens", "511", "--threads", "1"]  # no mixes
+    p = tools_cli("quantize", sharp_f16, "--budget", f"acc-drop={_hi(q4) / 2}", "--budget-data", dev_items, *only_q4,
+                  "--out", tmp_path / "none")
+    line = one_line_error(p)
+    assert "no candidate within the budget" in line and "best found Q4_0" in line and "accuracy drop" in line
+    assert f"{_hi(q4):g}]" in line and not (tmp_path / "none").exists()
+    test_row = json.loads((bundled_data() / "pubmedqa" / "test.jsonl").read_text().splitlines()[0])
+    leaky = tmp_path / "leaky.jsonl"
+    leaky.write_text(dev_items.read_text() + json.dumps({"id": test_row["id"], "question": test_row["QUESTION"],
+                     "options": ["yes", "no", "maybe"], "answer": test_row["final_decision"]}) + "\n")
+    for data, why in ((leaky, "benchmark test item"), ("pubmedqa-test", "never on test"), ("nope.jsonl", "neither")):
+        line = one_line_error(tools_cli("quantize", sharp_f16, "--budget", "acc-drop=5", "--budget-data", data,
+                                        *only_q4, "--out", tmp_path / "bad"))
+        assert why in line and "--budget-data" in line and not (tmp_path / "bad").exists()
+    for args in (["--budget", "acc-drop=-1"], ["--budget", "kl=1", "--budget-data", dev_items]):
+        line = one_line_error(tools_cli("quantize", sharp_f16, *args, *only_q4, "--out", tmp_path / "bad"))
+        assert "--budget" in line and not (tmp_path / "bad").exists()
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["leaky.jsonl"]
+
+
+def test_paired_acc_drop_recomputed_independently_equals_the_table(sharp_f16, dev_items, tools_cli, tmp_path):
+    """Both files benched by `tools bench mcq --mode loglik`, the pairing and the Wald interval done here."""
+    from tools.ggufpath import resolve_gguf
+
+    only_q4 = ["--types", "Q4_0", "--mix-bases", "Q8_0", "--min-tokens", "511", "--threads", "1"]
+    tools_cli("quantize", sharp_f16, "--budget", "acc-drop=100", "--budget-data", dev_items, *only_q4,
+              "--out", tmp_path / "q4", check=True)
+    table = json.loads((tmp_path / "q4" / "candidates.json").read_text())
+    row = next(r for r in table["candidates"] if r["recipe"] == table["chosen"])["accuracy"]
+    right = []
+    for name, model in (("f16", sharp_f16), ("q", resolve_gguf(tmp_path / "q4"))):
+        tools_cli("bench", "mcq", "--data", dev_items, "--mode", "loglik", "--model", model, "--threads", "1",
+                  "--out", tmp_path / name, check=True)
+        items = [json.loads(x) for x in (tmp_path / name / "items.jsonl").read_text().splitlines()]
+        right.append({it["id"]: it["correct"] for it in items})
+    f, q = right
+    assert set(f) == set(q) and len(f) == row["items"] == 60
+    lost = sum(f[i] and not q[i] for i in f)
+    gained = sum(q[i] and not f[i] for i in f)
+    n = len(f)
+    d = (lost - gained) / n
+    half = 1.959963984540054 * np.sqrt(max(0.0, (lost + gained) / n - d * d) / n)
+    assert lost + gained > 0 and (row["lost"], row["gained"]) == (lost, gained)
+    assert row["accuracy"] == pytest.approx(sum(q.values()) / n, abs=1e-6)
+    assert row["ref_accuracy"] == pytest.approx(sum(f.values()) / n, abs=1e-6)
+    assert row["acc_drop_points"] == pytest.approx(100 * d, abs=1e-3)
+    assert row["acc_drop_ci95_points"] == pytest.approx([100 * (d - half), 100 * (d + half)], abs=1e-3)
