@@ -31,7 +31,8 @@ sys.path.insert(0, str(REPO))
 
 
 def dominance(rows: list[dict]) -> list[dict]:
-    """For each measured stock type, the mix that strictly dominates it with the smallest size (if any)."""
+    """For each measured stock type, the mix that strictly dominates it with the smallest size (if any), and
+    whether the two mean-KL intervals are disjoint (the lower KL is then more than sampling noise)."""
     mixes = [r for r in rows if not r["stock"] and r["mean_kl"] is not None]
     out = []
     for s in (r for r in rows if r["stock"] and r["mean_kl"] is not None):
@@ -41,7 +42,8 @@ def dominance(rows: list[dict]) -> list[dict]:
             m = min(dom, key=lambda m: (m["size_bytes"], m["mean_kl"]))
             out.append({"stock": s["recipe"], "by": m["recipe"], "size_ratio": round(m["size_bytes"] / s["size_bytes"], 4),
                         "kl_ratio": round(m["mean_kl"] / s["mean_kl"], 4) if s["mean_kl"] else None,
-                        "stock_kl_ci95": s["mean_kl_ci95"], "mix_kl_ci95": m["mean_kl_ci95"]})
+                        "stock_kl_ci95": s["mean_kl_ci95"], "mix_kl_ci95": m["mean_kl_ci95"],
+                        "kl_ci_disjoint": m["mean_kl_ci95"][1] < s["mean_kl_ci95"][0]})
     return out
 
 
@@ -104,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     heldout = out / "heldout-pubmedqa-test.txt"
     heldout.write_text("\n\n".join(t for _, t in pubmedqa_contexts("test")[: a.heldout_items]) + "\n", encoding="utf-8")
     split = lambda s: tuple(x.strip().upper() for x in s.split(",")) if s else None  # noqa: E731
-    spec = SearchSpec(Budget(max_kl=1e9), types=split(a.types), imatrix=imx.path, text_file=heldout,
+    spec = SearchSpec(Budget(), types=split(a.types), imatrix=imx.path, text_file=heldout,
                       min_tokens=a.min_tokens, threads=a.threads, measure_all=True, mix_bases=split(a.mix_bases))
     every = quantize_budget(f16, out / "all", spec, force=True)
     table = json.loads((every.path / "candidates.json").read_text())
@@ -153,13 +155,14 @@ def markdown(r: dict, every: Path, rows: list[dict] | None = None) -> str:
     L = [f"{r['candidates']} candidates ({r['stock']} stock types) of `{r['model']}`, mean KL vs f16 on "
          f"{r['tokens_scored']} held-out tokens (PubMedQA test contexts); imatrix from {r['imatrix']['corpus_stage']} "
          f"({r['imatrix']['tokens']} tokens).", "",
-         "| stock type | dominated by (mix) | size ratio | KL ratio | stock KL 95 % CI | mix KL 95 % CI |",
-         "|---|---|---|---|---|---|"]
+         "| stock type | dominated by (mix) | size ratio | KL ratio | stock KL 95 % CI | mix KL 95 % CI | CIs disjoint |",
+         "|---|---|---|---|---|---|---|"]
     for d in r["dominated_stock_types"]:
         L.append(f"| {d['stock']} | {d['by']} | {d['size_ratio']:.3f} | {d['kl_ratio']:.3f} | {d['stock_kl_ci95']} | "
-                 f"{d['mix_kl_ci95']} |")
+                 f"{d['mix_kl_ci95']} | {'yes' if d['kl_ci_disjoint'] else 'no'} |")
     L += ["", f"The front strictly dominates {len(r['dominated_stock_types'])} stock types (two or more: "
-          f"{'yes' if r['front_dominates_two_or_more'] else 'no'}).",
+          f"{'yes' if r['front_dominates_two_or_more'] else 'no'}; with disjoint KL intervals: "
+          f"{sum(d['kl_ci_disjoint'] for d in r['dominated_stock_types'])}).",
           f"Search for kl={r['budget_kl']:g}: picks {r['search_pick']} after measuring {r['search_measured']} of "
           f"{r['candidates']} candidates, {r['search_seconds']:.0f} s against {r['every_candidate_seconds']:.0f} s "
           "for measuring every candidate.", f"Every candidate: `{every / 'candidates.md'}`.", ""]
