@@ -7,7 +7,8 @@ of the fine-tuned model against its base and whatever release evidence the run h
 - quantization: the budget the GGUF was chosen under (`tools quantize --budget`, from its manifest)
   or, without one, the quantization table's mean KL per type (stated, not judged);
 - memorization: the audit's pass or fail (`tools audit`);
-- memory: the bytes the GGUF needs at each recorded context size (its manifest's ``memory``).
+- memory: the bytes the GGUF needs at each recorded context size (its manifest's ``memory``);
+- checkpoint: the step `tools train --select-by` kept, with its dev accuracy (stated, not judged).
 
 Ship only when the gain is significant and every judged check passes; "not settled" when the gain
 is not significant either way; "do not ship" when the base is better or a check fails.
@@ -79,10 +80,23 @@ def _memory(a: Artifact) -> dict | None:
     return {"check": "memory", "status": "info", "line": f"{a.extra.get('file')} runs in {'; '.join(parts)}"}
 
 
+def _checkpoint(a: Artifact) -> dict | None:
+    sel = a.extra.get("selection")
+    if a.stage != "train" or not isinstance(sel, dict) or not sel.get("checkpoints"):
+        return None
+    acc = {c["step"]: c for c in sel["checkpoints"]}
+    best = acc[sel["chosen_step"]]
+    lo, hi = best["accuracy_ci95"]
+    others = ", ".join(f"step {k} {100 * c['accuracy']:.1f} %" for k, c in sorted(acc.items()) if k != sel["chosen_step"])
+    return {"check": "checkpoint", "status": "info",
+            "line": f"step {sel['chosen_step']} of {sel.get('last_step')} kept on {best['n']} dev items ({sel['by']}): "
+                    f"{100 * best['accuracy']:.1f} % [{100 * lo:.1f}, {100 * hi:.1f}]" + (f"; {others}" if others else "")}
+
+
 def verdict_block(test: dict, evidence: list[Artifact]) -> dict:
     """{"decision", "checks": [{"check", "status", "line"}...], "items_needed"} of one paired test and the evidence."""
     checks = [gain(test)]
-    for fn in (_quant, _audit, _memory):
+    for fn in (_quant, _audit, _memory, _checkpoint):
         checks += [c for c in (fn(a) for a in evidence) if c]
     statuses = {c["status"] for c in checks}
     decision = ("do not ship" if "fail" in statuses else "not settled" if "inconclusive" in statuses else "ship")

@@ -74,3 +74,20 @@ def test_verdict_block_ship_not_settled_and_do_not_ship(tmp_path, tools_cli):
     # a verdict needs the base and a second run
     p = tools_cli("report", a, "--evidence", tmp_path / "ok", "--out", tmp_path / "one")
     assert p.returncode == 2 and "two runs" in p.stderr and not (tmp_path / "one").exists()
+
+
+def test_verdict_states_the_checkpoint_select_by_kept():
+    from types import SimpleNamespace
+
+    from evals.verdict import verdict_block
+
+    sel = {"by": "pubmedqa-dev:20", "chosen_step": 5, "last_step": 10, "n": 20, "checkpoints": [
+        {"step": 5, "n": 20, "accuracy": 0.5, "accuracy_ci95": [0.2993, 0.7007]},
+        {"step": 10, "n": 20, "accuracy": 0.35, "accuracy_ci95": [0.1812, 0.5671]}]}
+    test = {"n_shared": 40, "mcnemar": {"a_right_b_wrong": 6, "a_wrong_b_right": 11, "p": 0.3323},
+            "accuracy_a": 0.375, "accuracy_b": 0.5, "b_beats_a_95": False}
+    v = verdict_block(test, [SimpleNamespace(stage="train", extra={"selection": sel}),
+                             SimpleNamespace(stage="bench.pubmedqa", extra={"selection": sel})])
+    rows = [c for c in v["checks"] if c["check"] == "checkpoint"]
+    assert len(rows) == 1 and rows[0]["status"] == "info"
+    assert rows[0]["line"] == "step 5 of 10 kept on 20 dev items (pubmedqa-dev:20): 50.0 % [29.9, 70.1]; step 10 35.0 %"
