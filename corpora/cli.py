@@ -6,14 +6,7 @@ import click
 
 from tools.cli_options import artifact_options, emit_json
 from tools.errors import UserError
-
-
-def log(msg: str) -> None:
-    """:func:`tools.progress.log`, imported when a verb first logs: rich would add about a fifth of
-    every `tools` start (tests/tools/test_cli.py keeps the start free of it)."""
-    from tools.progress import log as progress_log
-
-    progress_log(msg)
+from tools.progress import log
 
 
 def _multi(values) -> tuple[str, ...]:
