@@ -15,6 +15,7 @@ is not significant either way; "do not ship" when the base is better or a check 
 """
 from __future__ import annotations
 
+from recipes.selection import checkpoint_line
 from release.budget import accuracy_line
 from tools.artifact import Artifact
 from tools.stages import AUDIT, in_family
@@ -84,13 +85,9 @@ def _checkpoint(a: Artifact) -> dict | None:
     sel = a.extra.get("selection")
     if a.stage != "train" or not isinstance(sel, dict) or not sel.get("checkpoints"):
         return None
-    acc = {c["step"]: c for c in sel["checkpoints"]}
-    best = acc[sel["chosen_step"]]
-    lo, hi = best["accuracy_ci95"]
-    others = ", ".join(f"step {k} {100 * c['accuracy']:.1f} %" for k, c in sorted(acc.items()) if k != sel["chosen_step"])
-    return {"check": "checkpoint", "status": "info",
-            "line": f"step {sel['chosen_step']} of {sel.get('last_step')} kept on {best['n']} dev items ({sel['by']}): "
-                    f"{100 * best['accuracy']:.1f} % [{100 * lo:.1f}, {100 * hi:.1f}]" + (f"; {others}" if others else "")}
+    others = ", ".join(f"step {c['step']} {100 * c['accuracy']:.1f}%" for c in sorted(sel["checkpoints"], key=lambda c: c["step"])
+                       if c["step"] != sel["chosen_step"])
+    return {"check": "checkpoint", "status": "info", "line": checkpoint_line(sel) + (f"; {others}" if others else "")}
 
 
 def verdict_block(test: dict, evidence: list[Artifact]) -> dict:

@@ -79,3 +79,12 @@ def run_selection(select, checkpoints: list[tuple[int, Path]], cfg: dict, work: 
     if record["chosen_step"] != last:  # the last checkpoint holds what the final save holds
         record["copied"] = apply_choice(chosen, work)
     return record
+
+
+def checkpoint_line(sel: dict) -> str:
+    """The kept checkpoint of a train manifest's ``extra.selection`` in one line, for the card and the verdict:
+    ``step 5 of 10, the best of 2 on 20 dev items (pubmedqa-dev:20): accuracy 50.0% [29.9, 70.1]``."""
+    best = next(c for c in sel["checkpoints"] if c["step"] == sel["chosen_step"])
+    lo, hi = best["accuracy_ci95"]
+    return (f"step {sel['chosen_step']} of {sel.get('last_step')}, the best of {len(sel['checkpoints'])} on "
+            f"{sel['n']} dev items ({sel['by']}): accuracy {100 * best['accuracy']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]")

@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from recipes.selection import checkpoint_line
 from tools.artifact import Artifact, Lineage, Stage, read_artifact
 from tools.errors import UserError
 from tools.progress import log
@@ -315,10 +316,7 @@ def _training_notes(trains: list[Artifact]) -> list[str]:
     for t in trains:
         sel = t.extra.get("selection")
         if sel:
-            best = next(c for c in sel["checkpoints"] if c["step"] == sel["chosen_step"])
-            out.append(f"- Checkpoint: step {sel['chosen_step']} of {sel['last_step']}, the best of "
-                       f"{len(sel['checkpoints'])} on {sel['n']} dev items ({sel['by']}): accuracy "
-                       f"{_pct(best['accuracy'])}{_ci(best['accuracy_ci95'])}.")
+            out.append(f"- Checkpoint: {checkpoint_line(sel)}.")
         stage_dir = Path(t.extra["stage_dir"]) if t.extra.get("stage_dir") else None
         rep = read_artifact(stage_dir).extra.get("replay") if stage_dir and (stage_dir / "manifest.json").is_file() \
             else None

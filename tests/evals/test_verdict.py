@@ -90,4 +90,5 @@ def test_verdict_states_the_checkpoint_select_by_kept():
                              SimpleNamespace(stage="bench.pubmedqa", extra={"selection": sel})])
     rows = [c for c in v["checks"] if c["check"] == "checkpoint"]
     assert len(rows) == 1 and rows[0]["status"] == "info"
-    assert rows[0]["line"] == "step 5 of 10 kept on 20 dev items (pubmedqa-dev:20): 50.0 % [29.9, 70.1]; step 10 35.0 %"
+    assert rows[0]["line"] == ("step 5 of 10, the best of 2 on 20 dev items (pubmedqa-dev:20): accuracy 50.0% [29.9, 70.1]; "
+                               "step 10 35.0%")
