@@ -179,10 +179,24 @@ def plot_intervals(names: list[str], values: list[float], cis: list[list[float]]
     save_png(fig, path)
 
 
-def suite_rows(r: dict):
-    """A suite run's tasks in leaderboard order: (column title, figures or None, why skipped or None)."""
+def suite_rows(r: dict, why_key: str = "skipped"):
+    """A suite run's tasks in leaderboard order: (column title, figures or None, why not run or None).
+
+    `why_key` names the results' task -> reason map ("skipped" for open-medical, "not_run" for meditron)."""
     for name in r["order"]:
-        yield r["columns"][name], r["tasks"].get(name), r["skipped"].get(name)
+        yield r["columns"][name], r["tasks"].get(name), r[why_key].get(name)
+
+
+def _write_suite_report(folder: Path, lines: list[str], r: dict, acc: str, title: str, plots: bool) -> None:
+    """report.md of a suite run, with the per-task interval plot (suite.png) under it when `plots`."""
+    if plots:
+        names = [n for n in r["order"] if n in r["tasks"]]
+        plot_intervals([r["columns"][n] for n in names], [r["tasks"][n][acc] for n in names],
+                       [r["tasks"][n][f"{acc}_ci95"] for n in names], folder / "suite.png",
+                       f"{title}: {r['model']['name']}")
+        lines += ["![per-task accuracy](suite.png)"]
+    with atomic_write(folder / "report.md") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 def suite_table(r: dict) -> list[str]:
@@ -215,24 +229,16 @@ def render_suite_report(results: dict, folder: Path, plots: bool = True) -> None
              "", f"- model: `{r['model']['name']}` (sha256 `{r['model']['sha256'][:16]}…`)",
              f"- metric: {r['metric']}; acc_norm where lm-eval's task defines it", "", *suite_table(r), "",
              "## Leaderboard layout", "", *leaderboard_row(r, r["model"]["name"]), ""]
-    if plots:
-        names = [n for n in r["order"] if n in r["tasks"]]
-        plot_intervals([r["columns"][n] for n in names], [r["tasks"][n]["acc"] for n in names],
-                       [r["tasks"][n]["acc_ci95"] for n in names], folder / "suite.png",
-                       f"Open Medical-LLM suite: {r['model']['name']}")
-        lines += ["![per-task accuracy](suite.png)"]
-    with atomic_write(folder / "report.md") as f:
-        f.write("\n".join(lines) + "\n")
+    _write_suite_report(folder, lines, r, "acc", "Open Medical-LLM suite", plots)
 
 
 def meditron_table(r: dict) -> list[str]:
     """The per-task Markdown table of a meditron run: mean over seeds, SD, interval, per seed, unparseable."""
     lines = ["| task | n | accuracy (mean over seeds) | SD over seeds (points) | 95 % interval | per seed | unparseable | "
              "accuracy on parsed |", "|---|---|---|---|---|---|---|---|"]
-    for name in r["order"]:
-        col, v = r["columns"][name], r["tasks"].get(name)
+    for col, v, why in suite_rows(r, "not_run"):
         if v is None:
-            lines.append(f"| {col} | - | - | - | - | - | - | not run: {r['not_run'][name]} |")
+            lines.append(f"| {col} | - | - | - | - | - | - | not run: {why} |")
             continue
         sd = f"{100 * v['accuracy_sd']:.1f}" if v["accuracy_sd"] is not None else "-"
         seeds = " / ".join(_pct(p["accuracy"]) for p in v["per_seed"])
@@ -265,11 +271,4 @@ def render_meditron_report(results: dict, folder: Path, plots: bool = True) -> N
              f"{p['sampling']['temperature']}, at most {p['max_tokens']} new tokens; shots drawn per seed, never "
              "a test item", "", *meditron_table(r), "", "## Meditron layout", "", *meditron_row(r, r["model"]["name"]),
              ""]
-    if plots:
-        names = [n for n in r["order"] if n in r["tasks"]]
-        plot_intervals([r["columns"][n] for n in names], [r["tasks"][n]["accuracy"] for n in names],
-                       [r["tasks"][n]["accuracy_ci95"] for n in names], folder / "suite.png",
-                       f"Meditron protocol: {r['model']['name']}")
-        lines += ["![per-task accuracy](suite.png)"]
-    with atomic_write(folder / "report.md") as f:
-        f.write("\n".join(lines) + "\n")
+    _write_suite_report(folder, lines, r, "accuracy", "Meditron protocol", plots)

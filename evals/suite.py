@@ -19,9 +19,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -44,6 +43,7 @@ from .lm_eval_tasks.utils import mmlu_csv
 from .mcq import medmcqa_docs
 from .render import render_suite_report, suite_rows
 from .stats import wilson
+from .suitespec import SuiteRunSpec
 
 LM_EVAL_TASKS = Path(lm_eval.__file__).resolve().parent / "tasks"
 
@@ -151,19 +151,8 @@ def lm_eval_version() -> str:
 
 
 @dataclass(frozen=True)
-class SuiteSpec:
-    """One suite run: `tools eval suite open-medical`'s options."""
-
-    model: str | os.PathLike | None = None
-    data: dict[str, str] = field(default_factory=dict)   # task -> file (--data TASK=FILE)
-    answer_base: int | None = None                       # MedMCQA cop: 0 or 1 (default: told from the file)
-    limit: int | None = None
-    threads: int | None = None
-    n_ctx: int = 4096
-    n_gpu_layers: int | None = None
-    out: str | os.PathLike | None = None
-    force: bool = False
-    plots: bool = True
+class SuiteSpec(SuiteRunSpec):
+    """One suite run: `tools eval suite open-medical`'s options (all shared with the other protocols)."""
 
 
 @dataclass

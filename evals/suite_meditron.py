@@ -19,7 +19,6 @@ and rate; the average), ``<task>/items.jsonl`` (bench rows plus ``seed`` and, fo
 """
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from dataclasses import dataclass, field, replace
@@ -36,8 +35,9 @@ from tools.progress import log
 from .bench import PROMPT_FORMAT, BenchSpec, plan_bench, run_items, scratch_path
 from .lm_eval_tasks.utils import SUBJECTS
 from .mcq import MEDMCQA_OPTIONS
-from .render import render_meditron_report
+from .render import render_meditron_report, suite_rows
 from .stats import wilson
+from .suitespec import SuiteRunSpec
 
 MEDMCQA_MAP = {"question": ["question"], "options": list(MEDMCQA_OPTIONS), "answer": ["cop"]}
 
@@ -65,26 +65,16 @@ TASK_NAMES = tuple(t.name for t in MEDITRON)
 
 
 @dataclass(frozen=True)
-class MeditronSpec:
-    """One run: `tools eval suite meditron`'s options."""
+class MeditronSpec(SuiteRunSpec):
+    """One run: `tools eval suite meditron`'s options (the shared ones, then the protocol's own)."""
 
-    model: str | os.PathLike | None = None
-    data: dict[str, str] = field(default_factory=dict)   # task -> test file (mmlu_medical: folder)
     dev: dict[str, str] = field(default_factory=dict)    # task -> few-shot pool (mmlu_medical: folder)
     tasks: tuple[str, ...] | None = None                 # None: all five
-    answer_base: int | None = None
-    limit: int | None = None                             # first N questions of each task (MMLU: of each subject)
     shots: int = 5
     seeds: int = 3
     cot: bool = False
     samples: int = 1
     max_tokens: int | None = None
-    threads: int | None = None
-    n_ctx: int = 4096
-    n_gpu_layers: int | None = None
-    out: str | os.PathLike | None = None
-    force: bool = False
-    plots: bool = True
 
 
 @dataclass(frozen=True)
@@ -313,10 +303,9 @@ def meditron_results(spec: MeditronSpec, model: Path, runs: list[dict], not_run:
 def summary_lines(res: dict) -> list[str]:
     """One line per task (mean over seeds, SD, interval, unparseable), then the average."""
     lines = []
-    for name in res["order"]:
-        col, v = res["columns"][name], res["tasks"].get(name)
+    for col, v, why in suite_rows(res, "not_run"):
         if v is None:
-            lines.append(f"{col:16s}     -  not run: {res['not_run'][name]}")
+            lines.append(f"{col:16s}     -  not run: {why}")
             continue
         lo, hi = v["accuracy_ci95"]
         sd = f"  SD {100 * v['accuracy_sd']:.1f}" if v["accuracy_sd"] is not None else ""

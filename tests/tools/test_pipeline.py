@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+from pathlib import Path
 
 from tools.artifact import read_artifact
 
@@ -101,11 +102,18 @@ def test_failed_step_stops_and_resumes(tmp_path, tools_cli):
     assert "[done] books" in r.stderr and "[run ] broken" in r.stderr and "[run ] after" in r.stderr
 
 
-def test_dry_run_and_bad_pipeline(tmp_path, tools_cli):
+def _dry_run_refused(tmp_path, tools_cli, text: str, message: str) -> Path:
+    """Write a pipeline file, dry-run it, check it is refused (exit 2) with `message`; the file's path."""
     p = tmp_path / "p.yaml"
-    p.write_text("steps:\n  - name: a\n    run: split {steps.nope.out}\n")
+    p.write_text(text)
     r = tools_cli("run", p, "--dry-run")
-    assert r.returncode == 2 and "no earlier step is named 'nope'" in r.stderr
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+    return p
+
+
+def test_dry_run_and_bad_pipeline(tmp_path, tools_cli):
+    p = _dry_run_refused(tmp_path, tools_cli, "steps:\n  - name: a\n    run: split {steps.nope.out}\n",
+                         "no earlier step is named 'nope'")
     p.write_text("steps: [\n")
     r = tools_cli("run", p)
     assert r.returncode == 2 and "malformed YAML" in r.stderr and str(p) in r.stderr
@@ -126,10 +134,7 @@ def test_shipped_pipelines_pass_dry_run(repo, tools_cli, tmp_path):
 
 
 def test_dry_run_catches_unknown_verbs_and_options(tmp_path, tools_cli):
-    p = tmp_path / "p.yaml"
-    p.write_text("steps:\n  - name: a\n    run: build-corpus textbook --src x\n")
-    r = tools_cli("run", p, "--dry-run")
-    assert r.returncode == 2 and "no verb 'textbook'" in r.stderr
-    p.write_text("steps:\n  - name: a\n    run: build-corpus textbooks --src x --colour red\n")
-    r = tools_cli("run", p, "--dry-run")
-    assert r.returncode == 2 and "no option --colour" in r.stderr
+    _dry_run_refused(tmp_path, tools_cli, "steps:\n  - name: a\n    run: build-corpus textbook --src x\n",
+                     "no verb 'textbook'")
+    _dry_run_refused(tmp_path, tools_cli, "steps:\n  - name: a\n    run: build-corpus textbooks --src x --colour red\n",
+                     "no option --colour")
