@@ -4,9 +4,11 @@ One SFT recipe on the tiny Llama (16 rows, global batch 4, 8 optimizer steps = 2
 checkpoint every 2 steps, LoRA without dropout, one thread per process) is trained:
 
 * once uninterrupted with 1 process (accumulation 2): the reference;
-* with 1 process, SIGKILLed (whole process group) once a checkpoint exists, then re-run: it says
-  "resuming from step N", skips a checkpoint cut off mid-write, and ends with log-history steps
-  1..8 and the reference's adapter, byte for byte;
+* with 1 process, SIGKILLed (whole process group) once a checkpoint exists, then re-run: before it,
+  `tools train --dry-run --json`, `tools run --dry-run` and `tools status` (the reference was trained
+  through a pipeline) name the step it then really resumes from; it says "resuming from step N",
+  skips a checkpoint cut off mid-write, and ends with log-history steps 1..8 and the reference's
+  adapter, byte for byte;
 * with 2 processes (DDP over gloo, accumulation 1: the same global batch), killed and resumed
   the same way: same samples at every step as the reference, every sample once per epoch, and the
   reference's losses and adapter within 1e-6 (measured: identical bytes);
@@ -142,8 +144,14 @@ def reference(tmp_path_factory, tiny_llama):
                *RECIPE)
     assert r.returncode == 0, r.stderr
     trace = root / "trace-one"
-    r = _tools("train", stage, MEDILORA_TRACE_SAMPLES=trace)
+    # trained through a pipeline (the step names no `out:`/`out_flag:`/`after:`), so that the kill test can ask
+    # `tools status` and `tools run --dry-run` about this run afterwards
+    pipe = root / "p.yaml"
+    pipe.write_text(f"steps:\n  - name: train\n    run: train {stage}\n  - name: merged\n    run: merge {stage}\n")
+    r = _tools("run", pipe, "--run-dir", root / "run", "--until", "train", MEDILORA_TRACE_SAMPLES=trace)
     assert r.returncode == 0, r.stderr[-3000:]
+    state = json.loads((root / "run" / "run.json").read_text())
+    assert state["steps"]["train"]["argv"][-2:] == ["--out", str((stage / "output").resolve())]
     out = read_artifact(stage / "output", stage="train")
     import hashlib
 
@@ -156,7 +164,7 @@ def reference(tmp_path_factory, tiny_llama):
     assert len(rows) == len(all_rows) == ROWS
     steps = _trace(trace)
     _check_epochs(steps, all_rows)
-    return {"root": root, "data": data, "stage": stage, "adapter": _adapter(stage / "output"),
+    return {"root": root, "data": data, "stage": stage, "pipe": pipe, "adapter": _adapter(stage / "output"),
             "adapter_bytes": (stage / "output" / "adapter_model.safetensors").read_bytes(),
             "losses": _losses(out.extra["log_history"]), "history": out.extra["log_history"], "steps": steps,
             "all_rows": all_rows, "extra": out.extra}
@@ -171,9 +179,20 @@ def test_killed_run_resumes_from_its_last_whole_checkpoint(reference):
     _train_and_kill(stage)
     ck = stage / "checkpoints"
     assert not is_artifact(stage / "output") and ck.stat().st_mode & 0o777 == 0o700
-    k, bad = cut_off_checkpoint(stage, "adapter_model.safetensors", 1)
+    k, bad = cut_off_checkpoint(stage, "adapter_model.safetensors", 1)  # newer, cut off: a rule that only
+    # looks for trainer_state.json would name its step
 
-    r = _tools("train", stage)
+    # the ground floor asks the stage: the dry run, `tools run --dry-run` and `tools status` name step k
+    asked = json.loads(_tools("train", stage, "--dry-run", "--json").stdout)["results"]["resume_from_step"]
+    dry = _tools("run", reference["pipe"], "--run-dir", reference["root"] / "run", "--dry-run", COLUMNS=250)
+    status = _tools("status", reference["root"] / "run", COLUMNS=250)
+    note = f"resumes from its checkpoint at step {k}"
+    assert asked == k
+    assert note in dry.stdout and "merge" in dry.stdout, dry.stdout + dry.stderr
+    assert note in " ".join(status.stdout.split()), status.stdout
+    assert f"step {k + 1}" not in dry.stdout + status.stdout
+
+    r = _tools("train", stage)  # what it really does
     assert r.returncode == 0, r.stderr[-3000:]
     err = " ".join(r.stderr.split())
     assert f"skipping {bad}: cut off mid-write" in err and f"resuming from step {k} " in err
@@ -312,8 +331,8 @@ def test_checkpoint_completeness_and_lock(tmp_path, tiny_llama):
     assert r.returncode == 0 and r.stdout.strip() == str(c), r.stderr
     assert "skipping checkpoint-10: cut off mid-write" in r.stderr and (tmp_path / "ck" / "checkpoint-10").exists()
 
-    # `tools run`/`tools status` ask `tools train --dry-run --json` (tests/tools/test_resume_status.py); nothing to
-    # ask for a --restart step or another verb
+    # `tools run`/`tools status` ask `tools train --dry-run --json` (the kill test above checks the step they
+    # name); nothing to ask for a --restart step or another verb
     from tools.pipeline import resume_note
     assert resume_note(["train", str(tmp_path / "st"), "--restart"]) == "" == resume_note(["merge", "x"])
 
