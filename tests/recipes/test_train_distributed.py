@@ -134,6 +134,15 @@ def _close_to_reference(out: Path, ref: dict) -> None:
     assert any(torch.count_nonzero(t) for t in a.values())
 
 
+def _stage_like_reference(reference: dict, tiny_llama: Path, name: str, flag: str) -> tuple[Path, str]:
+    """The reference's recipe as a 2-way stage (`flag`: --procs or --nodes, accumulation 1): (stage, launch.sh)."""
+    stage = reference["root"] / name
+    r = _tools("stage", "sft", "--base-model", tiny_llama, "--dataset", reference["data"], "--out", stage,
+               "--grad-accum", "1", flag, "2", *RECIPE)
+    assert r.returncode == 0, r.stderr
+    return stage, (stage / "launch.sh").read_text()
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_llama):
     """The uninterrupted 1-process run, traced: adapter, losses, samples per step, all rows."""
@@ -216,11 +225,7 @@ def test_killed_run_resumes_from_its_last_whole_checkpoint(reference):
 @pytest.mark.slow
 def test_two_processes_train_data_parallel_and_resume(reference, tiny_llama):
     root = reference["root"]
-    stage = root / "two"
-    r = _tools("stage", "sft", "--base-model", tiny_llama, "--dataset", reference["data"], "--out", stage,
-               "--grad-accum", "1", "--procs", "2", *RECIPE)
-    assert r.returncode == 0, r.stderr
-    launch = (stage / "launch.sh").read_text()
+    stage, launch = _stage_like_reference(reference, tiny_llama, "two", "--procs")
     assert "--launcher accelerate -- --multi_gpu --num_processes 2" in launch and "ACCELERATE_USE_CPU=true" in launch
     trace = root / "trace-two"
     _train_and_kill(stage, MEDILORA_TRACE_SAMPLES=trace / "killed")
@@ -244,11 +249,8 @@ def test_two_processes_train_data_parallel_and_resume(reference, tiny_llama):
 @pytest.mark.slow
 def test_two_nodes_on_loopback_run_the_stage_launch_script(reference, tiny_llama):
     root = reference["root"]
-    stage = root / "nodes"
-    r = _tools("stage", "sft", "--base-model", tiny_llama, "--dataset", reference["data"], "--out", stage,
-               "--grad-accum", "1", "--nodes", "2", *RECIPE)
-    assert r.returncode == 0, r.stderr
-    assert "--launcher torchrun -- --nnodes 2 --nproc_per_node 1 --rdzv_backend c10d" in (stage / "launch.sh").read_text()
+    stage, launch = _stage_like_reference(reference, tiny_llama, "nodes", "--nodes")
+    assert "--launcher torchrun -- --nnodes 2 --nproc_per_node 1 --rdzv_backend c10d" in launch
     r = _tools("train", stage)
     assert r.returncode == 2 and "launch.sh on every node" in r.stderr
     pre = subprocess.run(["bash", str(stage / "launch.sh"), "preprocess"], env=_env(), capture_output=True, text=True,
