@@ -14,7 +14,7 @@
    (bench/bench_eval.py). Target <= 1.2x.
 
 Writes OUT/suite_validity.{json,md,png}; exit 0 when every target is met, 1 otherwise.
-``--tiny`` (2 questions per task, no speed part) is what tests/evals/test_suite_validity.py runs.
+``--tiny`` (1 question per task, no speed part) is what tests/evals/test_suite_validity.py runs.
 """
 from __future__ import annotations
 
@@ -140,13 +140,13 @@ def main(argv=None) -> int:
     ap.add_argument("--items", type=int, default=200, help="questions per task (all where a task has fewer)")
     ap.add_argument("--speed-items", type=int, default=200, help="questions per task for the speed part (0: skip)")
     ap.add_argument("--medmcqa", type=Path, default=None, help="MedMCQA validation file (not shipped)")
-    ap.add_argument("--tiny", action="store_true", help="2 questions per task, no speed part (the test's mode)")
+    ap.add_argument("--tiny", action="store_true", help="1 question per task, no speed part (the test's mode)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=8, help="lm-eval hf batch size")
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "bench-suite-validity")
     a = ap.parse_args(argv)
     if a.tiny:
-        a.items, a.speed_items = 2, 0
+        a.items, a.speed_items = 1, 0
     a.out.mkdir(parents=True, exist_ok=True)
     hf = a.hf or gguf_to_hf(None, a.out / "hf").path
     gguf = a.out / "model-f16.gguf"

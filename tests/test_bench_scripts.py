@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = sorted(p.name for p in (REPO / "bench").glob("*.py"))
 
@@ -40,14 +42,32 @@ def test_bench_corpus_tiny(tmp_path):
     assert (tmp_path / "corpus_bench.png").stat().st_size > 1000
 
 
-def test_bench_eval_and_samples_tiny(tmp_path):
+@pytest.fixture(scope="module")
+def imatrix_run(tmp_path_factory, tiny_llama) -> Path:
+    """bench_imatrix.py on the tiny Llama, once: its figures are checked below, and the f16 GGUF it converts
+    (reference-f16.gguf) is the model bench_eval.py and bench_samples.py run on (a tiny model: their tiny runs
+    check the shape of what they write, not SmolLM2's figures)."""
+    out = tmp_path_factory.mktemp("imatrix")
+    run_script("bench_imatrix.py", "--hf", tiny_llama, "--chunks", "1", "--ctx", "32", "--heldout-items", "2",
+               "--max-tokens", "64", "--threads", "1", "--out", out)
+    return out
+
+
+def test_bench_imatrix_tiny(imatrix_run):
+    rep = json.loads((imatrix_run / "bench_imatrix.json").read_text())
+    assert len(rep["rows"]) == 4 and all(r["mean_kl"] >= 0 and r["tokens"] > 0 for r in rep["rows"])
+    assert (imatrix_run / "bench_imatrix.md").is_file()
+
+
+def test_bench_eval_and_samples_tiny(tmp_path, imatrix_run):
+    model = imatrix_run / "reference-f16.gguf"  # the tiny Llama as an f16 GGUF
     # MISS (exit 1) is a measured outcome on a shared machine; a crash has a traceback and no figures
-    run_script("bench_eval.py", "--limit", "2", "--gen-limit", "1", "--server-items", "0", "--samples-items", "0",
-               "--quick", "--threads", "1", "--out", tmp_path, ok_codes=(0, 1))
+    run_script("bench_eval.py", "--model", model, "--limit", "2", "--gen-limit", "1", "--server-items", "0",
+               "--samples-items", "0", "--quick", "--threads", "1", "--out", tmp_path, ok_codes=(0, 1))
     rep = json.loads((tmp_path / "bench_eval.json").read_text())
     assert rep["loglik"]["n"] == 2 and rep["generate"]["n"] == 1 and rep["loglik"]["ratio_to_floor"] > 0
-    run_script("bench_samples.py", "--items", "1", "--samples", "2", "--max-tokens", "4", "--threads", "1",
-               "--out", tmp_path / "s", ok_codes=(0, 1))
+    run_script("bench_samples.py", "--model", model, "--items", "1", "--samples", "2", "--max-tokens", "4",
+               "--threads", "1", "--out", tmp_path / "s", ok_codes=(0, 1))
     sm = json.loads((tmp_path / "s" / "bench_samples.json").read_text())
     assert sm["samples"] == 2 and sm["independent"]["generated_tokens"] > 0
     assert sm["bench_cot_samples"]["s_per_item"] > 0  # the real `tools bench --cot --samples` on the same items
@@ -58,14 +78,6 @@ def test_bench_llama_tiny(tmp_path):
     rep = json.loads((tmp_path / "bench_llama.json").read_text())
     assert set(rep["models"]) == {"Q4_1", "Q3_K_L"}
     assert all(r["pp_tok_s"] > 0 for m in rep["models"].values() for r in m["measured"].values())
-
-
-def test_bench_imatrix_tiny(tmp_path, tiny_llama):
-    run_script("bench_imatrix.py", "--hf", tiny_llama, "--chunks", "1", "--ctx", "32", "--heldout-items", "2",
-               "--max-tokens", "64", "--threads", "1", "--out", tmp_path)
-    rep = json.loads((tmp_path / "bench_imatrix.json").read_text())
-    assert len(rep["rows"]) == 4 and all(r["mean_kl"] >= 0 and r["tokens"] > 0 for r in rep["rows"])
-    assert (tmp_path / "bench_imatrix.md").is_file()
 
 
 def test_shape_figures_counts_what_it_says(tmp_path):

@@ -50,10 +50,19 @@ def _audit(run, tools_cli, model, name, base):
     return json.loads(p.stdout)["results"]
 
 
+def _audit_in_process(run, model, name, base):
+    """The same audit as `_audit` (AUDIT's sizes), through the library: what `tools audit --json` reports."""
+    from evals.audit import AuditSpec, run_audit
+
+    spec = AuditSpec(Path(model), run / "train", run / "heldout", base=Path(base), prefix=8, suffix=8,
+                     candidates=100, max_tokens=64)
+    return json.loads((run_audit(spec, run / name).path / "audit.json").read_text())
+
+
 def test_memorizing_model_fails_base_and_one_step_pass(run, tiny_llama, tools_cli):
     many = _audit(run, tools_cli, run / "many" / "output", "audit-many", tiny_llama)
-    base = _audit(run, tools_cli, tiny_llama, "audit-base", tiny_llama)
-    one = _audit(run, tools_cli, run / "one" / "output", "audit-one", tiny_llama)
+    base = _audit_in_process(run, tiny_llama, "audit-base", tiny_llama)   # the CLI route is the one above
+    one = _audit_in_process(run, run / "one" / "output", "audit-one", tiny_llama)
     assert not many["passed"] and base["passed"] and one["passed"], (many["checks"], base["checks"], one["checks"])
     exp = {c["check"]: c for c in many["checks"]}
     assert not exp["canaries"]["pass"] and not exp["extraction"]["pass"]
@@ -82,11 +91,25 @@ def test_memorizing_model_fails_base_and_one_step_pass(run, tiny_llama, tools_cl
     assert f"{top:.1f} bits (4 canaries)" in card and not any(s in card for s in secrets)
 
 
-def test_audit_refuses_bad_input(run, tiny_llama, tools_cli, tmp_path):
-    p = tools_cli("audit", tiny_llama, "--train", run / "train", "--heldout", tmp_path / "nope", "--out", tmp_path / "a")
+def _cli_in_process(*args):
+    """`tools ARGS` through the console script's click group in this process (exit code and stderr as a user
+    sees them, without a Python start and torch import per call)."""
+    from click.testing import CliRunner
+
+    from tools.cli import cli
+
+    r = CliRunner().invoke(cli, [str(a) for a in args], prog_name="tools")
+    r.returncode = r.exit_code
+    return r
+
+
+def test_audit_refuses_bad_input(run, tiny_llama, tmp_path):
+    p = _cli_in_process("audit", tiny_llama, "--train", run / "train", "--heldout", tmp_path / "nope",
+                        "--out", tmp_path / "a")
     assert p.returncode == 2 and "nope" in p.stderr and not (tmp_path / "a").exists()
-    p = tools_cli("audit", tiny_llama, "--train", run / "train", "--heldout", run / "heldout",
-                  "--canaries-from", run / "heldout", "--out", tmp_path / "a")
+    p = _cli_in_process("audit", tiny_llama, "--train", run / "train", "--heldout", run / "heldout",
+                        "--canaries-from", run / "heldout", "--out", tmp_path / "a")
     assert p.returncode == 2 and "records no canaries" in p.stderr and not (tmp_path / "a").exists()
-    p = tools_cli("audit", run / "train", "--train", run / "train", "--heldout", run / "heldout", "--out", tmp_path / "a")
+    p = _cli_in_process("audit", run / "train", "--train", run / "train", "--heldout", run / "heldout",
+                        "--out", tmp_path / "a")
     assert p.returncode == 2 and "[MODEL]" in p.stderr and not (tmp_path / "a").exists()

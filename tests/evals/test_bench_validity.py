@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-N_ITEMS = 20
+N_ITEMS = 8
 
 
 @pytest.mark.slow

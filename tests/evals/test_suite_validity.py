@@ -39,5 +39,5 @@ def test_tiny_mode_agrees_on_every_task(smollm2_hf, tmp_path, repo):
     rep = json.loads((tmp_path / "v" / "suite_validity.json").read_text())
     assert len(rep["tasks"]) == 9 and not rep["skipped"]
     for name, r in rep["tasks"].items():
-        assert r["n"] == 2 and r["agreement"] == 1.0 and r["acc_gap"] == 0.0, name
+        assert r["n"] == 1 and r["agreement"] == 1.0 and r["acc_gap"] == 0.0, name
     assert (tmp_path / "v" / "suite_validity.png").stat().st_size > 0
