@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 CHATML_TEMPLATE = (
@@ -84,7 +85,6 @@ def build_tiny_llama(out: str | os.PathLike, *, seed: int = 0, hidden: int = 64,
     model.generation_config.eos_token_id = cfg.eos_token_id
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
-    import shutil
     if not (out / "tokenizer.model").exists():
         shutil.copy(spm_file, out / "tokenizer.model")
     shutil.rmtree(out / ".spm", ignore_errors=True)

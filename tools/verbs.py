@@ -3,6 +3,8 @@ error handling and the registration of every package's verbs; keeping these here
 mixes a verb's options with the CLI machinery, and `tools.cli` imports no pipeline or model code)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from .cli_options import artifact_options, emit_json
@@ -50,8 +52,6 @@ def run_cmd(pipeline, run_dir, until, start, dry_run, variables):
       tools run recipes/pipelines/demo.yaml --run-dir runs/demo
       tools run recipes/pipelines/medilora.yaml --dry-run
     """
-    from pathlib import Path
-
     from .pipeline import parse_vars, run_pipeline
 
     run_pipeline(pipeline, run_dir, until=until, start=start, dry_run=dry_run, variables=parse_vars(variables))
