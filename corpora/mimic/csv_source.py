@@ -7,8 +7,10 @@ and quotes inside fields are doubled."""
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import os
+import zlib
 from itertools import repeat
 from pathlib import Path
 from typing import Iterator
@@ -24,7 +26,6 @@ MAX_HEADER = 1 << 20
 
 def _open_binary(path: Path):
     if path.name.endswith(".gz"):
-        import gzip
         raw = open(path, "rb")
         return gzip.GzipFile(fileobj=raw, mode="rb"), raw
     f = open(path, "rb")
@@ -32,8 +33,6 @@ def _open_binary(path: Path):
 
 
 def _gz_errors() -> tuple:
-    import gzip
-    import zlib
     return (EOFError, gzip.BadGzipFile, zlib.error)
 
 
