@@ -13,6 +13,7 @@ assistant turn is the target). Sources are cut at ``max_source_length`` tokens (
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -258,8 +259,6 @@ def train(stage_dir, dry_run: bool = False) -> Artifact:
 
 
 def _run_training(cfg: dict, base: Path, train_ex: list[dict], val_ex: list[dict], work: Path) -> dict:
-    import logging
-
     import torch
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import (

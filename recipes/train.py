@@ -45,14 +45,17 @@ with log-history steps 1..8 and the uninterrupted adapter, byte for byte).
 from __future__ import annotations
 
 import ast
+import fcntl
 import json
 import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import time
+import zipfile
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,8 +156,6 @@ def _safetensors_problem(f: Path) -> str | None:
 
 def _torch_file_problem(f: Path) -> str | None:
     """torch.save writes a zip whose central directory comes last: a file cut off has none."""
-    import zipfile
-
     try:
         with zipfile.ZipFile(f) as z:
             size = f.stat().st_size
@@ -281,8 +282,6 @@ def _prepared_marker(stage_dir: Path, cfg: dict) -> Path:
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -490,8 +489,6 @@ def train_stage(stage_dir: str | os.PathLike, dry_run: bool = False, force: bool
 def _lock(stage_dir: Path):
     """One `tools train` a stage at a time (they would share checkpoints/); then clear the staging
     folders of killed runs (the artifact contract never reads them)."""
-    import fcntl
-
     f = open(stage_dir / ".train.lock", "a+")  # noqa: SIM115 - the lock lives as long as the file object
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
