@@ -6,6 +6,8 @@ the llama-cpp-python source distribution of the *installed* version, which ``mak
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +51,6 @@ def convert_hf_to_gguf(model_dir: str | os.PathLike, outfile: str | os.PathLike,
         args += ["--model-name", model_name]
     meta_file = None
     if metadata:
-        import json
         meta_file = outfile.parent / f".{outfile.name}.metadata.json"
         meta_file.write_text(json.dumps(metadata), encoding="utf-8")
         args += ["--metadata", str(meta_file)]
@@ -73,8 +74,6 @@ TOKENIZER_FILES = ("tokenizer_config.json", "chat_template.jinja", "chat_templat
 
 def hf_chat_template(model_dir: str | os.PathLike) -> str | None:
     """The chat template an HF tokenizer folder carries (chat_template.jinja or tokenizer_config.json)."""
-    import json
-
     d = Path(model_dir)
     jinja = d / "chat_template.jinja"
     if jinja.is_file():
@@ -186,7 +185,6 @@ def convert_stage(model_dir: str | os.PathLike, out: str | os.PathLike, outtype:
 
 
 def _sha(text: str) -> str:
-    import hashlib
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
@@ -254,8 +252,6 @@ def convert_lora_stage(adapter_dir: str | os.PathLike, base_dir: str | os.PathLi
                        outtype: str = "f16", *, name: str | None = None, force: bool = False):
     """PEFT adapter folder (a ``train`` artifact or plain) -> artifact ``out`` (stage ``gguf.lora``)
     holding ``<name>-LoRA-<TYPE>.gguf``; ``base_dir`` is the HF base it was trained on (its config)."""
-    import json
-
     from tools.artifact import Stage
 
     from .ggufinfo import read_gguf

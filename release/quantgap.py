@@ -8,6 +8,7 @@ window is scored.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
@@ -227,8 +228,6 @@ def _plot(kl, results: dict, path: Path) -> None:
 def heldout_text(n_items: int = 6) -> str:
     """Held-out medical text shipped with the product: the abstracts of the first PubMedQA *test* items
     (never trained on: SFT uses the train split), for the quantization table and the fidelity gate."""
-    import json
-
     from tools.paths import bundled_data
 
     rows = []
