@@ -9,6 +9,7 @@ position).
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -151,8 +152,6 @@ def perplexity(model: str | Path, items: list[dict], n_gpu_layers: int | None = 
 def run_perplexity(models: list[str], data: str | Path, *, split: str = "test", limit: int | None = None,
                    out: str | Path | None = None, force: bool = False, n_gpu_layers: int | None = None) -> list[dict]:
     """`tools eval perplexity`: one row per model; with ``out`` also artifact ``eval.perplexity``."""
-    import json
-
     from tools.artifact import Stage
 
     items = load_items(data, split, limit)

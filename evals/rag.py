@@ -16,8 +16,10 @@ Heavy libraries (torch, sentence-transformers, faiss) are imported inside the fu
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -76,8 +78,6 @@ def model_fingerprint(model_dir: str | os.PathLike) -> str:
 
 
 def load_sentence_model(model_dir: Path, *, what: str = "embedder"):
-    import logging
-
     logging.getLogger("sentence_transformers").setLevel(logging.ERROR)
     from sentence_transformers import SentenceTransformer
     from transformers.utils import logging as hf_logging
@@ -344,8 +344,6 @@ def fit_context(system: str, question_block: str, chunks: list[dict], count_toke
 
 def retrieval_recall(retriever: "Retriever", queries: list[tuple[str, str]], k: int) -> dict:
     """Recall@1 and recall@k of (question, gold doc id) pairs, and the mean query time (for benchmarks)."""
-    import time
-
     t = time.perf_counter()
     hits = retriever.search_many([q for q, _ in queries], k)
     dt = time.perf_counter() - t

@@ -15,6 +15,7 @@ result names the model used (and its content hash) or why a metric was skipped.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -164,8 +165,6 @@ def resolve_metric_model(metric: str, spec: str | None) -> tuple[Path | None, st
 
 def bertscore_f1(preds: list[str], refs: list[str], model_dir: Path, *, num_layers: int | None = None,
                  batch_size: int = 16, name: str | None = None) -> tuple[list[float], dict]:
-    import logging
-
     from bert_score import BERTScorer
     from bert_score.utils import model2layers
     from transformers import AutoConfig
