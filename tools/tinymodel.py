@@ -9,6 +9,10 @@ import os
 import shutil
 from pathlib import Path
 
+from .artifact import Stage
+from .paths import bundled_data
+from .progress import log
+
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
@@ -18,7 +22,6 @@ CHATML_TEMPLATE = (
 
 
 def _training_text() -> list[str]:
-    from .paths import bundled_data
     lines = []
     f = bundled_data() / "pubmedqa" / "dev.jsonl"
     with open(f, encoding="utf-8") as fh:
@@ -93,9 +96,6 @@ def build_tiny_llama(out: str | os.PathLike, *, seed: int = 0, hidden: int = 64,
 
 def tiny_base_model(out: str | os.PathLike, *, seed: int = 0, force: bool = False):
     """`tools base-model --tiny`: the tiny Llama as a ``base-model.tiny`` artifact."""
-    from .artifact import Stage
-    from .progress import log
-
     with Stage("base-model.tiny", out, {"seed": seed}, force=force, log=log) as st:
         if not st.skipped:
             build_tiny_llama(st.work, seed=seed)
