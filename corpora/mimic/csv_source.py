@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterator
 
 from tools.errors import UserError
+from tools.io import gzip_error
 
 from .notes import REQUIRED, REQUIRED_IV, WANT, check_version
 
@@ -42,7 +43,6 @@ def read_csv_header(path: Path, version: str = "auto") -> dict:
         with f:
             first = f.readline(MAX_HEADER + 1)
     except _gz_errors() as e:
-        from tools.io import gzip_error
         raise gzip_error(path, e) from None
     return _parse_header(path, first, version)
 
@@ -110,7 +110,6 @@ def csv_tasks(path: Path, advance=None, block: int = BLOCK, by_range: bool | Non
     try:
         yield from _csv_tasks(path, advance, block, by_range, version)
     except _gz_errors() as e:
-        from tools.io import gzip_error
         raise gzip_error(path, e) from None
 
 
