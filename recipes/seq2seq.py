@@ -21,7 +21,7 @@ from pathlib import Path
 
 from tools.artifact import Artifact, Stage, is_artifact, read_artifact
 from tools.errors import UserError, WorkError
-from tools.io import canonical_json, read_jsonl, sha256_bytes, sha256_file, write_json
+from tools.io import canonical_json, read_jsonl, sha256_bytes, sha256_file, write_json, write_jsonl
 from tools.progress import log, progress
 
 PROMPT = "#### Question:{question}\n#### Answer:"
@@ -372,7 +372,6 @@ def predict(train_dir, dataset_dir, out, *, split: str = "test", max_new_tokens:
                 rows.append({"id": ex["id"], "prediction": tok.decode(ids[0], skip_special_tokens=True).strip(),
                              "reference": ex["target"]})
                 advance()
-        from tools.io import write_jsonl
         write_jsonl(st.path("items.jsonl"), rows)
         st.extra.update({"n": len(rows), "split": split})
     return st.result
