@@ -19,6 +19,9 @@ from tools.artifact import Stage
 from tools.errors import UserError
 from tools.ggufpath import default_threads
 from tools.io import require_file, write_json
+from tools.llamacpp import load
+from tools.paths import bundled_data
+from tools.plotting import pyplot, save_png
 from tools.progress import log, progress
 
 from .ggufinfo import read_gguf
@@ -46,8 +49,6 @@ def _log_softmax(x):
 
 
 def _load(path: Path, ctx: int, threads: int, n_gpu_layers: int | None = None):
-    from tools.llamacpp import load
-
     return load(path, n_gpu_layers=n_gpu_layers, n_ctx=ctx, n_batch=ctx, n_ubatch=ctx, logits_all=True,
                 n_threads=threads, n_threads_batch=threads, seed=0)
 
@@ -205,8 +206,6 @@ def compare_quant(ref: str | os.PathLike, quant: str | os.PathLike, text_file: s
 
 
 def _plot(kl, results: dict, path: Path) -> None:
-    from tools.plotting import pyplot, save_png
-
     plt = pyplot()
     import numpy as np
 
@@ -228,8 +227,6 @@ def _plot(kl, results: dict, path: Path) -> None:
 def heldout_text(n_items: int = 6) -> str:
     """Held-out medical text shipped with the product: the abstracts of the first PubMedQA *test* items
     (never trained on: SFT uses the train split), for the quantization table and the fidelity gate."""
-    from tools.paths import bundled_data
-
     rows = []
     with open(bundled_data() / "pubmedqa" / "test.jsonl", encoding="utf-8") as f:
         for line in f:
