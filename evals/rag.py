@@ -26,6 +26,7 @@ from typing import Callable
 from tools.artifact import Artifact, Stage, read_artifact
 from tools.errors import UserError
 from tools.io import canonical_json, read_jsonl, sha256_bytes, sha256_file, write_json, write_jsonl
+from tools.paths import embedded_embedder
 from tools.progress import log, progress
 
 STAGE = "rag.index"
@@ -44,7 +45,6 @@ def resolve_model_dir(spec: str | os.PathLike | None, *, what: str = "embedder",
     """A local model folder for ``spec``: a path, a Hub id (from the local cache; downloaded only when
     asked for by name, not ``local_only`` and HF_HUB_OFFLINE unset), or (None) the packaged MiniLM."""
     if spec is None or str(spec) in ("", "default", "minilm"):
-        from tools.paths import embedded_embedder
         return embedded_embedder()
     p = Path(spec).expanduser()
     if p.exists():
