@@ -16,7 +16,6 @@ import logging
 import os
 import statistics
 import sys
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -343,6 +342,8 @@ class _Collect(logging.Handler):
 
 def capabilities(device: str, world_size: int) -> tuple[dict, dict]:
     """What Axolotl is told about the target machine (an Ampere-class GPU for the GPU presets)."""
+    from importlib.metadata import version  # lazy: `tools --help` imports this module; this costs ~60 ms
+
     gpu = device == "gpu"
     caps = {"bf16": gpu, "fp8": False, "tf32": gpu, "n_gpu": world_size,
             "compute_capability": "sm_80" if gpu else None}

@@ -45,7 +45,6 @@ from tools.progress import log
 
 from .fit import needed_bytes, shape_of
 from .ggufinfo import gguf_filename, gguf_module, is_quantized, parse_size, read_gguf
-from .imatrix import resolve_imatrix
 from .quantgap import Reference, Scoring, gap_figures, heldout_text, read_text
 from .quantize import QuantOptions, load_imatrix, needs_imatrix, plan, quantize_stage
 
@@ -350,6 +349,7 @@ def search(src: Path, spec: SearchSpec, work: Path, text: Path, probe=None) -> t
 
 
 def _imatrix_file(imatrix) -> Path:
+    from .imatrix import resolve_imatrix  # lazy: `tools --help` imports this module (release.cli)
     return resolve_imatrix(imatrix)[0]
 
 
@@ -474,6 +474,8 @@ def quantize_budget(src: str | os.PathLike, out: str | os.PathLike, spec: Search
     candidates.json / candidates.md (every candidate) and pareto.png. No candidate within the budget:
     UserError naming the best one found (exit 2), nothing written. An acc-drop budget's items are checked
     (test items refused) before anything runs."""
+    from .imatrix import resolve_imatrix  # lazy: `tools --help` imports this module (release.cli)
+
     target = Path(src)
     gpath, info = _check(target, spec)
     b = spec.budget

@@ -17,12 +17,12 @@ from pathlib import Path
 from tools.errors import UserError, WorkError
 from tools.ggufpath import check_magic, gguf_shards
 
-from .llamasrc import llama_cpp_dir
-
 
 @lru_cache(maxsize=1)
 def gguf_module():
     """llama.cpp's vendored ``gguf`` package, imported without disturbing ``sys.modules['gguf']``."""
+    from .llamasrc import llama_cpp_dir  # lazy: `tools --help` imports this module; llamasrc pulls tarfile, subprocess
+
     try:
         d = llama_cpp_dir() / "gguf-py"
     except (UserError, WorkError):

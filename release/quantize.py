@@ -31,7 +31,6 @@ from .ggufinfo import (
     split_gguf,
     type_share,
 )
-from .imatrix import resolve_imatrix
 from .quantgap import Scoring, compare_quant, heldout_text, read_text
 
 MOSTLY_APPLIED = 0.5
@@ -305,6 +304,8 @@ def quantize_stage(src: str | os.PathLike, qtype: str, out: str | os.PathLike, o
                    force: bool = False):
     """Quantize ``src`` (.gguf or a ``gguf`` artifact) into artifact ``out`` (stage ``gguf``) as ``opts`` says.
     With ``split_max_size`` the file is cut into gguf-split shards (``extra.file`` is then the first)."""
+    from .imatrix import resolve_imatrix  # lazy: `tools --help` imports this module (release.cli)
+
     qname, ftype = resolve_ftype(qtype)
     target = Path(src)
     gpath, info = _check_source(target, qname, opts)
@@ -394,6 +395,8 @@ def quantize_set(src: str | os.PathLike, qtypes: list[str], out: str | os.PathLi
     and ``quant-table.json`` / ``quant-table.md``: size, bits/weight, the real tensor mix, perplexity
     and mean KL against the source on held-out text, top-1 agreement. llama.cpp's quantizer reads
     the source once per type (``llama_model_quantize`` takes a path)."""
+    from .imatrix import resolve_imatrix  # lazy: `tools --help` imports this module (release.cli)
+
     names = []
     for q in qtypes:
         n, _ = resolve_ftype(q)
