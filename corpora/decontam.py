@@ -20,6 +20,8 @@ from tools.paths import bundled_data
 from tools.progress import progress
 from tools.stages import DATA_FAMILIES
 
+from .sft import pubmedqa_test_ids
+
 BUILTIN = ("pubmedqa", "medqa", "mmlu-medical")
 _WORD = re.compile(r"[a-z0-9]+")
 REPORT_CAP = 1000  # items listed in the manifest (the report file has them all)
@@ -169,7 +171,6 @@ def decontaminate(train, out, spec: DecontamSpec | None = None, *, force: bool =
             idx.add(bname, items)
         test_pmids = set()
         if "pubmedqa" in against:
-            from .sft import pubmedqa_test_ids
             test_pmids = set(pubmedqa_test_ids())
         flagged, per_bench, total = [], Counter(), 0
         kept: dict[str, list] = defaultdict(list)

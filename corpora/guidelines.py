@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from collections import Counter
 
+from tools.artifact import Stage
 from tools.errors import UserError
+from tools.io import read_jsonl, require_file
 
 from .canaries import CanarySpec, plant_in_stage
 from .clean import normalize_whitespace
@@ -27,9 +29,6 @@ SOURCE_TERMS = {
 
 def build_corpus(src, out, *, sources: tuple[str, ...] = (), min_chars: int = 200, terms_file=None,
                  canaries: CanarySpec | None = None, force: bool = False, log=None):
-    from tools.artifact import Stage
-    from tools.io import read_jsonl, require_file
-
     src = require_file(src, "guidelines JSONL")
     wanted = tuple(sorted({s.strip().lower() for s in sources if s.strip()}))
     terms = dict(SOURCE_TERMS)

@@ -11,7 +11,12 @@ from collections import Counter
 from functools import lru_cache
 from pathlib import Path
 
+from tools.artifact import Stage
 from tools.errors import UserError
+from tools.io import read_jsonl, write_jsonl
+from tools.paths import bundled_data, system_prompts_file
+
+from .upstream import medqa_record, pubmedqa_record, read_records
 
 PUBMEDQA_LABELS = ("yes", "no", "maybe")
 
@@ -35,8 +40,6 @@ def _prompts(path: str) -> dict:
 
 def system_prompt(task: str, letters: list[str] | None = None, path=None) -> str:
     """The verbatim system prompt; MedQA's ``{first}``/``{last}`` become the option letters."""
-    from tools.paths import system_prompts_file
-
     text = _prompts(str(path or system_prompts_file()))[task].strip()
     if task == "medqa":
         letters = letters or ["A", "B", "C", "D"]
@@ -74,8 +77,6 @@ def read_pubmedqa(path) -> list[tuple[str, dict, int | None]]:
     """(pmid, item, line) from our JSONL form ({"id", QUESTION, CONTEXTS, ...}), the official
     ``ori_pqal.json`` / ``test_set.json`` ({pmid: {...}}) or the Hub's ``pqa_labeled`` export
     (JSONL, JSON or Parquet); items in the canonical (ori_pqal) form."""
-    from .upstream import pubmedqa_record, read_records
-
     return [(*pubmedqa_record(obj, key, line, path), line) for key, obj, line in read_records(path, "PubMedQA file")]
 
 
@@ -90,9 +91,6 @@ def _need(item, key, typ, path, line, pmid):
 @lru_cache(maxsize=1)
 def pubmedqa_test_ids() -> frozenset[str]:
     """The 500 official PubMedQA test PMIDs (the benchmark: never train on them)."""
-    from tools.io import read_jsonl
-    from tools.paths import bundled_data
-
     return frozenset(str(o["id"]) for o in read_jsonl(bundled_data() / "pubmedqa" / "test.jsonl", required=("id",)))
 
 
@@ -102,19 +100,12 @@ def norm_question(q: str) -> str:
 
 @lru_cache(maxsize=1)
 def medqa_test_questions() -> frozenset[str]:
-    from tools.io import read_jsonl
-    from tools.paths import bundled_data
-
     return frozenset(norm_question(o["question"]) for o in read_jsonl(bundled_data() / "medqa" / "test.jsonl",
                                                                        required=("question",)))
 
 
 # -- builders -----------------------------------------------------------------------------------
 def build_pubmedqa(out, *, src=None, allow_test_ids: bool = False, force: bool = False, log=None):
-    from tools.artifact import Stage
-    from tools.io import write_jsonl
-    from tools.paths import bundled_data, system_prompts_file
-
     src = Path(src) if src else bundled_data() / "pubmedqa" / "dev.jsonl"
     prompts = system_prompts_file()
     params = {"allow_test_ids": allow_test_ids, "format": "chatml"}
@@ -161,12 +152,6 @@ def build_pubmedqa(out, *, src=None, allow_test_ids: bool = False, force: bool =
 
 
 def build_medqa(out, *, src=None, allow_test: bool = False, force: bool = False, log=None):
-    from tools.artifact import Stage
-    from tools.io import write_jsonl
-    from tools.paths import bundled_data, system_prompts_file
-
-    from .upstream import medqa_record, read_records
-
     src = Path(src) if src else bundled_data() / "medqa" / "dev.jsonl"
     prompts = system_prompts_file()
     params = {"allow_test": allow_test, "format": "chatml"}

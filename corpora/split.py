@@ -6,7 +6,10 @@ import random
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from tools.artifact import Stage, read_artifact
 from tools.errors import UserError
+from tools.io import read_jsonl, write_jsonl
+from tools.plotting import pyplot, save_png
 from tools.stages import DATASET
 
 SPLITS = ("train", "validation", "test")
@@ -90,8 +93,6 @@ def split_rows(rows: list[dict], ratios, key: str | None, seed: int) -> dict[str
 
 
 def plot_split(table: dict[str, Counter], out: Path, key: str | None) -> None:
-    from tools.plotting import pyplot, save_png
-
     plt = pyplot()
 
     strata = sorted({s for c in table.values() for s in c})[:20]
@@ -114,9 +115,6 @@ def plot_split(table: dict[str, Counter], out: Path, key: str | None) -> None:
 
 def split_dataset(src, out, *, ratios=(0.8, 0.1, 0.1), stratify_by: str | None = None, seed: int = 0,
                   plot: bool = True, force: bool = False, log=None):
-    from tools.artifact import Stage, read_artifact
-    from tools.io import read_jsonl, write_jsonl
-
     art = read_artifact(src, stage=DATASET)
     if Path(out).resolve() == art.path.resolve():
         raise UserError("--out must differ from the input folder (the input artifact stays as it is)", field="--out")

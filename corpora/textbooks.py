@@ -8,7 +8,9 @@ import json
 from pathlib import Path
 from typing import Iterator
 
+from tools.artifact import Stage
 from tools.errors import UserError
+from tools.progress import log, progress
 
 from .canaries import CanarySpec, plant_in_stage
 from .clean import has_alnum, strip_noise
@@ -97,9 +99,6 @@ def documents(lines, doc_words: int = 512) -> Iterator[str]:
 def build_corpus(src, out, *, min_tokens: int = 5, doc_words: int = 512, min_chars: int = 50,
                  license: str = DEFAULT_LICENSE, canaries: CanarySpec | None = None, force: bool = False):
     """The ``corpus.textbooks`` stage (progress and log lines on stderr); returns the Artifact."""
-    from tools.artifact import Stage
-    from tools.progress import log, progress
-
     src = Path(src)
     if not src.is_dir():
         raise UserError("expected a folder of .txt files", path=str(src))

@@ -24,6 +24,7 @@ import json
 from pathlib import Path
 
 from tools.errors import UserError
+from tools.io import open_binary, read_json, read_jsonl_numbered, require_file
 
 
 def _where(key, line) -> dict:
@@ -37,8 +38,6 @@ def _field(key, line, name: str) -> str:
 def read_records(path, what: str = "data file") -> list[tuple[str | None, object, int | None]]:
     """(key, record, line) of every record: ``key`` for a mapping document, ``line`` the line of a
     JSON Lines file (or the row of a Parquet file)."""
-    from tools.io import read_json, read_jsonl_numbered, require_file
-
     p = require_file(path, what)
     name = p.name.lower()
     if name.endswith(".parquet"):
@@ -71,8 +70,6 @@ def _is_record(d: dict) -> bool:
 
 def _looks_like_lines(p: Path) -> bool:
     """A .json file whose first line is a whole JSON object and that has more lines: JSON Lines."""
-    from tools.io import open_binary
-
     try:
         with open_binary(p) as f:
             first = f.readline(1 << 24)

@@ -17,8 +17,10 @@ import collections
 import re
 from pathlib import Path
 
+from tools.artifact import Stage, read_artifact
 from tools.errors import UserError
-from tools.io import read_jsonl
+from tools.io import read_jsonl, write_json, write_jsonl
+from tools.plotting import pyplot, save_png
 
 RULES = __doc__.split("Error classes", 1)[1].split("Lengths are", 1)[0].strip()
 
@@ -68,7 +70,6 @@ def analyze_errors(results_dir: str | Path, min_tokens: int = 1) -> dict:
     d = Path(results_dir)
     f = d / "items.jsonl" if d.is_dir() else d
     if d.is_dir():
-        from tools.artifact import read_artifact
         read_artifact(d)
     rows = list(read_jsonl(f))
     if not rows:
@@ -90,8 +91,6 @@ def analyze_errors(results_dir: str | Path, min_tokens: int = 1) -> dict:
 
 
 def plot_length_histogram(lengths: list[int], out_png: str | Path, title: str) -> None:
-    from tools.plotting import pyplot, save_png
-
     plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
@@ -108,9 +107,6 @@ def plot_length_histogram(lengths: list[int], out_png: str | Path, title: str) -
 
 def run_errors(results_dir: str | Path, out: str | Path | None = None, *, min_tokens: int = 1, force: bool = False):
     """`tools analyze errors`: artifact ``analyze.errors`` (errors.json, classes.jsonl, histogram, report)."""
-    from tools.artifact import Stage
-    from tools.io import write_json, write_jsonl
-
     rd = Path(results_dir)
     out = Path(out) if out else rd.parent / f"{rd.name}-errors"
     with Stage("analyze.errors", out, {"min_tokens": min_tokens}, inputs=[rd], force=force) as st:

@@ -27,12 +27,14 @@ from scipy.stats import skewnorm
 
 from corpora.canaries import SPACE_BITS, candidates, recorded
 from release.push import WEIGHT_SUFFIXES
-from tools.artifact import is_artifact, read_artifact
+from tools.artifact import Stage, is_artifact, read_artifact
 from tools.errors import UserError
-from tools.io import read_jsonl_numbered
+from tools.io import read_jsonl_numbered, write_json
 from tools.progress import log, progress
 from tools.stages import AUDIT
 
+from .audit_models import open_scorer
+from .audit_report import plot_audit, render_audit
 from .stats import auc_hanley_mcneil, wilson
 
 TRAIN_FILES = ("corpus.jsonl", "train.jsonl")
@@ -256,12 +258,6 @@ def _inputs(p) -> list[Path]:
 def run_audit(spec: AuditSpec, out, *, force: bool = False):
     """The ``audit`` stage: audit.json, audit.md, audit.png; the manifest's extra.audit holds the verdict
     and the sha256 of every audited weight file (what `tools push` checks)."""
-    from tools.artifact import Stage
-    from tools.io import write_json
-
-    from .audit_models import open_scorer
-    from .audit_report import plot_audit, render_audit
-
     n_ctx = max(512, spec.max_tokens + 8, spec.prefix + spec.suffix + 8)
     inputs = [x for p in (spec.model, spec.train, spec.heldout, spec.base, spec.canaries_from) for x in _inputs(p)]
     with Stage(AUDIT, out, spec.params(), inputs=inputs, force=force, log=log) as st:

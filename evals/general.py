@@ -24,6 +24,7 @@ from tools.artifact import Artifact, Stage, read_artifact
 from tools.errors import UserError
 from tools.ggufpath import resolve_gguf
 from tools.io import read_jsonl, sha256_bytes, write_json, write_jsonl
+from tools.llm import LlamaRunner
 from tools.progress import log, progress
 from tools.stages import EVAL_GENERAL
 
@@ -61,8 +62,6 @@ def _nll_hf(model_dir: Path, text: str, ctx: int, max_tokens: int) -> list[tuple
 
 
 def _nll_gguf(gguf: Path, text: str, ctx: int, max_tokens: int, threads: int | None) -> list[tuple[float, int]]:
-    from tools.llm import LlamaRunner
-
     out = []
     with LlamaRunner(gguf, n_ctx=ctx + 8, n_threads=threads) as lr:
         wins = _windows(lr.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False), ctx, max_tokens)

@@ -21,6 +21,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from corpora.sft import medqa_user, pubmedqa_user  # one formatter: train as you test
+from corpora.sft import system_prompt as _system_prompt
+from corpora.upstream import medqa_record, medqa_shape, pubmedqa_record, pubmedqa_shape, read_records
 from tools.errors import UserError
 from tools.io import read_jsonl_numbered, require_file
 from tools.paths import bundled_data
@@ -73,8 +76,6 @@ def _options(obj: dict, key: str, path, line, field: str | None = None) -> dict:
 
 def _upstream(task: str, obj: dict, path: Path, line: int | None, key: str | None) -> Item | None:
     """An item from PubMedQA's or MedQA's upstream forms, or None for a normalized item."""
-    from corpora.upstream import medqa_record, medqa_shape, pubmedqa_record, pubmedqa_shape
-
     where = {"line": line} if line is not None else {}
 
     def fld(name):
@@ -137,7 +138,6 @@ def load_items(task: str, data: str | os.PathLike | None = None, split: str = "t
     path = Path(data) if data else default_data(task, split)
     if task not in TASKS:
         raise UserError(f"unknown task {task!r} (one of {', '.join(TASKS)})", field="task")
-    from corpora.upstream import read_records
 
     items: list[Item] = []
     seen: dict[str, str] = {}
@@ -168,8 +168,6 @@ def system_prompt(task: str, options: dict | None = None) -> str:
 
     One reader serves both sides: the SFT builders (corpora.sft) and the bench ask the same text.
     """
-    from corpora.sft import system_prompt as _system_prompt
-
     if task not in TASKS:
         raise UserError(f"no system prompt for {task!r}", field=task)
     return _system_prompt(task, list(options) if options else None)
@@ -177,8 +175,6 @@ def system_prompt(task: str, options: dict | None = None) -> str:
 
 def question_block(task: str, item: Item) -> str:
     """The user message of ``item`` (without retrieved context)."""
-    from corpora.sft import medqa_user, pubmedqa_user  # one formatter: train as you test
-
     if task == "pubmedqa":
         return pubmedqa_user([item.context], item.question)
     ctx = f"Context: {item.context}\n\n" if item.context else ""

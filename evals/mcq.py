@@ -23,7 +23,8 @@ from pathlib import Path
 
 from tools.errors import UserError
 
-from .items import PUBMEDQA_LABELS, Item
+from .items import PUBMEDQA_LABELS, Item, _numbered
+from .lm_eval_tasks.utils import mmlu_csv
 
 FIELDS = ("id", "question", "options", "answer", "context")
 MEDMCQA_OPTIONS = ("opa", "opb", "opc", "opd")
@@ -150,8 +151,6 @@ def _row(obj: dict, mapping: dict, path: Path, line: int, base: int = 0) -> tupl
 
 def _mmlu_rows(path: Path) -> list[tuple[int, dict]]:
     """(row number, MCQ row) of an MMLU CSV (question, A, B, C, D, answer letter)."""
-    from .lm_eval_tasks.utils import mmlu_csv
-
     return [(i, {"id": str(i), "question": d["question"], "options": d["choices"], "answer": "ABCD"[d["answer"]]})
             for i, d in enumerate(mmlu_csv(path, path.stem), 1)]
 
@@ -162,8 +161,6 @@ def load_mcq(data: str | os.PathLike, mapping: dict[str, list[str]] | None = Non
 
     ``mapping["answer_base"] == ["0"|"1"]`` (``--answer-base``) declares the base of integer answers;
     otherwise it is told from the whole file (not only the first ``limit`` rows) or refused."""
-    from .items import _numbered
-
     path = Path(data)
     mapping = dict(mapping or {})
     declared = mapping.pop("answer_base", None)
@@ -202,8 +199,6 @@ def load_mcq(data: str | os.PathLike, mapping: dict[str, list[str]] | None = Non
 def medmcqa_docs(path: str | os.PathLike, answer_base: int | None = None) -> list[dict]:
     """MedMCQA rows (GitHub ``dev.json`` with a 1-based ``cop``, or the Hub export with a 0-based one)
     as the Hub's ``openlifescienceai/medmcqa`` rows lm-eval reads (``cop`` 0-based)."""
-    from .items import _numbered
-
     path = Path(path)
     rows = list(_numbered(path))
     for line, obj in rows:

@@ -5,21 +5,20 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from evals.stats import mcnemar, paired_bootstrap_f1, verdict
 from tools.artifact import Artifact, Stage, read_artifact
 from tools.errors import UserError
-from tools.io import write_json
+from tools.io import read_jsonl, write_json
+from tools.plotting import pyplot, save_png
 from tools.stages import BENCH
 
 from .general import paired_delta
-from .verdict import verdict_block
+from .verdict import verdict_block, verdict_markdown
 
 DEFAULT_TITLE = "MediLoRA: base vs fine-tuned under the MediLoRA protocol"
 
 
 def _load(d: str) -> tuple[dict, list[dict], dict]:
-    from tools.artifact import read_artifact
-    from tools.io import read_jsonl
-
     art = read_artifact(d, stage=BENCH)
     res = json.loads((art.path / "results.json").read_text())
     rows = list(read_jsonl(art.path / "items.jsonl"))
@@ -50,8 +49,6 @@ def _pred(row: dict) -> str | None:
 
 def paired(a: tuple, b: tuple, seed: int = 0) -> dict:
     """B against A on their shared items: exact McNemar on correctness, paired bootstrap on macro-F1."""
-    from evals.stats import mcnemar, paired_bootstrap_f1, verdict
-
     (la, ra, rows_a, _), (lb, _, rows_b, _) = a, b
     by_b = {r["id"]: r for r in rows_b}
     pairs = [(r, by_b[r["id"]]) for r in rows_a if r["id"] in by_b]
@@ -145,8 +142,6 @@ def _pct(x, ci=None) -> str:
 
 def _markdown(title: str, runs: list, table: list[dict], tests: list[dict], verdict: dict | None) -> list[str]:
     """report.md: the verdict (when asked), the runs table, the paired tests, the majority class."""
-    from .verdict import verdict_markdown
-
     lines = [f"# {title}", ""]
     if verdict:
         lines += verdict_markdown(verdict)
@@ -189,8 +184,6 @@ def _included(files) -> list[str]:
 
 
 def _plot(table: list[dict], path: Path, title: str) -> None:
-    from tools.plotting import pyplot, save_png
-
     plt = pyplot()
 
     metrics = [("accuracy", "accuracy"), ("valid_rate", "valid (lenient)"), ("valid_strict", "valid (strict)")]

@@ -9,12 +9,15 @@ position).
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from tools.artifact import Stage, read_artifact
 from tools.errors import UserError
 from tools.io import read_jsonl
+from tools.llamacpp import load
 
 
 @dataclass
@@ -32,7 +35,6 @@ class PPL:
 def load_items(data: str | Path, split: str = "test", limit: int | None = None) -> list[dict]:
     p = Path(data)
     if p.is_dir():
-        from tools.artifact import read_artifact
         art = read_artifact(p, stage="dataset")
         f = p / f"{split}.jsonl"
         if not f.exists():
@@ -98,8 +100,6 @@ def perplexity_gguf(gguf: str | Path, items: list[dict], n_ctx: int = 2048, thre
     import numpy as np
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    from tools.llamacpp import load
-
     llm = load(gguf, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, logits_all=True, n_threads=threads)
     try:
         tmpl = llm.metadata.get("tokenizer.chat_template")
@@ -151,10 +151,6 @@ def perplexity(model: str | Path, items: list[dict], n_gpu_layers: int | None = 
 def run_perplexity(models: list[str], data: str | Path, *, split: str = "test", limit: int | None = None,
                    out: str | Path | None = None, force: bool = False, n_gpu_layers: int | None = None) -> list[dict]:
     """`tools eval perplexity`: one row per model; with ``out`` also artifact ``eval.perplexity``."""
-    import json
-
-    from tools.artifact import Stage
-
     items = load_items(data, split, limit)
     if not out:
         return [perplexity(m, items, n_gpu_layers=n_gpu_layers).to_dict() for m in models]

@@ -16,14 +16,17 @@ Heavy libraries (torch, sentence-transformers, faiss) are imported inside the fu
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
+import time
 from pathlib import Path
 from typing import Callable
 
 from tools.artifact import Artifact, Stage, read_artifact
 from tools.errors import UserError
 from tools.io import canonical_json, read_jsonl, sha256_bytes, sha256_file, write_json, write_jsonl
+from tools.paths import embedded_embedder
 from tools.progress import log, progress
 
 STAGE = "rag.index"
@@ -42,7 +45,6 @@ def resolve_model_dir(spec: str | os.PathLike | None, *, what: str = "embedder",
     """A local model folder for ``spec``: a path, a Hub id (from the local cache; downloaded only when
     asked for by name, not ``local_only`` and HF_HUB_OFFLINE unset), or (None) the packaged MiniLM."""
     if spec is None or str(spec) in ("", "default", "minilm"):
-        from tools.paths import embedded_embedder
         return embedded_embedder()
     p = Path(spec).expanduser()
     if p.exists():
@@ -76,8 +78,6 @@ def model_fingerprint(model_dir: str | os.PathLike) -> str:
 
 
 def load_sentence_model(model_dir: Path, *, what: str = "embedder"):
-    import logging
-
     logging.getLogger("sentence_transformers").setLevel(logging.ERROR)
     from sentence_transformers import SentenceTransformer
     from transformers.utils import logging as hf_logging
@@ -344,8 +344,6 @@ def fit_context(system: str, question_block: str, chunks: list[dict], count_toke
 
 def retrieval_recall(retriever: "Retriever", queries: list[tuple[str, str]], k: int) -> dict:
     """Recall@1 and recall@k of (question, gold doc id) pairs, and the mean query time (for benchmarks)."""
-    import time
-
     t = time.perf_counter()
     hits = retriever.search_many([q for q, _ in queries], k)
     dt = time.perf_counter() - t

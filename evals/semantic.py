@@ -15,14 +15,19 @@ result names the model used (and its content hash) or why a metric was skipped.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from evals.rag import embed, load_sentence_model, model_fingerprint, resolve_model_dir
+from recipes.seq2seq import predict
 from tools.artifact import Artifact, Stage, is_artifact, read_artifact
 from tools.errors import UserError
-from tools.io import read_jsonl, write_json, write_jsonl
+from tools.io import read_jsonl, require_file, write_json, write_jsonl
+from tools.paths import embedded_embedder
+from tools.plotting import pyplot, save_png
 from tools.progress import log, progress
 
 STAGE = "eval.semantic"
@@ -59,7 +64,6 @@ def _read_texts(path: Path, fields: tuple[str, ...], what: str) -> tuple[list[tu
                 raise UserError(f"{what} must be a string", path=str(path), line=lineno, field=tf)
             rows.append((str(row[idf]), row[tf], lineno))
         return rows, True
-    from tools.io import require_file
     require_file(path, f"{what} file")
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -141,9 +145,6 @@ def _check_unique(ids: list[tuple[str, int]], path: Path) -> None:
 
 def resolve_metric_model(metric: str, spec: str | None) -> tuple[Path | None, str, str | None]:
     """(model folder or None, display name, note). None folder = skipped (note says why)."""
-    from evals.rag import resolve_model_dir
-    from tools.paths import embedded_embedder
-
     flag = {"bertscore_f1": "--bertscore-model", "semscore": "--semscore-model", "nli_entailment": "--nli-model"}[metric]
     if spec is not None and str(spec).lower() in DISABLED:
         return None, "", f"disabled ({flag} {spec})"
@@ -164,8 +165,6 @@ def resolve_metric_model(metric: str, spec: str | None) -> tuple[Path | None, st
 
 def bertscore_f1(preds: list[str], refs: list[str], model_dir: Path, *, num_layers: int | None = None,
                  batch_size: int = 16, name: str | None = None) -> tuple[list[float], dict]:
-    import logging
-
     from bert_score import BERTScorer
     from bert_score.utils import model2layers
     from transformers import AutoConfig
@@ -185,8 +184,6 @@ def bertscore_f1(preds: list[str], refs: list[str], model_dir: Path, *, num_laye
 
 
 def semscore(preds: list[str], refs: list[str], model_dir: Path, *, batch_size: int = 32) -> tuple[list[float], dict]:
-    from evals.rag import embed, load_sentence_model
-
     model = load_sentence_model(model_dir, what="SemScore model")
     a = embed(model, list(preds), batch_size=batch_size)
     b = embed(model, list(refs), batch_size=batch_size)
@@ -229,8 +226,6 @@ def _mean(xs: list[float]) -> float:
 def score_pairs(pairs: list[dict], *, bertscore_model: str | None = None, semscore_model: str | None = None,
                 nli_model: str | None = None, bertscore_layer: int | None = None, batch_size: int = 16) -> dict:
     """Per-item scores and means: {"items": [...], "metrics": {name: {...}}, "skipped": {name: reason}}."""
-    from evals.rag import model_fingerprint
-
     preds = [p["prediction"] for p in pairs]
     refs = [p["reference"] for p in pairs]
     specs = {"bertscore_f1": bertscore_model, "semscore": semscore_model, "nli_entailment": nli_model}
@@ -265,8 +260,6 @@ def score_pairs(pairs: list[dict], *, bertscore_model: str | None = None, semsco
 
 
 def _plot(items: list[dict], metrics: dict, out_png: Path) -> None:
-    from tools.plotting import pyplot, save_png
-
     plt = pyplot()
 
     names = [m for m in METRICS if m in metrics] or ["(none)"]
@@ -372,7 +365,6 @@ def run_semantic(results_dir: str | os.PathLike | None = None, *, pred: str | os
             raise UserError("--seq2seq generates the predictions: give no RESULTS_DIR or --pred with it", field="--seq2seq")
         if data is None:
             raise UserError("--seq2seq needs --data DATASET_DIR (the questions and reference answers)", field="--data")
-        from recipes.seq2seq import predict
 
         base = Path(out) if out else Path(seq2seq_dir).parent / f"{Path(data).name}-{split}"
         results_dir = str(predict(seq2seq_dir, data, base.parent / f"{base.name}-predictions", split=split,

@@ -17,6 +17,9 @@ import subprocess
 import sys
 import time
 
+from tools.llamacpp import built_with_amx, system_info
+from tools.paths import embedded_gguf
+
 STEPS = ("load", "decode", "generate", "score")
 
 
@@ -26,7 +29,6 @@ def _step(name: str) -> None:
 
 def child() -> int:
     from tools.llm import LlamaRunner
-    from tools.paths import embedded_gguf
 
     _step("load")
     t0 = time.perf_counter()
@@ -100,7 +102,6 @@ def main(argv: list[str] | None = None) -> int:
         print(describe_failure(r.returncode or 1, steps[-1] if steps else None), file=sys.stderr)
         return 1
     res = json.loads(r.stdout.strip().splitlines()[-1])
-    from tools.llamacpp import built_with_amx, system_info
     print(f"llama.cpp smoke check passed in {time.perf_counter() - t0:.1f} s: load {res['load_s']} s, "
           f"{res['prompt_tokens']}-token prompt at {res['pp_tok_s']} tok/s, {res['gen_tokens']} tokens generated at "
           f"{res['tg_tok_s']} tok/s, one option scored (log p {res['loglik_yes']}); AMX in build: "

@@ -12,6 +12,7 @@ Everything here is plain Python + numpy and deterministic: the bootstrap draws i
 from __future__ import annotations
 
 import math
+from statistics import NormalDist
 
 import numpy as np
 
@@ -147,8 +148,6 @@ def mcnemar_items_needed(b: int, c: int, n: int, power: float = 0.8, z: float = 
     """Items a paired test would need to detect the observed difference at 95 % with ``power``
     (Connor 1987's sample size for McNemar's test), from the discordant counts ``b`` (A right, B wrong)
     and ``c`` (A wrong, B right) seen on ``n`` items; None when no difference was observed."""
-    from statistics import NormalDist
-
     if n <= 0 or b == c:
         return None
     p10, p01 = b / n, c / n

@@ -22,6 +22,7 @@ import logging
 import time
 from dataclasses import dataclass
 from functools import partial
+from importlib.metadata import version
 from pathlib import Path
 from typing import Callable
 
@@ -146,7 +147,6 @@ def task_requests(task: ConfigurableTask, limit: int | None) -> list[tuple[dict,
 
 
 def lm_eval_version() -> str:
-    from importlib.metadata import version
     return version("lm_eval")
 
 

@@ -26,6 +26,7 @@ from recipes.recipe import check_keys
 from tools.artifact import Stage, read_artifact
 from tools.errors import UserError
 from tools.io import write_json
+from tools.plotting import pyplot, save_png
 from tools.stages import STAGE
 
 from .trials import TrialEval, bench_figures, bench_metric_names, derive_and_train, final_metrics, stage_info  # noqa: F401
@@ -168,8 +169,6 @@ def grid_combos(grid: dict[str, list]) -> list[dict]:
 
 def plot_sweep(rows: list[dict], out_png: str | Path, x: str = "learning_rate", series: str = "micro_batch_size",
                metric: str = "loss") -> None:
-    from tools.plotting import pyplot, save_png
-
     plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)

@@ -28,6 +28,7 @@ pinned Axolotl, accelerate, transformers, DeepSpeed) is in docs/INTERNALS.md, "H
 from __future__ import annotations
 
 import json
+import os
 import shlex
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -280,7 +281,6 @@ def cpu_threads(preset: Preset, cores: int | None = None) -> int | None:
     if preset.device != "cpu" or preset.world_size == 1:
         return None
     if cores is None:
-        import os
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, cores // preset.procs)
 

@@ -9,8 +9,12 @@ Compared regimes (LoRAG's Table 2): full fine-tuning, LoRA on a full-precision b
 """
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from tools.errors import UserError
+from tools.yamlio import read_yaml
 
 MB = 1024 * 1024
 
@@ -111,11 +115,6 @@ def measure(model_dir: str | Path, regime: str, *, batch: int = 2, seq_len: int 
 
 def stage_model(stage_dir: str | Path | None, model: str | None, lora_r: int | None) -> tuple[str, int, tuple[str, ...]]:
     """(base model folder, LoRA rank, target modules) of a stage folder (Axolotl or seq2seq) or ``--model``."""
-    import json
-
-    from tools.errors import UserError
-    from tools.yamlio import read_yaml
-
     targets: tuple[str, ...] = ("q_proj", "v_proj")
     r = lora_r
     if stage_dir:

@@ -10,6 +10,7 @@ config model (:func:`validate`); what Axolotl refuses is a UserError with Axolot
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 import logging
 import os
@@ -321,7 +322,6 @@ def check_keys(overrides: dict) -> None:
     known = axolotl_fields()
     for k in overrides:
         if k not in known:
-            import difflib
             close = difflib.get_close_matches(k, sorted(known), n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
             raise UserError(f"{k} is not an Axolotl config key{hint}", field="--set")
@@ -342,7 +342,7 @@ class _Collect(logging.Handler):
 
 def capabilities(device: str, world_size: int) -> tuple[dict, dict]:
     """What Axolotl is told about the target machine (an Ampere-class GPU for the GPU presets)."""
-    from importlib.metadata import version
+    from importlib.metadata import version  # lazy: `tools --help` imports this module; this costs ~60 ms
 
     gpu = device == "gpu"
     caps = {"bf16": gpu, "fp8": False, "tf32": gpu, "n_gpu": world_size,

@@ -13,6 +13,7 @@ assistant turn is the target). Sources are cut at ``max_source_length`` tokens (
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from tools.artifact import Artifact, Stage, is_artifact, read_artifact
 from tools.errors import UserError, WorkError
-from tools.io import canonical_json, read_jsonl, sha256_bytes, sha256_file, write_json
+from tools.io import canonical_json, read_jsonl, sha256_bytes, sha256_file, write_json, write_jsonl
 from tools.progress import log, progress
 
 PROMPT = "#### Question:{question}\n#### Answer:"
@@ -258,8 +259,6 @@ def train(stage_dir, dry_run: bool = False) -> Artifact:
 
 
 def _run_training(cfg: dict, base: Path, train_ex: list[dict], val_ex: list[dict], work: Path) -> dict:
-    import logging
-
     import torch
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import (
@@ -373,7 +372,6 @@ def predict(train_dir, dataset_dir, out, *, split: str = "test", max_new_tokens:
                 rows.append({"id": ex["id"], "prediction": tok.decode(ids[0], skip_special_tokens=True).strip(),
                              "reference": ex["target"]})
                 advance()
-        from tools.io import write_jsonl
         write_jsonl(st.path("items.jsonl"), rows)
         st.extra.update({"n": len(rows), "split": split})
     return st.result

@@ -37,6 +37,7 @@ from tools.stages import DATASET_PAIRS, STAGE, STAGE_DPO
 
 from . import hardware as P
 from . import recipe as R
+from . import seq2seq
 
 STAGE_NAMES = {"completion": "stage.completion", "sft": "stage.sft", "dpo": STAGE_DPO}
 
@@ -428,8 +429,6 @@ def _write(r: Resolved, cfg: dict, decided: dict) -> Artifact:
 
 
 def _write_seq2seq(spec: StageSpec) -> Artifact:
-    from . import seq2seq
-
     if spec.kind != "sft":
         raise UserError("seq2seq stages are SFT stages", field="--arch")
     if spec.from_stage:

@@ -45,14 +45,17 @@ with log-history steps 1..8 and the uninterrupted adapter, byte for byte).
 from __future__ import annotations
 
 import ast
+import fcntl
 import json
 import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import time
+import zipfile
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,12 +63,15 @@ from typing import Callable
 
 from tools.artifact import Artifact, Stage, read_artifact
 from tools.errors import UserError, WorkError
-from tools.io import write_json
+from tools.io import sha256_file, write_json
 from tools.progress import log, progress
 from tools.stages import STAGE
+from tools.yamlio import read_yaml
 
 from . import hardware as P
 from . import recipe as R
+from .axolotl_cpu import AXOLOTL_ENV
+from .logs import plot_loss as _plot
 from .selection import KEEP_ALL, check_before_training, run_selection
 
 # wall-clock and memory figures: they differ run to run, so they stay out of log_history.json
@@ -82,8 +88,6 @@ def _stage(stage_dir: str | os.PathLike) -> Artifact:
 
 
 def _load_yaml(path: Path) -> dict:
-    from tools.yamlio import read_yaml
-
     if not path.is_file():
         raise UserError("no axolotl.yaml: not a training stage folder", path=str(path.parent))
     cfg = read_yaml(path, what="stage config", default={})
@@ -116,7 +120,6 @@ def plan(stage_dir: str | os.PathLike, work: str | None = None, resume: str | No
     # processes prepare it first, once, so the ranks only load it.
     commands = [train] if preset.world_size == 1 else [pre, train]
     full = R.env_for_axolotl(seed=cfg.get("seed"), preset=preset)
-    from .axolotl_cpu import AXOLOTL_ENV
     env = {k: full[k] for k in full if k in AXOLOTL_ENV or k.startswith(("MEDILORA_", "ACCELERATE_"))
            or k in ("PYTHONPATH", "OMP_NUM_THREADS")}
     return {"stage_dir": str(stage_dir), "stage": art.stage, "preset": preset.to_dict(), "config": str(cfg_file),
@@ -153,8 +156,6 @@ def _safetensors_problem(f: Path) -> str | None:
 
 def _torch_file_problem(f: Path) -> str | None:
     """torch.save writes a zip whose central directory comes last: a file cut off has none."""
-    import zipfile
-
     try:
         with zipfile.ZipFile(f) as z:
             size = f.stat().st_size
@@ -281,8 +282,6 @@ def _prepared_marker(stage_dir: Path, cfg: dict) -> Path:
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -373,7 +372,6 @@ def plot_loss(hist: list[dict], out_png: Path, title: str, selection: dict | Non
     history holds no train loss."""
     if not any("loss" in h and "step" in h for h in hist):
         return False
-    from recipes.logs import plot_loss as _plot
     _plot(hist, out_png, title, selection)
     return True
 
@@ -438,7 +436,6 @@ def train_stage(stage_dir: str | os.PathLike, dry_run: bool = False, force: bool
     cfg_file = stage_dir / "axolotl.yaml"
     cfg = _load_yaml(cfg_file)
     if "axolotl.yaml" in art.outputs():
-        from tools.io import sha256_file
         want = next(o["sha256"] for o in art.manifest["outputs"] if o["path"] == "axolotl.yaml")
         if sha256_file(cfg_file) != want:
             raise UserError("axolotl.yaml was edited after `tools stage` wrote it: re-stage with --set (or --force)",
@@ -490,8 +487,6 @@ def train_stage(stage_dir: str | os.PathLike, dry_run: bool = False, force: bool
 def _lock(stage_dir: Path):
     """One `tools train` a stage at a time (they would share checkpoints/); then clear the staging
     folders of killed runs (the artifact contract never reads them)."""
-    import fcntl
-
     f = open(stage_dir / ".train.lock", "a+")  # noqa: SIM115 - the lock lives as long as the file object
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -542,7 +537,6 @@ def _train(st: Stage, work: Path, stage_dir: Path, cfg: dict, art: Artifact, pre
     env["MEDILORA_DIE_WITH_PARENT"] = "1"  # killed with `tools train` (recipes/seeding/sitecustomize.py)
     the_plan = plan(stage_dir, str(ckpts), str(last[1]) if last else None, keep_all=select is not None)
     *before, train = the_plan["commands"]
-    from tools.io import sha256_file
     prepared_for = {"stage_fingerprint": art.manifest.get("fingerprint"),
                     "axolotl_yaml": sha256_file(stage_dir / "axolotl.yaml")}
     marker = _prepared_marker(stage_dir, cfg)

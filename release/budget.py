@@ -40,6 +40,7 @@ from tools.artifact import Stage, is_artifact
 from tools.errors import UserError
 from tools.ggufpath import default_threads, resolve_gguf
 from tools.io import write_json
+from tools.plotting import pyplot, save_png
 from tools.progress import log
 
 from .fit import needed_bytes, shape_of
@@ -348,7 +349,7 @@ def search(src: Path, spec: SearchSpec, work: Path, text: Path, probe=None) -> t
 
 
 def _imatrix_file(imatrix) -> Path:
-    from .imatrix import resolve_imatrix
+    from .imatrix import resolve_imatrix  # lazy: `tools --help` imports this module (release.cli)
     return resolve_imatrix(imatrix)[0]
 
 
@@ -421,8 +422,6 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 
 def plot_pareto(rows: list[Row], chosen: Row | None, b: Budget, path: Path) -> None:
-    from tools.plotting import pyplot, save_png
-
     plt = pyplot()
     m = [r for r in rows if r.figures is not None]
     fig, ax = plt.subplots(figsize=(7.2, 4.4), dpi=100)
@@ -475,7 +474,7 @@ def quantize_budget(src: str | os.PathLike, out: str | os.PathLike, spec: Search
     candidates.json / candidates.md (every candidate) and pareto.png. No candidate within the budget:
     UserError naming the best one found (exit 2), nothing written. An acc-drop budget's items are checked
     (test items refused) before anything runs."""
-    from .imatrix import resolve_imatrix
+    from .imatrix import resolve_imatrix  # lazy: `tools --help` imports this module (release.cli)
 
     target = Path(src)
     gpath, info = _check(target, spec)

@@ -10,12 +10,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from recipes.selection import checkpoint_line
-from tools.artifact import Artifact, Lineage, Stage, read_artifact
+from tools.artifact import Artifact, Lineage, Stage, is_artifact, read_artifact
 from tools.errors import UserError
+from tools.paths import embedded_gguf
 from tools.progress import log
 from tools.stages import AUDIT
 
+from .budget import accuracy_line
 from .fit import fit_line
+from .ggufinfo import read_gguf
 
 ACK_CREDENTIALED = "credentialed-training"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -34,13 +37,11 @@ def _hub_from_url(url) -> str | None:
 def _hub_of_gguf(path: Path) -> str | None:
     """The Hub id a GGUF file names (the embedded SmolLM2, or general.base_model.0 / source repo_url)."""
     try:
-        from tools.paths import embedded_gguf
         if path.resolve() == embedded_gguf().resolve():
             return EMBEDDED_HUB_ID
     except UserError:
         pass
     try:
-        from .ggufinfo import read_gguf
         meta = read_gguf(path, tensors=False)["metadata"]
     except (UserError, OSError):
         return None
@@ -54,8 +55,6 @@ def _hub_of_gguf(path: Path) -> str | None:
 def trace_base_model(paths, max_depth: int = 12) -> str | None:
     """The Hub id of the original base model, followed through the manifests (extra.base_model, then
     the artifacts and GGUF files each stage read), never a local path."""
-    from tools.artifact import is_artifact
-
     todo = [(Path(p), 0) for p in paths]
     seen: set[str] = set()
     while todo:
@@ -328,8 +327,6 @@ def _training_notes(trains: list[Artifact]) -> list[str]:
 
 def _fit_lines(e: dict) -> list[str]:
     """A GGUF's budget choice (``tools quantize --budget``) and its laptop fit (``release.fit``)."""
-    from .budget import accuracy_line
-
     L = []
     c = e.get("chosen")
     if c and e.get("budget_text") is not None:

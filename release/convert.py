@@ -6,15 +6,20 @@ the llama-cpp-python source distribution of the *installed* version, which ``mak
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from tools.artifact import Stage, is_artifact
 from tools.errors import UserError, WorkError
 from tools.ggufpath import default_threads
 from tools.progress import log
 
+from .card import trace_base_model
 from .fit import memory_figures
+from .ggufinfo import gguf_filename, read_gguf
 from .llamasrc import llama_cpp_version, run_script
 from .quantgap import _load, _window_logprobs, heldout_text, next_token_gap
 
@@ -49,7 +54,6 @@ def convert_hf_to_gguf(model_dir: str | os.PathLike, outfile: str | os.PathLike,
         args += ["--model-name", model_name]
     meta_file = None
     if metadata:
-        import json
         meta_file = outfile.parent / f".{outfile.name}.metadata.json"
         meta_file.write_text(json.dumps(metadata), encoding="utf-8")
         args += ["--metadata", str(meta_file)]
@@ -73,8 +77,6 @@ TOKENIZER_FILES = ("tokenizer_config.json", "chat_template.jinja", "chat_templat
 
 def hf_chat_template(model_dir: str | os.PathLike) -> str | None:
     """The chat template an HF tokenizer folder carries (chat_template.jinja or tokenizer_config.json)."""
-    import json
-
     d = Path(model_dir)
     jinja = d / "chat_template.jinja"
     if jinja.is_file():
@@ -104,8 +106,6 @@ def hf_chat_template(model_dir: str | os.PathLike) -> str | None:
 
 def _model_inputs(model_dir: Path) -> list[Path]:
     """What a convert depends on: the artifact folder itself, or the files of a plain HF folder."""
-    from tools.artifact import is_artifact
-
     if is_artifact(model_dir):
         return [model_dir]
     return sorted(p for p in model_dir.iterdir() if p.is_file() and not p.name.startswith("."))
@@ -123,8 +123,6 @@ def name_metadata(name: str | None) -> dict:
 
 def default_name(model_dir: Path) -> str | None:
     """'MediLoRA <base model name>' when the lineage leads to a Hub model, else None."""
-    from .card import trace_base_model
-
     hub = trace_base_model([model_dir])
     return f"MediLoRA {hub.split('/', 1)[1]}" if hub else None
 
@@ -137,10 +135,6 @@ def convert_stage(model_dir: str | os.PathLike, out: str | os.PathLike, outtype:
     (see :func:`fidelity_check`; ``Gate(tokens=0)`` skips it). The artifact records the memory the GGUF needs
     at several context sizes (``extra.memory``, release.fit).
     """
-    from tools.artifact import Stage
-
-    from .ggufinfo import gguf_filename, read_gguf
-
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise UserError("model folder not found", path=str(model_dir))
@@ -186,7 +180,6 @@ def convert_stage(model_dir: str | os.PathLike, out: str | os.PathLike, outtype:
 
 
 def _sha(text: str) -> str:
-    import hashlib
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
@@ -254,12 +247,6 @@ def convert_lora_stage(adapter_dir: str | os.PathLike, base_dir: str | os.PathLi
                        outtype: str = "f16", *, name: str | None = None, force: bool = False):
     """PEFT adapter folder (a ``train`` artifact or plain) -> artifact ``out`` (stage ``gguf.lora``)
     holding ``<name>-LoRA-<TYPE>.gguf``; ``base_dir`` is the HF base it was trained on (its config)."""
-    import json
-
-    from tools.artifact import Stage
-
-    from .ggufinfo import read_gguf
-
     adapter_dir, base_dir = Path(adapter_dir), Path(base_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise UserError("not a LoRA adapter folder (no adapter_config.json)", path=str(adapter_dir))

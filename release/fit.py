@@ -11,7 +11,10 @@ counted once) by tests/release/test_fit.py.
 """
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 
 from tools.errors import UserError, WorkError
 
@@ -118,10 +121,6 @@ print(json.dumps({"before": before, "after": rss()}))
 
 def measure_rss(gguf: str | os.PathLike, ctx: int) -> int:
     """Resident bytes a real llama.cpp load (no mmap) + a short decode adds, in a fresh child process."""
-    import json
-    import subprocess
-    import sys
-
     p = subprocess.run([sys.executable, "-c", _RSS_CHILD, str(gguf), str(ctx)], capture_output=True, text=True,
                        timeout=600, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     if p.returncode != 0:

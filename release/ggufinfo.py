@@ -21,7 +21,7 @@ from tools.ggufpath import check_magic, gguf_shards
 @lru_cache(maxsize=1)
 def gguf_module():
     """llama.cpp's vendored ``gguf`` package, imported without disturbing ``sys.modules['gguf']``."""
-    from .llamasrc import llama_cpp_dir
+    from .llamasrc import llama_cpp_dir  # lazy: `tools --help` imports this module; llamasrc pulls tarfile, subprocess
 
     try:
         d = llama_cpp_dir() / "gguf-py"

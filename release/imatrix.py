@@ -31,6 +31,7 @@ from tools.artifact import Stage, is_artifact, read_artifact
 from tools.errors import UserError, WorkError
 from tools.ggufpath import default_threads, resolve_gguf
 from tools.io import read_jsonl
+from tools.llamacpp import load
 from tools.progress import log, progress
 
 from .ggufinfo import gguf_module, read_gguf
@@ -330,8 +331,6 @@ def imatrix_stage(model: str | os.PathLike, corpus: str | os.PathLike, out: str 
     """Artifact ``out`` (stage ``imatrix``): ``imatrix.gguf`` from ``model`` (a GGUF or ``gguf`` artifact)
     run over the text of the ``corpus`` artifact. Lineage (credentialed for MIMIC) comes from the corpus."""
     import llama_cpp
-
-    from tools.llamacpp import load
 
     chunks, ctx, process_output, threads, n_gpu_layers = run.chunks, run.ctx, run.process_output, run.threads, \
         run.n_gpu_layers

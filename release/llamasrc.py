@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from importlib.metadata import version
 from pathlib import Path
 
 from tools.errors import UserError, WorkError
@@ -26,7 +27,6 @@ KEEP = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "conversion/", "gguf
 
 
 def llama_cpp_version() -> str:
-    from importlib.metadata import version
     return version("llama-cpp-python")
 
 

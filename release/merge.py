@@ -14,9 +14,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+from recipes.axolotl_cpu import AXOLOTL_ENV
 from tools.artifact import Stage, is_artifact, read_artifact
 from tools.errors import UserError, WorkError
 from tools.progress import log
+from tools.yamlio import read_yaml
+
+from .convert import hf_chat_template
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt")
@@ -74,8 +78,6 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
 
 def _finish(work: Path, base: Path, adapter: Path, want_dtype: str) -> dict:
     """Tokenizer (the adapter's when it saved one), dtype check, chat template check."""
-    from .convert import hf_chat_template
-
     # the base's tokenizer files first (e.g. the sentencepiece tokenizer.model that transformers 5 no
     # longer writes back), then what the adapter was trained with on top (added tokens, chat template)
     tok_src = adapter if _has_tokenizer(adapter) else base
@@ -147,7 +149,6 @@ def merge_stage_dir(stage_dir: str | os.PathLike, out: str | os.PathLike, *, for
     cfg_file = stage_dir / "axolotl.yaml"
     if not cfg_file.is_file():
         raise UserError("no axolotl.yaml: not a training stage folder", path=str(stage_dir))
-    from tools.yamlio import read_yaml
     cfg = read_yaml(cfg_file, what="stage config", default={})
     if not cfg.get("base_model"):
         raise UserError("no base_model", path=str(cfg_file), field="base_model")
@@ -173,7 +174,6 @@ def merge_stage_dir(stage_dir: str | os.PathLike, out: str | os.PathLike, *, for
     with Stage("merge", out, params, inputs=[output, cfg_file], force=force, log=log) as st:
         if st.skipped:
             return st.result
-        from recipes.axolotl_cpu import AXOLOTL_ENV
 
         env = dict(os.environ)
         env.update(AXOLOTL_ENV)

@@ -8,6 +8,7 @@ window is scored.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
@@ -18,6 +19,9 @@ from tools.artifact import Stage
 from tools.errors import UserError
 from tools.ggufpath import default_threads
 from tools.io import require_file, write_json
+from tools.llamacpp import load
+from tools.paths import bundled_data
+from tools.plotting import pyplot, save_png
 from tools.progress import log, progress
 
 from .ggufinfo import read_gguf
@@ -45,8 +49,6 @@ def _log_softmax(x):
 
 
 def _load(path: Path, ctx: int, threads: int, n_gpu_layers: int | None = None):
-    from tools.llamacpp import load
-
     return load(path, n_gpu_layers=n_gpu_layers, n_ctx=ctx, n_batch=ctx, n_ubatch=ctx, logits_all=True,
                 n_threads=threads, n_threads_batch=threads, seed=0)
 
@@ -204,8 +206,6 @@ def compare_quant(ref: str | os.PathLike, quant: str | os.PathLike, text_file: s
 
 
 def _plot(kl, results: dict, path: Path) -> None:
-    from tools.plotting import pyplot, save_png
-
     plt = pyplot()
     import numpy as np
 
@@ -227,10 +227,6 @@ def _plot(kl, results: dict, path: Path) -> None:
 def heldout_text(n_items: int = 6) -> str:
     """Held-out medical text shipped with the product: the abstracts of the first PubMedQA *test* items
     (never trained on: SFT uses the train split), for the quantization table and the fidelity gate."""
-    import json
-
-    from tools.paths import bundled_data
-
     rows = []
     with open(bundled_data() / "pubmedqa" / "test.jsonl", encoding="utf-8") as f:
         for line in f:

@@ -17,6 +17,7 @@ from pathlib import Path
 from tools.artifact import Stage, is_artifact
 from tools.errors import UserError, WorkError
 from tools.ggufpath import default_threads, resolve_gguf
+from tools.io import write_json
 from tools.progress import log, progress
 
 from .fit import memory_figures
@@ -303,7 +304,7 @@ def quantize_stage(src: str | os.PathLike, qtype: str, out: str | os.PathLike, o
                    force: bool = False):
     """Quantize ``src`` (.gguf or a ``gguf`` artifact) into artifact ``out`` (stage ``gguf``) as ``opts`` says.
     With ``split_max_size`` the file is cut into gguf-split shards (``extra.file`` is then the first)."""
-    from .imatrix import resolve_imatrix
+    from .imatrix import resolve_imatrix  # lazy: `tools --help` imports this module (release.cli)
 
     qname, ftype = resolve_ftype(qtype)
     target = Path(src)
@@ -394,9 +395,7 @@ def quantize_set(src: str | os.PathLike, qtypes: list[str], out: str | os.PathLi
     and ``quant-table.json`` / ``quant-table.md``: size, bits/weight, the real tensor mix, perplexity
     and mean KL against the source on held-out text, top-1 agreement. llama.cpp's quantizer reads
     the source once per type (``llama_model_quantize`` takes a path)."""
-    from tools.io import write_json
-
-    from .imatrix import resolve_imatrix
+    from .imatrix import resolve_imatrix  # lazy: `tools --help` imports this module (release.cli)
 
     names = []
     for q in qtypes:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import json
 import os
 import shutil
 import tempfile
@@ -93,8 +94,6 @@ def is_artifact(path: str | os.PathLike) -> bool:
 
 
 def read_artifact(path: str | os.PathLike, stage: str | tuple[str, ...] | None = None) -> Artifact:
-    import json
-
     p = Path(path)
     if not p.exists():
         raise UserError("artifact folder not found", path=str(p))

@@ -1,6 +1,7 @@
 """Turn a GGUF into a plain HF checkpoint (no Hub): transformers dequantizes it into torch."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -42,8 +43,6 @@ def _repair_byte_level_bpe(work: Path, gguf: Path) -> None:
     as a byte-fallback BPE with a sentencepiece-style decoder and eos = <|im_start|>. llama.cpp's
     converter then takes it for a sentencepiece vocab and writes a GGUF whose tokenizer aborts. Rebuild
     ``tokenizer.json`` with the tokenizers library from the GGUF's own tokens and merges."""
-    import json
-
     from gguf import GGUFReader
 
     r = GGUFReader(str(gguf))

@@ -3,10 +3,14 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import gzip
 import hashlib
 import json
 import os
+import re
 import tempfile
+import zlib
+from json import decoder, scanner
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -76,16 +80,12 @@ CSV_FIELD_LIMIT = 1 << 26   # 64 MiB: csv's default (128 KiB) is smaller than so
 
 
 def _gz_errors() -> tuple:
-    import gzip
-    import zlib
     return (EOFError, gzip.BadGzipFile, zlib.error)
 
 
 def gz_damage_line(path: str | os.PathLike) -> int:
     """The line (of the uncompressed text) where a damaged gzip file stops being readable: all data
     before the damage is decompressed in small steps and its newlines counted."""
-    import zlib
-
     lines = 0
     d = zlib.decompressobj(wbits=31)
     try:
@@ -130,7 +130,6 @@ def gzip_error(path: str | os.PathLike, exc: BaseException) -> UserError:
 def open_binary(path: str | os.PathLike):
     """The file's bytes, decompressed when the name ends in .gz."""
     if str(path).endswith(".gz"):
-        import gzip
         return gzip.open(path, "rb")
     return open(path, "rb")
 
@@ -194,8 +193,6 @@ def json_loads(text: str):
 def _repeat_line(text: str, key: str) -> int | None:
     """The line of the second occurrence of ``key`` in the first object that repeats it (a slow,
     pure-Python parse: only run to report the error)."""
-    from json import decoder, scanner
-
     class Locator(json.JSONDecoder):
         def __init__(self):
             super().__init__()
@@ -218,7 +215,6 @@ def _repeat_line(text: str, key: str) -> int | None:
     except RepeatedKey as e:
         if e.start is None:
             return None
-        import re
         hits = [m.start() for m in re.finditer(re.escape(json.dumps(e.key, ensure_ascii=False)) + r"\s*:", text[e.start:])]
         pos = e.start + (hits[1] if len(hits) > 1 else 0)
         return text.count("\n", 0, pos) + 1

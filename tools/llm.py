@@ -23,6 +23,7 @@ import numpy as np
 
 from tools.errors import UserError, WorkError
 from tools.ggufpath import default_threads, physical_cores, resolve_gguf  # noqa: F401 - physical_cores for bench/
+from tools.llamacpp import load
 
 SENTINEL = "\u2063MEDILORA_USER\u2063"
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
@@ -64,8 +65,6 @@ class LlamaRunner:
     def __init__(self, model: str | os.PathLike, *, n_ctx: int = 4096, n_threads: int | None = None,
                  n_batch: int = 512, seed: int = 0, n_gpu_layers: int | None = None, lora_path=None):
         import llama_cpp
-
-        from tools.llamacpp import load
 
         self.path = resolve_gguf(model, "--model")
         self.lora_path = resolve_gguf(lora_path, "--lora") if lora_path else None

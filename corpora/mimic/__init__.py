@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from corpora.clean import load_section_filter
 from tools.artifact import Lineage, Stage
 from tools.errors import UserError
 from tools.io import require_file
@@ -112,8 +113,6 @@ def build_corpus(out, spec: MimicSpec | None = None, *, force: bool = False, log
 def note_options(*, categories=(), keep_errors: bool = False, sections_file=None, all_sections: bool = False,
                  placeholder: str = "", min_chars: int = 200) -> NoteOptions:
     """The cleaning options of `tools build-corpus mimic` (categories compared stripped and casefolded)."""
-    from corpora.clean import load_section_filter
-
     if sections_file and all_sections:
         raise UserError("--sections-file and --all-sections exclude each other", field="--all-sections")
     return NoteOptions(categories=tuple(sorted({c.strip().casefold() for c in categories})),

@@ -7,13 +7,16 @@ and quotes inside fields are doubled."""
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import os
+import zlib
 from itertools import repeat
 from pathlib import Path
 from typing import Iterator
 
 from tools.errors import UserError
+from tools.io import gzip_error
 
 from .notes import REQUIRED, REQUIRED_IV, WANT, check_version
 
@@ -24,7 +27,6 @@ MAX_HEADER = 1 << 20
 
 def _open_binary(path: Path):
     if path.name.endswith(".gz"):
-        import gzip
         raw = open(path, "rb")
         return gzip.GzipFile(fileobj=raw, mode="rb"), raw
     f = open(path, "rb")
@@ -32,8 +34,6 @@ def _open_binary(path: Path):
 
 
 def _gz_errors() -> tuple:
-    import gzip
-    import zlib
     return (EOFError, gzip.BadGzipFile, zlib.error)
 
 
@@ -43,7 +43,6 @@ def read_csv_header(path: Path, version: str = "auto") -> dict:
         with f:
             first = f.readline(MAX_HEADER + 1)
     except _gz_errors() as e:
-        from tools.io import gzip_error
         raise gzip_error(path, e) from None
     return _parse_header(path, first, version)
 
@@ -111,7 +110,6 @@ def csv_tasks(path: Path, advance=None, block: int = BLOCK, by_range: bool | Non
     try:
         yield from _csv_tasks(path, advance, block, by_range, version)
     except _gz_errors() as e:
-        from tools.io import gzip_error
         raise gzip_error(path, e) from None
 
 

@@ -3,6 +3,7 @@ table and its version (``resolve_db_source``), its snapshot, and its rows stream
 a server-side cursor (``db_tasks``), never the whole table."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -21,7 +22,6 @@ def redact_dsn(dsn: str) -> str:
         d.pop("password", None)
         return make_conninfo(**{k: v for k, v in d.items() if v is not None})
     except Exception:  # noqa: BLE001 - unparsable: hide everything after the user name
-        import re
         return re.sub(r"(password\s*=\s*)\S+", r"\1***", re.sub(r"(://[^:/@]*):[^@]*@", r"\1@", dsn))
 
 

@@ -4,9 +4,11 @@ the kept byte ranges to the output with ``sendfile``. At most ``2 x workers`` ta
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import os
 import shutil
 import tempfile
+import threading
 from collections import Counter, deque
 from itertools import accumulate
 from pathlib import Path
@@ -174,7 +176,6 @@ def build(tasks: Iterator[tuple], out_file: Path, opts: NoteOptions, workers: in
             finally:
                 close_files()
         else:
-            import multiprocessing as mp
             try:  # import once here: forked workers inherit it instead of importing it each
                 import pyarrow.csv  # noqa: F401
             except ImportError:  # pragma: no cover
@@ -183,7 +184,6 @@ def build(tasks: Iterator[tuple], out_file: Path, opts: NoteOptions, workers: in
             spool = spool_dir(out_file.parent)
             pool = ctx.Pool(workers, initializer=_init_worker, initargs=(opts, spool))
             if meanwhile is not None:  # after the fork: no thread is mid-import when workers start
-                import threading
                 threading.Thread(target=meanwhile, daemon=True).start()
             pending: deque = deque()
             try:

@@ -7,15 +7,17 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from evals.items import load_items, system_prompt, user_message
+from tools.errors import UserError
+from tools.io import require_file
+from tools.paths import bundled_data
+
 SUBJECTS = ("anatomy", "clinical_knowledge", "college_biology", "college_medicine", "high_school_biology",
             "medical_genetics", "nutrition", "professional_medicine", "virology")
 
 
 def mmlu_csv(path: Path, subject: str) -> list[dict]:
     """Rows of an MMLU CSV (no header: question, A, B, C, D, answer letter); bad rows name file:line."""
-    from tools.errors import UserError
-    from tools.io import require_file
-
     require_file(path, "MMLU CSV")
     docs = []
     with open(path, encoding="utf-8", newline="") as f:
@@ -43,8 +45,6 @@ def mmlu_csv(path: Path, subject: str) -> list[dict]:
 def load_mmlu(subject: str, data_dir: str | None = None, **_):
     import datasets
 
-    from tools.paths import bundled_data
-
     root = Path(data_dir) if data_dir else bundled_data() / "mmlu_medical"
     return datasets.DatasetDict({
         split: datasets.Dataset.from_list(mmlu_csv(root / split / f"{subject}_{split}.csv", subject))
@@ -56,7 +56,6 @@ def load_pubmedqa(data: str | None = None, split: str = "test", **_):
     import datasets
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-    from evals.items import load_items, system_prompt, user_message
     from tools.llm import CHATML
 
     items, _path = load_items("pubmedqa", data, split)
