@@ -141,3 +141,16 @@ def cut_off_checkpoint(stage: Path, drop: str, world: int = 1) -> tuple[int, str
         f.unlink()
     assert checkpoint_problem(bad, world) is not None
     return k, bad.name
+
+
+def shared_tiny_f16(tmp_path_factory, tiny_llama):
+    """The ``tiny_llama`` fixture as an f16 GGUF artifact (stage ``gguf``, no fidelity gate), converted once per
+    run under a file lock and shared by every module and xdist worker: read it, never write into its folder."""
+    from release.convert import Gate, convert_stage
+    from tests.conftest import once_per_run
+
+    def build(d):
+        convert_stage(tiny_llama, d / "gguf", "f16", gate=Gate(tokens=0))
+
+    folder = once_per_run(tmp_path_factory, "tiny-llama-f16-gguf", build)
+    return convert_stage(tiny_llama, folder / "gguf", "f16", gate=Gate(tokens=0))  # up to date: the artifact

@@ -3,29 +3,37 @@ nothing written when none is, and the chosen file's KL recomputed here with plai
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-TYPES = ["--types", "Q4_0,Q8_0", "--min-tokens", "511"]  # one window of 512 tokens: seconds
+# Q4_0, Q8_0 and the mixes around Q8_0 (6 candidates), one window of 512 tokens: seconds
+TYPES = ["--types", "Q4_0,Q8_0", "--mix-bases", "Q8_0", "--min-tokens", "511"]
 
 
 @pytest.fixture(scope="module")
 def f16(tiny_llama, tmp_path_factory):
-    from release.convert import Gate, convert_stage
+    """The tiny Llama's f16 GGUF, converted once per run for every module that asks (tests.helpers)."""
+    from tests.helpers import shared_tiny_f16
 
-    a = convert_stage(tiny_llama, tmp_path_factory.mktemp("budget") / "f16", "f16", gate=Gate(tokens=0))
+    a = shared_tiny_f16(tmp_path_factory, tiny_llama)
     return a.path / a.extra["file"]
 
 
 @pytest.fixture(scope="module")
-def everything(f16, tmp_path_factory):
-    """Every candidate around Q4_0 and Q8_0 measured (a loose budget, --measure-all)."""
+def everything_run(f16, tmp_path_factory):
+    """Q4_0, Q8_0 and every mix around Q8_0 measured (a loose budget, --measure-all): the artifact and its table."""
     from tests.helpers import run_tools
 
     out = tmp_path_factory.mktemp("all") / "all"
     p = run_tools("quantize", f16, "--budget", "kl=10", "--measure-all", *TYPES, "--out", out, "--json", check=True)
-    return json.loads(p.stdout)["results"]["candidates"]
+    return out, json.loads(p.stdout)["results"]["candidates"]
+
+
+@pytest.fixture(scope="module")
+def everything(everything_run):
+    return everything_run[1]
 
 
 def one_line_error(p) -> str:
@@ -64,16 +72,16 @@ def test_a_budget_only_q8_0_meets_picks_q8_0(everything, f16, tools_cli, tmp_pat
 
 
 @pytest.mark.native
-def test_chosen_files_kl_recomputed_with_numpy_equals_the_table(everything, f16, tools_cli, tmp_path):
-    """Plain llama-cpp-python logits and numpy, on the windows the search says it scored (512 tokens each)."""
+def test_chosen_files_kl_recomputed_with_numpy_equals_the_table(everything_run, f16):
+    """Plain llama-cpp-python logits and numpy, on the windows the search says it scored (512 tokens each);
+    the file the search chose (within kl=10) and its row in the table the search wrote."""
     import llama_cpp
 
     from release.ggufinfo import read_gguf
     from tools.ggufpath import resolve_gguf
 
     add_bos = bool(read_gguf(f16, tensors=False)["metadata"].get("tokenizer.ggml.add_bos_token", True))
-    tools_cli("quantize", f16, "--budget", "kl=10", *TYPES, "--out", tmp_path / "c", check=True)
-    art = tmp_path / "c"
+    art, _ = everything_run
     table = json.loads((art / "candidates.json").read_text())
     row = next(r for r in table["candidates"] if r["recipe"] == table["chosen"])
     text = (art / "heldout.txt").read_text(encoding="utf-8").encode("utf-8")
@@ -166,16 +174,18 @@ ACC = ["--types", "Q4_0,Q8_0", "--mix-bases", "Q8_0", "--min-tokens", "511", "--
 
 
 @pytest.fixture(scope="module")
-def sharp_f16(tmp_path_factory):
-    """A tiny Llama whose answers depend on the item: every weight matrix of the random model x8 (at the
-    usual init a random Llama gives every item the same answer, so quantizing it changes none)."""
+def sharp_f16(tiny_llama, tmp_path_factory):
+    """A tiny Llama whose answers depend on the item: every weight matrix of the random model (a copy of the
+    session's ``tiny_llama``) x8 (at the usual init a random Llama gives every item the same answer, so
+    quantizing it changes none)."""
+    import shutil
+
     from safetensors.torch import load_file, save_file
 
     from release.convert import Gate, convert_stage
-    from tools.tinymodel import build_tiny_llama
 
     d = tmp_path_factory.mktemp("sharp")
-    m = build_tiny_llama(d / "model")
+    m = Path(shutil.copytree(tiny_llama, d / "model"))
     sd = load_file(m / "model.safetensors")
     save_file({k: v * 8 if v.dim() == 2 else v for k, v in sd.items()}, m / "model.safetensors", metadata={"format": "pt"})
     a = convert_stage(m, d / "f16", "f16", gate=Gate(tokens=0))

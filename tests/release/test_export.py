@@ -25,10 +25,19 @@ def llama_cpp_rendering(template: str, messages: list[dict]) -> str:
                                add_generation_prompt=True)(messages=messages).prompt
 
 
-def test_ollama_modelfile_renders_like_llama_cpp(tools_cli, smollm2_gguf, tmp_path):
+@pytest.fixture(scope="module")
+def tiny_f16(tiny_llama, tmp_path_factory):
+    """The tiny Llama's f16 GGUF artifact, converted once per run for every module that asks (tests.helpers)."""
+    from tests.helpers import shared_tiny_f16
+
+    return shared_tiny_f16(tmp_path_factory, tiny_llama)
+
+
+def test_ollama_modelfile_renders_like_llama_cpp(tools_cli, smollm2_gguf, tiny_f16, tmp_path):
+    import llama_cpp
+
     from corpora.sft import system_prompt
     from release.export import parse_modelfile, render_go
-    from release.ggufinfo import read_gguf
     from tools.llm import SAMPLING_DEFAULTS
 
     out = tmp_path / "ollama"
@@ -45,7 +54,9 @@ def test_ollama_modelfile_renders_like_llama_cpp(tools_cli, smollm2_gguf, tmp_pa
     assert "<|im_start|>" in mf["TEMPLATE"] and "{{ $m.Content }}" in mf["TEMPLATE"]
     assert "ollama create" in (out / "README.md").read_text()
 
-    jinja = read_gguf(smollm2_gguf, tensors=False)["chat_template"]
+    llm = llama_cpp.Llama(model_path=str(smollm2_gguf), vocab_only=True, verbose=False)  # the template as
+    jinja = llm.metadata["tokenizer.chat_template"]  # llama.cpp reads it (the Python reader takes seconds)
+    llm.close()
     for conv in CONVERSATIONS:
         # Ollama prepends the Modelfile's SYSTEM when the request has no system message
         full = conv if conv[0]["role"] == "system" else [{"role": "system", "content": mf["SYSTEM"]}] + conv
@@ -53,16 +64,22 @@ def test_ollama_modelfile_renders_like_llama_cpp(tools_cli, smollm2_gguf, tmp_pa
         # without any system prompt, SmolLM2's template inserts its own default system turn
         assert render_go(mf["TEMPLATE"], conv) == llama_cpp_rendering(jinja, conv)
 
-    # --system replaces the MediLoRA prompt; an artifact folder is accepted where a file is asked
-    p = tools_cli("export", "ollama", out, "--out", tmp_path / "o2", "--system", "Be terse.", "--json", check=True)
+    # --system replaces the MediLoRA prompt; an artifact folder is accepted where a file is asked (the tiny
+    # Llama's f16 artifact, also a ChatML model: the same stop strings, read from its small vocabulary)
+    p = tools_cli("export", "ollama", tiny_f16.path, "--out", tmp_path / "o2", "--system", "Be terse.", "--json",
+                  check=True)
     assert json.loads(p.stdout)["manifest"]["extra"]["stop"] == ["<|im_end|>", "<|im_start|>"]
-    assert parse_modelfile((tmp_path / "o2" / "Modelfile").read_text())["SYSTEM"] == "Be terse."
+    mf2 = parse_modelfile((tmp_path / "o2" / "Modelfile").read_text())
+    assert mf2["SYSTEM"] == "Be terse." and mf2["FROM"] == f"./{tiny_f16.extra['file']}"
 
 
-def test_lmstudio_layout(tools_cli, smollm2_gguf, tmp_path):
-    tools_cli("export", "lmstudio", smollm2_gguf, "--out", tmp_path / "lms", "--publisher", "medilora", check=True)
+def test_lmstudio_layout(tools_cli, tiny_f16, tmp_path):
+    """PUBLISHER/<file name less its type>-GGUF/<file> (the tiny Llama's f16: the layout is the model's name's)."""
+    gguf = tiny_f16.path / tiny_f16.extra["file"]
+    assert gguf.name.endswith("-F16.gguf")
+    tools_cli("export", "lmstudio", gguf, "--out", tmp_path / "lms", "--publisher", "medilora", check=True)
     files = sorted(p.relative_to(tmp_path / "lms").as_posix() for p in (tmp_path / "lms").rglob("*.gguf"))
-    assert files == [f"medilora/SmolLM2-135M-Instruct-GGUF/{smollm2_gguf.name}"]
+    assert files == [f"medilora/{gguf.name[:-len('-F16.gguf')]}-GGUF/{gguf.name}"]
 
 
 def test_go_template_subset_and_refusals():

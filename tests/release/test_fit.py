@@ -50,14 +50,23 @@ def test_memory_figures_and_largest_context(smol_info):
     assert largest_context(info, 50_000_000) == 0  # the weights alone do not fit
 
 
-def test_export_ollama_ram_sets_num_ctx(tools_cli, smollm2_gguf, smol_info, tmp_path):
+def test_export_ollama_ram_sets_num_ctx(tools_cli, tiny_llama, tmp_path_factory, tmp_path):
+    """On the tiny Llama's f16 (a 435 kB file with a 1k-token vocabulary, trained context 2048: the rule does not
+    depend on the model, and that GGUF reads in a fraction of a second, SmolLM2's in seconds): --ram room for
+    1,024 tokens and a little more sets num_ctx 1024; too little for the weights is refused, nothing written."""
     from release.export import export_ollama
+    from tests.helpers import shared_tiny_f16
 
-    p = tools_cli("export", "ollama", smollm2_gguf, "--ram", "0.2G", "--out", tmp_path / "o", "--json", check=True)
+    tiny = shared_tiny_f16(tmp_path_factory, tiny_llama)
+    gguf = tiny.path / tiny.extra["file"]
+    info = read_gguf(gguf)
+    ram = needed_bytes(shape_of(info), 1024) + 1000
+    p = tools_cli("export", "ollama", gguf, "--ram", str(ram), "--out", tmp_path / "o", "--json", check=True)
     params = json.loads(p.stdout)["manifest"]["extra"]["params"]
-    want = largest_context(smol_info, 200_000_000)
-    assert params["num_ctx"] == want
+    want = largest_context(info, ram)
+    assert want == 1024 and params["num_ctx"] == want
     assert f"PARAMETER num_ctx {want}\n" in (tmp_path / "o" / "Modelfile").read_text()
-    with pytest.raises(UserError, match="does not fit in 50M"):
-        export_ollama(smollm2_gguf, tmp_path / "none", ram="50M")
+    assert largest_context(info, 200_000) == 0  # the weights alone do not fit
+    with pytest.raises(UserError, match="does not fit in 200K"):
+        export_ollama(gguf, tmp_path / "none", ram="200K")
     assert not (tmp_path / "none").exists()

@@ -47,9 +47,10 @@ def read_imatrix_gguf(path):
 
 @pytest.fixture(scope="module")
 def tiny_f16(tiny_llama, tmp_path_factory):
-    from release.convert import Gate, convert_stage
+    """The tiny Llama's f16 GGUF, converted once per run for every module that asks (tests.helpers)."""
+    from tests.helpers import shared_tiny_f16
 
-    return convert_stage(tiny_llama, tmp_path_factory.mktemp("imx-tiny") / "gguf", "f16", gate=Gate(tokens=0))
+    return shared_tiny_f16(tmp_path_factory, tiny_llama)
 
 
 @pytest.mark.native
@@ -116,37 +117,59 @@ def test_imatrix_sums_are_the_squared_inputs_of_every_weight(tiny_f16, tmp_path)
     np.testing.assert_allclose(im["blk.0.attn_q.weight"], expect / 64, rtol=2e-3)
 
 
-def test_imatrix_cli_iq3_xxs_lineage_and_push(tools_cli, smollm2_gguf, tmp_path):
-    """On the embedded SmolLM2: tools imatrix writes an entry for every blk weight; IQ3_XXS is refused without
-    an imatrix and made with it (the artifact or the file); the credentialed imatrix and the model quantized
-    with it inherit the corpus lineage, and push refuses them."""
+@pytest.fixture(scope="module")
+def wide_f16(tiny_llama, tmp_path_factory):
+    """The tiny Llama's tokenizer on a random Llama twice as wide (hidden 128, FFN 256), as an f16 GGUF: its
+    ffn_down rows are 256 long, IQ3_XXS's block size, so that type really applies to them (at hidden 64 no
+    row is long enough for any IQ type and llama.cpp would silently substitute every tensor)."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from release.convert import Gate, convert_stage
+
+    d = tmp_path_factory.mktemp("wide")
+    shutil.copytree(tiny_llama, d / "model")
+    cfg = AutoConfig.from_pretrained(d / "model")
+    cfg.hidden_size, cfg.intermediate_size, cfg.head_dim = 128, 256, 32
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(d / "model")
+    a = convert_stage(d / "model", d / "f16", "f16", gate=Gate(tokens=0))
+    return a.path / a.extra["file"]
+
+
+def test_imatrix_cli_iq3_xxs_lineage_and_push(tools_cli, wide_f16, tmp_path):
+    """On a tiny Llama whose ffn_down rows fit IQ3_XXS: tools imatrix writes an entry for every blk weight;
+    IQ3_XXS is refused without an imatrix and made with it (the artifact or the file); the credentialed
+    imatrix and the model quantized with it inherit the corpus lineage, and push refuses them."""
     from release.ggufinfo import read_gguf
 
     corpus = write_corpus(tmp_path / "corpus", credentialed=True)
     imx = tmp_path / "imx"
-    p = tools_cli("imatrix", smollm2_gguf, "--corpus", corpus, "--chunks", "2", "--ctx", "64", "--threads", "1",
+    p = tools_cli("imatrix", wide_f16, "--corpus", corpus, "--chunks", "2", "--ctx", "64", "--threads", "1",
                   "--out", imx, "--json", check=True)
     res = json.loads(p.stdout)["manifest"]["extra"]
-    assert res["entries"] == 30 * 7 and res["tokens"] == 128
+    assert res["entries"] == 2 * 7 and res["tokens"] == 128
     _, tensors = read_imatrix_gguf(imx / "imatrix.gguf")
-    weights = [t["name"] for t in read_gguf(smollm2_gguf)["tensors"]
+    weights = [t["name"] for t in read_gguf(wide_f16)["tensors"]
                if t["name"].startswith("blk.") and len(t["shape"]) == 2]
-    assert len(weights) == 210 and all(f"{w}.in_sum2" in tensors for w in weights)
+    assert len(weights) == 14 and all(f"{w}.in_sum2" in tensors for w in weights)
     assert all(float(tensors[f"{w}.counts"][0, 0]) == 128.0 for w in weights)
     assert all((tensors[f"{w}.in_sum2"] > 0).all() for w in weights)
 
-    p = tools_cli("quantize", smollm2_gguf, "--q", "IQ3_XXS", "--allow-requantize", "--out", tmp_path / "noimx")
+    p = tools_cli("quantize", wide_f16, "--q", "IQ3_XXS", "--out", tmp_path / "noimx")
     lines = [ln for ln in p.stderr.strip().splitlines() if ln.strip()]
     assert p.returncode == 2 and len(lines) == 1, (p.returncode, p.stderr)
     assert "IQ3_XXS needs an importance matrix" in lines[0] and "tools imatrix" in lines[0]
     assert not (tmp_path / "noimx").exists()
 
     q = tmp_path / "iq3"
-    p = tools_cli("quantize", smollm2_gguf, "--q", "IQ3_XXS", "--allow-requantize", "--imatrix", imx / "imatrix.gguf",
+    p = tools_cli("quantize", wide_f16, "--q", "IQ3_XXS", "--imatrix", imx / "imatrix.gguf",
                   "--threads", "2", "--out", q, "--json", check=True)
     e = json.loads(p.stdout)["manifest"]["extra"]
     assert e["imatrix"] is True and e["file_type"] == "IQ3_XXS"
-    assert e["tensor_types"]["IQ3_XXS"]["tensors"] == 30  # ffn_down: the rows that are multiples of 256
+    assert e["tensor_types"]["IQ3_XXS"]["tensors"] == 2  # ffn_down: the rows that are multiples of 256
     man = json.loads((q / "manifest.json").read_text())
     assert man["lineage"]["credentialed"] is True  # the file inside the artifact carried its lineage
     assert any(i["kind"] == "artifact" and i["stage"] == "imatrix" for i in man["inputs"])

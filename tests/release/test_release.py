@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import make_adapter
+from tests.helpers import make_adapter, shared_tiny_f16
 from tools.errors import UserError
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -50,9 +50,8 @@ def generate(gguf: Path, prompt: str, n: int = 12, chat: bool = False) -> str:
 
 @pytest.fixture(scope="module")
 def tiny_f16(tiny_llama, tmp_path_factory):
-    from release.convert import convert_stage
-
-    return convert_stage(tiny_llama, tmp_path_factory.mktemp("tinyf16") / "gguf", "f16")
+    """The tiny Llama's f16 GGUF, converted once per run for every module that asks (tests.helpers)."""
+    return shared_tiny_f16(tmp_path_factory, tiny_llama)
 
 
 # -- names and types (fast) ------------------------------------------------------------------------
@@ -180,10 +179,11 @@ def test_tiny_llama_lora_merge_convert_quantize_generate(tools_cli, tiny_llama, 
     text, n = generate(gguf, "The patient", n=8)
     assert n > 0
 
-    # same input + type -> byte-identical output
-    again = tools_cli("quantize", tmp_path / "f16", "--q", "Q3_K_L", "--out", tmp_path / "q3b", "--json", check=True)
-    d = json.loads(again.stdout)
-    assert (Path(d["path"]) / d["manifest"]["extra"]["file"]).read_bytes() == gguf.read_bytes()
+    # same input + type -> byte-identical output (the library call the verb makes, in this process)
+    from release.quantize import quantize_stage
+
+    again = quantize_stage(tmp_path / "f16", "Q3_K_L", tmp_path / "q3b")
+    assert (again.path / again.extra["file"]).read_bytes() == gguf.read_bytes()
     # up to date: a second run does nothing
     p = tools_cli("quantize", tmp_path / "f16", "--q", "Q3_K_L", "--out", tmp_path / "q3")
     assert p.returncode == 0 and "up to date" in p.stderr
@@ -259,92 +259,105 @@ def smol_ggufs(smollm2_hf, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.native
-def test_smollm2_f16_to_q3_k_l(smol_ggufs, smollm2_hf, tools_cli):
+def test_smollm2_f16_to_q3_k_l(smol_ggufs, smollm2_hf):
+    """The file type, template and tensor mix as the quantize stage read them back from the file, the template
+    and tokenizer as llama.cpp itself reads them (no second pass of the Python GGUF reader over 49k tokens)."""
+    import llama_cpp
+
     from release.convert import hf_chat_template
+    from tools.paths import embedded_gguf
 
     f16, q3 = smol_ggufs
     gguf = q3.path / q3.extra["file"]
-    info = json.loads(tools_cli("inspect", gguf, "--json", check=True).stdout)["results"]
+    info = q3.extra
     assert info["file_type"] == "Q3_K_L" and info["architecture"] == "llama"
-    assert info["chat_template"] == hf_chat_template(smollm2_hf) and "<|im_start|>" in info["chat_template"]
     # hidden 576 is not a multiple of 256: measured mix, no Q3_K at all, ~5.7 bits per weight
     assert "Q3_K" not in info["tensor_types"]
     assert 5.0 < info["bits_per_weight"] < 6.5
     assert q3.extra["mostly_applied"] is False
     assert gguf.stat().st_size < 0.5 * (f16.path / f16.extra["file"]).stat().st_size
     # the tokenizer survived HF -> GGUF: same tokens as the GGUF SmolLM2 ships as
-    import llama_cpp
-
-    from tools.paths import embedded_gguf
-
     sample = "What is the capital of France? 1234 patients <|im_end|> naïve".encode()
-    toks = []
+    toks, meta = [], []
     for f in (gguf, embedded_gguf()):
         llm = llama_cpp.Llama(model_path=str(f), n_ctx=64, vocab_only=True, verbose=False)
         toks.append(llm.tokenize(sample, add_bos=False, special=True))
+        meta.append(dict(llm.metadata))
         llm.close()
     assert toks[0] == toks[1]
-    assert info["metadata"]["tokenizer.ggml.pre"] == "smollm" and info["metadata"]["tokenizer.ggml.eos_token_id"] == 2
+    assert meta[0]["general.file_type"] == str(int(llama_cpp.LLAMA_FTYPE_MOSTLY_Q3_K_L))
+    assert meta[0]["tokenizer.chat_template"] == hf_chat_template(smollm2_hf)
+    assert "<|im_start|>" in meta[0]["tokenizer.chat_template"]
+    assert meta[0]["tokenizer.ggml.pre"] == "smollm" and meta[0]["tokenizer.ggml.eos_token_id"] == "2"
     answer = generate(gguf, "What is the capital of France? Answer in one word.", n=16, chat=True)
     assert "paris" in answer.lower(), answer
 
 
-@pytest.mark.slow
-def test_compare_quant_gap(smol_ggufs, tools_cli, tmp_path):
+@pytest.fixture(scope="module")
+def smol_gap(smol_ggufs, tmp_path_factory):
+    """`tools compare-quant` of the SmolLM2 f16 against its Q3_K_L on three PubMedQA contexts: windows of 64
+    tokens, the first 128 tokens (the text file, the artifact folder and its results)."""
+    from tests.helpers import run_tools
     from tools.paths import bundled_data
 
     f16, q3 = smol_ggufs
+    d = tmp_path_factory.mktemp("smolgap")
     rows = [json.loads(ln) for ln in (bundled_data() / "pubmedqa" / "dev.jsonl").read_text().splitlines()[:3]]
-    text = tmp_path / "text.txt"
+    text = d / "text.txt"
     text.write_text("\n\n".join(" ".join(r["CONTEXTS"]) for r in rows))
     ref, quant = f16.path / f16.extra["file"], q3.path / q3.extra["file"]
-    p = tools_cli("compare-quant", "--ref", ref, "--quant", quant, "--text", text, "--out", tmp_path / "gap",
+    p = run_tools("compare-quant", "--ref", ref, "--quant", quant, "--text", text, "--out", d / "gap",
                   "--ctx", "64", "--max-tokens", "128", "--json", check=True)
-    r = json.loads(p.stdout)["results"]
+    return text, d / "gap", json.loads(p.stdout)["results"]
+
+
+@pytest.mark.slow
+def test_compare_quant_gap(smol_gap, tiny_f16, tools_cli, tmp_path):
+    text, gap, r = smol_gap
     assert r["tokens_scored"] == 126 and r["windows"] == 2  # two windows of 64 tokens, 63 predictions each
     assert 1.0 < r["ref"]["perplexity"] < 200 and 1.0 < r["quant"]["perplexity"] < 400
     assert 0.0 < r["mean_kl"] < 2.0 and 0.3 < r["top1_agreement"] <= 1.0
-    assert (tmp_path / "gap" / "kl.png").stat().st_size > 1000
-    # the reference against itself: no gap at all
+    assert (gap / "kl.png").stat().st_size > 1000
+    # a reference against itself (the tiny Llama's f16: the property is the model's own): no gap at all
+    ref = tiny_f16.path / tiny_f16.extra["file"]
     p = tools_cli("compare-quant", "--ref", ref, "--quant", ref, "--text", text, "--out", tmp_path / "self",
                   "--ctx", "64", "--max-tokens", "64", "--json", check=True)
     s = json.loads(p.stdout)["results"]
+    assert s["tokens_scored"] == 63
     assert s["mean_kl"] < 1e-6 and s["top1_agreement"] == 1.0
     assert s["ref"]["perplexity"] == s["quant"]["perplexity"]
 
 
 @pytest.mark.native
-def test_compare_quant_kl_is_kl_of_ref_against_quant(smol_ggufs, tmp_path):
-    """The reported mean KL is KL(ref || quant), recomputed here by plain numpy on the same tokens
+def test_compare_quant_kl_is_kl_of_ref_against_quant(smol_ggufs, smol_gap):
+    """The reported mean KL is KL(ref || quant), recomputed here by plain numpy on the same tokens and windows
     (and it is not the reverse direction, which differs on these models)."""
     import numpy as np
 
-    from release.ggufinfo import read_gguf
-    from release.quantgap import Scoring, compare_quant
     from tools.llamacpp import load
-    from tools.paths import bundled_data
 
     f16, q3 = smol_ggufs
+    text, gap, reported = smol_gap
     ref, quant = f16.path / f16.extra["file"], q3.path / q3.extra["file"]
-    row = json.loads((bundled_data() / "pubmedqa" / "dev.jsonl").read_text().splitlines()[0])
-    text = tmp_path / "text.txt"
-    text.write_text(" ".join(row["CONTEXTS"]))
-    art = compare_quant(ref, quant, text, tmp_path / "gap", Scoring(ctx=48, max_tokens=48, threads=1))
-    reported = json.loads((art.path / "results.json").read_text())
+    assert json.loads((gap / "results.json").read_text())["mean_kl"] == reported["mean_kl"]
 
-    add_bos = bool(read_gguf(ref, tensors=False)["metadata"].get("tokenizer.ggml.add_bos_token", True))
     logp = []
     for f in (ref, quant):
-        llm = load(f, n_ctx=48, n_batch=48, n_ubatch=48, logits_all=True, n_threads=1)
-        toks = llm.tokenize(text.read_text().encode("utf-8"), add_bos=add_bos, special=False)[:48]
-        llm.eval(toks)
-        x = np.array(llm.scores[: len(toks)], dtype=np.float64)
-        logp.append(x - x.max(-1, keepdims=True) - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True)))
+        llm = load(f, n_ctx=64, n_batch=64, n_ubatch=64, logits_all=True, n_threads=1)
+        add_bos = llm.metadata.get("tokenizer.ggml.add_bos_token", "true") == "true"  # as compare-quant reads it
+        toks = llm.tokenize(text.read_text().encode("utf-8"), add_bos=add_bos, special=False)[:128]
+        per = []
+        for i in range(0, len(toks), 64):  # each window on its own, as compare-quant scores them
+            llm.reset()
+            llm.eval(toks[i:i + 64])
+            x = np.array(llm.scores[: len(toks[i:i + 64])], dtype=np.float64)[:-1]
+            per.append(x - x.max(-1, keepdims=True) - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True)))
+        logp.append(np.concatenate(per))
         llm.close()
-    p, q = logp[0][:-1], logp[1][:-1]
+    p, q = logp
     forward = float((np.exp(p) * (p - q)).sum(-1).clip(min=0).mean())
     backward = float((np.exp(q) * (q - p)).sum(-1).clip(min=0).mean())
-    assert reported["tokens_scored"] == len(p)
+    assert reported["tokens_scored"] == len(p) == 126
     assert reported["mean_kl"] == pytest.approx(forward, rel=1e-3, abs=1e-6)
     assert abs(forward - backward) > 10 * max(1e-6, 1e-3 * forward)  # the two directions are distinguishable
 

@@ -193,15 +193,15 @@ def test_card_traces_base_model_to_the_hub_id(tmp_path, smollm2_gguf):
 
 
 @pytest.mark.native
-def test_lora_gguf_answers_like_the_merged_gguf(tiny_llama, tmp_path):
+def test_lora_gguf_answers_like_the_merged_gguf(tiny_llama, tmp_path_factory, tmp_path):
     from evals.bench import run_bench
     from release.convert import Gate, convert_lora_stage, convert_stage
     from release.merge import merge_peft
-    from tests.helpers import make_adapter
+    from tests.helpers import make_adapter, shared_tiny_f16
 
     adapter = make_adapter(tiny_llama, tmp_path / "adapter")
     merged = merge_peft(tiny_llama, adapter, tmp_path / "merged").path
-    base_g = convert_stage(tiny_llama, tmp_path / "base-f16", "f16", gate=Gate(tokens=0))
+    base_g = shared_tiny_f16(tmp_path_factory, tiny_llama)  # the base's f16, converted once per run
     merged_g = convert_stage(merged, tmp_path / "merged-f16", "f16", gate=Gate(tokens=0))
     lora = convert_lora_stage(adapter, tiny_llama, tmp_path / "lora", "f16", name="MediLoRA Tiny Adapter")
     assert lora.manifest["stage"] == "gguf.lora" and lora.extra["file"] == "MediLoRA-Tiny-Adapter-LoRA-F16.gguf"

@@ -6,17 +6,25 @@ import json
 
 import pytest
 
-from tests.helpers import make_corpus, run_tools
+from tests.helpers import make_corpus, run_tools, shared_tiny_f16
 from tools.errors import UserError
 from tools.ggufpath import default_threads, gguf_shards, physical_cores, resolve_gguf
 
 
 @pytest.fixture(scope="module")
-def split_q(tmp_path_factory, smollm2_gguf):
-    """The embedded SmolLM2 re-quantized to Q4_0 and cut into shards of at most 30 MB of tensor data."""
+def tiny_gguf(tiny_llama, tmp_path_factory):
+    """The tiny Llama's f16 GGUF (converted once per run for every module that asks, tests.helpers): the
+    resolver's rules do not depend on the model, and its small vocabulary reads in milliseconds."""
+    a = shared_tiny_f16(tmp_path_factory, tiny_llama)
+    return a.path / a.extra["file"]
+
+
+@pytest.fixture(scope="module")
+def split_q(tmp_path_factory, tiny_gguf):
+    """The tiny Llama quantized to Q4_0 and cut into shards of at most 50 kB of tensor data."""
     out = tmp_path_factory.mktemp("split") / "q4_0"
-    run_tools("quantize", smollm2_gguf, "--q", "Q4_0", "--allow-requantize", "--split-max-size", "30M",
-              "--threads", "2", "--out", out, check=True)
+    run_tools("quantize", tiny_gguf, "--q", "Q4_0", "--split-max-size", "50K", "--threads", "2", "--out", out,
+              check=True)
     return out
 
 
@@ -35,9 +43,10 @@ def test_resolver_takes_the_first_shard_and_refuses_an_incomplete_set(split_q, t
         resolve_gguf(part / shards[0].name)
 
 
-def test_split_gguf_through_every_gguf_verb(split_q, smollm2_gguf, tmp_path):
+def test_split_gguf_through_every_gguf_verb(split_q, tiny_gguf, tmp_path):
     shards = sorted(split_q.glob("*.gguf"))
-    whole = json.loads(run_tools("inspect", smollm2_gguf, "--json", check=True).stdout)["results"]
+    assert len(shards) >= 3
+    whole = json.loads(run_tools("inspect", tiny_gguf, "--json", check=True).stdout)["results"]
     info = json.loads(run_tools("inspect", split_q, "--json", check=True).stdout)["results"]
     # the whole model, not its first shard: every tensor, every byte
     assert info["tensor_count"] == whole["tensor_count"] and info["parameters"] == whole["parameters"]
@@ -60,7 +69,7 @@ def test_split_gguf_through_every_gguf_verb(split_q, smollm2_gguf, tmp_path):
     corpus = make_corpus(tmp_path / "corpus", n=4)
     p = run_tools("imatrix", split_q, "--corpus", corpus, "--chunks", "1", "--ctx", "64", "--threads", "1",
                   "--out", tmp_path / "imx", "--json", check=True)
-    assert json.loads(p.stdout)["manifest"]["extra"]["entries"] == 30 * 7  # every blk weight of all shards
+    assert json.loads(p.stdout)["manifest"]["extra"]["entries"] == 2 * 7  # every blk weight of all shards
 
 
 def test_default_threads_is_omp_num_threads_else_physical_cores(monkeypatch):
