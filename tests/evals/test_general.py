@@ -11,6 +11,8 @@ import yaml
 from tests.helpers import fake_bench, make_adapter, make_corpus
 from tools.artifact import read_artifact
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def test_general_corpus_halves_are_disjoint():
     from corpora.general import heldout_text, topics
@@ -23,6 +25,8 @@ def test_general_corpus_halves_are_disjoint():
 def test_eval_general_interval_and_paired_verdict(tmp_path, tiny_llama, smollm2_gguf, tools_cli):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evals.general import run_general
 
     r = tools_cli("eval", "general", "--model", smollm2_gguf, "--ctx", "32", "--max-tokens", "256",
                   "--out", tmp_path / "g-emb", "--json")
@@ -38,9 +42,8 @@ def test_eval_general_interval_and_paired_verdict(tmp_path, tiny_llama, smollm2_
     m = AutoModelForCausalLM.from_pretrained(str(tiny_llama))
     PeftModel.from_pretrained(m, str(make_adapter(tiny_llama, tmp_path / "ad"))).merge_and_unload().save_pretrained(tuned)
     AutoTokenizer.from_pretrained(str(tiny_llama)).save_pretrained(tuned)
-    for name, model in (("g-base", tiny_llama), ("g-tuned", tuned)):
-        r = tools_cli("eval", "general", "--model", model, "--ctx", "64", "--max-tokens", "1024", "--out", tmp_path / name)
-        assert r.returncode == 0, r.stderr
+    for name, model in (("g-base", tiny_llama), ("g-tuned", tuned)):  # in-process: the CLI ran above
+        run_general(model, tmp_path / name, ctx=64, max_tokens=1024)
     a = fake_bench(tmp_path, "bench-base", [True, False, True], ["yes", "no", "yes"])
     b = fake_bench(tmp_path, "bench-tuned", [True, True, True], ["yes", "no", "yes"])
     r = tools_cli("report", a, b, "--general", tmp_path / "g-base", "--general", tmp_path / "g-tuned",
@@ -80,14 +83,16 @@ def test_replay_mixes_a_seeded_share_into_the_stage(tmp_path, tiny_llama, tools_
     cfg = yaml.safe_load((tmp_path / "s" / "axolotl.yaml").read_text())
     assert [d["path"] for d in cfg["datasets"]][-1] == str(tmp_path / "s" / "replay.jsonl")
     assert any(i["path"] == str(tmp_path / "general") for i in art.manifest["inputs"])
-    r = stage(tmp_path / "s2", "--replay", tmp_path / "general", "--replay-ratio", "0.2")
-    assert (tmp_path / "s2" / "replay.jsonl").read_text().splitlines() == rows  # deterministic
+    # deterministic: the same sample drawn again here, in another process (no second stage written)
+    from recipes.stage import StageSpec, replay_rows
+    again = replay_rows(StageSpec.from_params(art.params, tmp_path / "s2"), [corpus / "corpus.jsonl"])
+    assert again["rows"] == [json.loads(x) for x in rows] and again["rows_replay"] == 4
     for bad in (["--replay-ratio", "0.2"], ["--replay", tmp_path / "general", "--replay-ratio", "1.5"]):
         r = stage(tmp_path / "bad", *bad)
         assert r.returncode == 2 and "--replay" in r.stderr and not (tmp_path / "bad").exists(), r.stderr
 
 
-def _tiny_that_knows_general_english(tiny, out, steps: int = 200):
+def _tiny_that_knows_general_english(tiny, out, steps: int = 50):
     """The random tiny Llama trained (plain PyTorch, seeded, one thread) on the replay half of the general
     corpus, so that it has a general ability to lose; the held-out half stays unseen."""
     import shutil
@@ -123,26 +128,26 @@ def _tiny_that_knows_general_english(tiny, out, steps: int = 200):
 @pytest.mark.slow
 def test_replay_loses_less_general_ability(tmp_path, tiny_llama, tools_cli):
     """The tiny Llama, given some general English first, trained hard (LoRA, high lr) on a small clinical
-    corpus loses general perplexity; the same stage with 10 % general replay loses less."""
+    corpus loses general perplexity; the same stage with 10 % general replay loses less. (The perplexities
+    are `tools eval general`'s own function, in-process: its CLI runs in the test above.)"""
+    from evals.general import run_general
+
     base = _tiny_that_knows_general_english(tiny_llama, tmp_path / "base")
     corpus = make_corpus(tmp_path / "clinical", n=16)
     assert tools_cli("build-corpus", "general", "--out", tmp_path / "general").returncode == 0
     hard = ["--device", "cpu", "--lora", "--seq-len", "128", "--max-steps", "12", "--lr", "1e-2", "--micro-batch", "2",
             "--grad-accum", "1", "--warmup-steps", "0", "--no-packing", "--lora-r", "16",
-            "--target", "q_proj,k_proj,v_proj,o_proj", "--set", "optimizer=adamw_torch"]
-    ppl = {}
+            "--target", "q_proj,k_proj,v_proj,o_proj", "--set", "optimizer=adamw_torch",
+            "--set", "save_steps=12"]  # one checkpoint, at the end: a save costs more than a step here
     for name, extra in (("plain", []), ("replay", ["--replay", tmp_path / "general", "--replay-ratio", "0.1"])):
         s = tmp_path / name
         r = tools_cli("stage", "completion", "--base-model", base, "--corpus", corpus, "--out", s, *hard, *extra)
         assert r.returncode == 0, r.stderr
         r = tools_cli("train", s)
         assert r.returncode == 0, r.stderr[-3000:]
-    for name, model in (("base", base), ("plain", tmp_path / "plain" / "output"),
-                        ("replay", tmp_path / "replay" / "output")):
-        r = tools_cli("eval", "general", "--model", model, "--ctx", "128", "--max-tokens", "1024",
-                      "--out", tmp_path / f"g-{name}", "--json")
-        assert r.returncode == 0, r.stderr
-        ppl[name] = json.loads(r.stdout)["results"]["perplexity"]
+    ppl = {name: run_general(model, tmp_path / f"g-{name}", ctx=128, max_tokens=1024).extra["perplexity"]
+           for name, model in (("base", base), ("plain", tmp_path / "plain" / "output"),
+                               ("replay", tmp_path / "replay" / "output"))}
     print(f"general perplexity: base {ppl['base']}, clinical only {ppl['plain']}, with 10 % replay {ppl['replay']}")
     assert ppl["plain"] > 1.2 * ppl["base"] and ppl["replay"] < ppl["plain"]
 

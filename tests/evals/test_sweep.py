@@ -1,5 +1,7 @@
-"""A grid sweep of real `tools train` runs (the grid is the product of its axes) picks the best trial; perplexity of the
-model on its own training data falls after those few steps (base vs fine-tuned, one table)."""
+"""A grid sweep (the grid is the product of its axes) runs every combination as a trial and keeps the one with the
+lowest objective (trials that train nothing); one real trial runs through `tools sweep` end to end (a derived stage
+trained by Axolotl, benched, the objective over both); perplexity of the model on its own training data falls after
+those few steps (base vs fine-tuned, one table)."""
 from __future__ import annotations
 
 import json
@@ -8,8 +10,6 @@ import math
 import pytest
 
 from tools.artifact import Stage, read_artifact
-
-pytestmark = pytest.mark.slow
 
 
 def _sft_dataset(path, n=12):
@@ -38,13 +38,50 @@ def test_grid_is_the_product_of_its_axes():
         [(1e-3, 1), (1e-3, 2), (3e-2, 1), (3e-2, 2)]
 
 
-def test_grid_sweep_runs_real_trials_and_perplexity_falls(tiny_llama, tmp_path, tools_cli):
-    """Two real Axolotl trials (each ~50 s of CPU on 2 cores: the product itself is checked above)."""
+def test_grid_sweep_tries_every_combination_and_keeps_the_lowest_objective(tmp_path, monkeypatch):
+    """`tools sweep`'s own function over a 2 x 2 grid, with trials that train nothing: every combination once,
+    in grid order, each in its trial folder; the objective computed from each trial's metrics; the lowest one
+    kept (here neither the first nor the last trial); trials.json, report.md and sweep.png written."""
+    import evals.sweep as S
+
+    with Stage("stage", tmp_path / "stage", {"kind": "sft"}) as st:
+        st.path("axolotl.yaml").write_text("base_model: x\nval_set_size: 0.25\n")  # eval_loss: a validation split
+    ran = []
+
+    def fake_trial(stage_dir, trial_dir, overrides, force):
+        ran.append((trial_dir.name, overrides))
+        lr, mb = overrides["learning_rate"], overrides["micro_batch_size"]
+        return {"loss": abs(math.log10(lr) + 1.5) + 0.1 * mb, "eval_loss": 1 + 0.1 * mb}
+    monkeypatch.setattr(S, "derive_and_train", fake_trial)
+    checked = []  # the grid's keys go through recipes.recipe.check_keys (Axolotl's schema: tests/recipes)
+    monkeypatch.setattr(S, "check_keys", checked.append)
+    art = S.sweep_stage(tmp_path / "stage", grids=("learning_rate=1e-3,3e-2", "micro_batch_size=1,2"),
+                        objective="loss + 0.5*eval_loss", out=tmp_path / "sweep")
+    assert ran == [(f"{i:02d}", {"learning_rate": lr, "micro_batch_size": mb})
+                   for i, (lr, mb) in enumerate([(1e-3, 1), (1e-3, 2), (3e-2, 1), (3e-2, 2)])]
+    assert checked == [{"learning_rate": [1e-3, 3e-2], "micro_batch_size": [1, 2]}]
+    rows = json.loads((art.path / "trials.json").read_text())
+    assert [r["trial"] for r in rows] == [0, 1, 2, 3]
+    for r in rows:
+        assert r["objective"] == pytest.approx(r["metrics"]["loss"] + 0.5 * r["metrics"]["eval_loss"])
+    assert art.extra["n_trials"] == 4 and art.extra["best"] == {
+        "trial": 2, "params": {"learning_rate": 3e-2, "micro_batch_size": 1}, "objective": rows[2]["objective"],
+        "stage": str(tmp_path / "sweep-trials" / "02")}
+    report = (art.path / "report.md").read_text()
+    assert "Best: trial 2" in report and "eval_loss" in report and report.count("\n| ") == 5  # header + 4 trials
+    assert (art.path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+def test_sweep_runs_a_real_trial_and_perplexity_falls(tiny_llama, tmp_path, tools_cli):
+    """One real trial through `tools sweep` (Axolotl's training, the trial's model converted and benched,
+    the objective over both); every combination of a grid runs the same way (above, without training)."""
     data = _sft_dataset(tmp_path)
     stage = tmp_path / "stage"
     r = tools_cli("stage", "sft", "--base-model", tiny_llama, "--dataset", data, "--device", "cpu", "--full",
                   "--max-steps", "3", "--seq-len", "256", "--warmup-steps", "0", "--grad-accum", "1", "--no-packing",
-                  "--set", "logging_steps=1",
+                  "--set", "logging_steps=1", "--set", "save_steps=3",  # one checkpoint, at the end
                   "--set", f"dataset_prepared_path={tmp_path / 'prepared'}", "--out", stage)
     assert r.returncode == 0, r.stderr
     bad = tools_cli("sweep", stage, "--grid", "learning_rate=1e-3", "--objective", "eval_loss - 0.25*entailmnt")
@@ -61,35 +98,30 @@ def test_grid_sweep_runs_real_trials_and_perplexity_falls(tiny_llama, tmp_path, 
                         "--out", tmp_path / "refused")
         assert bad.returncode == 2 and msg in bad.stderr, (objective, bad.stderr)
         assert len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "refused-trials").exists()
-    r = tools_cli("sweep", stage, "--grid", "learning_rate=1e-3,3e-2", "--grid", "micro_batch_size=1",
+    r = tools_cli("sweep", stage, "--grid", "learning_rate=3e-2", "--grid", "micro_batch_size=1",
                   "--objective", "eval_loss - accuracy", "--json", "--out", tmp_path / "sweep",
                   "--eval", "bench pubmedqa --mode loglik --split dev --limit 3 --threads 1 --n-ctx 2048")
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout)
-    trials = res["results"]
-    assert len(trials) == 2
-    assert sorted((t["params"]["learning_rate"], t["params"]["micro_batch_size"]) for t in trials) == \
-        [(1e-3, 1), (3e-2, 1)]
-    for t in trials:  # the objective combined the trainer's eval_loss with the trial's own bench figure
-        m = t["metrics"]
-        assert 0 <= m["accuracy"] <= 1 and m["pubmedqa_accuracy"] == m["accuracy"] and "eval_loss" in m
-        assert t["objective"] == pytest.approx(m["eval_loss"] - m["accuracy"])
-        bench = json.loads((tmp_path / "sweep-trials" / f"{t['trial']:02d}" / "eval" / "bench-pubmedqa" /
-                            "results.json").read_text())
-        assert bench["n"] == 3 and bench["split"] == "dev" and bench["accuracy"] == m["accuracy"]
-    assert res["manifest"]["extra"]["best"]["trial"] == min(trials, key=lambda t: t["objective"])["trial"]
-    best = min(trials, key=lambda t: t["metrics"]["loss"])
+    [t] = res["results"]
+    assert t["trial"] == 0 and t["params"] == {"learning_rate": 3e-2, "micro_batch_size": 1}
+    m = t["metrics"]  # the objective combined the trainer's eval_loss with the trial's own bench figure
+    assert 0 <= m["accuracy"] <= 1 and m["pubmedqa_accuracy"] == m["accuracy"] and "eval_loss" in m
+    assert t["objective"] == pytest.approx(m["eval_loss"] - m["accuracy"])
+    trial = tmp_path / "sweep-trials" / "00"
+    bench = json.loads((trial / "eval" / "bench-pubmedqa" / "results.json").read_text())
+    assert bench["n"] == 3 and bench["split"] == "dev" and bench["accuracy"] == m["accuracy"]
     man = read_artifact(tmp_path / "sweep")
-    assert man.extra["best"]["trial"] == res["manifest"]["extra"]["best"]["trial"] and man.extra["n_trials"] == 2
+    assert man.extra["best"]["trial"] == res["manifest"]["extra"]["best"]["trial"] == 0 and man.extra["n_trials"] == 1
     assert "accuracy" in (tmp_path / "sweep" / "report.md").read_text()
     assert (tmp_path / "sweep" / "sweep.png").read_bytes()[:4] == b"\x89PNG"
-    for t in trials:  # each trial is a real, trained stage of its own
-        out = read_artifact(tmp_path / "sweep-trials" / f"{t['trial']:02d}" / "output", stage="train")
-        assert out.extra["log_history"] and out.extra["adapter"] is False
+    # the trial is a real, trained stage of its own, with the trial's learning rate
+    out = read_artifact(trial / "output", stage="train")
+    assert out.extra["log_history"] and out.extra["adapter"] is False
+    assert read_artifact(trial).params["set"]["learning_rate"] == 3e-2
 
-    # perplexity on its own training data falls after training (the best trial's model)
-    best_out = tmp_path / "sweep-trials" / f"{best['trial']:02d}" / "output"
-    p = tools_cli("eval", "perplexity", "--model", tiny_llama, "--model", best_out, "--data", data,
+    # perplexity on its own training data falls after training (the trial's model)
+    p = tools_cli("eval", "perplexity", "--model", tiny_llama, "--model", trial / "output", "--data", data,
                   "--split", "test", "--json")
     assert p.returncode == 0, p.stderr
     base, tuned = json.loads(p.stdout)["results"]
