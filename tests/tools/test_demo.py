@@ -43,7 +43,7 @@ steps:
   - name: q3kl
     run: quantize {steps.f16.out} --q Q3_K_L
   - name: bench
-    run: bench pubmedqa --model {steps.q3kl.out} --limit {vars.items} --threads 2
+    run: bench pubmedqa --model {steps.q3kl.out} --limit {vars.items}
   - name: report
     run: report {steps.bench.out} --label tuned
 """
@@ -76,7 +76,7 @@ def test_demo_pipeline_resumes_after_sigkill_with_identical_outputs(tmp_path):
     pipe = tmp_path / "demo.yaml"
     pipe.write_text(textwrap.dedent(PIPELINE))
     run = tmp_path / "run"
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", OMP_NUM_THREADS="2")
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     r = subprocess.run(_tools() + ["run", str(pipe), "--run-dir", str(run)], env=env, capture_output=True,
                        text=True, timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
