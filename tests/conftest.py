@@ -99,6 +99,13 @@ def smollm2_hf(tmp_path_factory, smollm2_gguf) -> Path:
     return once_per_run(tmp_path_factory, "smollm2", lambda d: gguf_to_hf(smollm2_gguf, d / "hf")) / "hf"
 
 
+@pytest.fixture(scope="session")
+def smollm2_f16(tmp_path_factory, smollm2_hf):
+    """SmolLM2 as an f16 GGUF artifact, converted once per run (tests.helpers.shared_smollm2_f16)."""
+    from tests.helpers import shared_smollm2_f16
+    return shared_smollm2_f16(tmp_path_factory, smollm2_hf)
+
+
 @pytest.fixture
 def tools_cli():
     return run_tools

@@ -116,6 +116,32 @@ def fake_bench(path, name, correct: list[bool], gold: list[str], first_id: int =
     return st.result.path
 
 
+def procs_on(path: Path) -> list[int]:
+    """Processes (other than this one) whose command line names ``path``: Axolotl workers of a stage."""
+    pids = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit() or int(p.name) == os.getpid():
+            continue
+        try:
+            cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if str(path).encode() in cmd:
+            pids.append(int(p.name))
+    return pids
+
+
+def assert_gone_after_kill(path: Path, wait_s: float = 30) -> None:
+    """Nothing naming ``path`` goes on running after a SIGKILL of its process group (DataLoader workers
+    notice their parent is gone within ~5 s)."""
+    import time
+
+    deadline = time.time() + wait_s
+    while procs_on(path) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not procs_on(path), "processes of the killed run are still running"
+
+
 def cut_off_checkpoint(stage: Path, drop: str, world: int = 1) -> tuple[int, str]:
     """Make a checkpoint one step past the newest whole one that was cut off mid-write (``drop``:
     the file it lacks or, for a .safetensors file, the file truncated to half). Returns (whole step, name)."""
@@ -154,3 +180,13 @@ def shared_tiny_f16(tmp_path_factory, tiny_llama):
 
     folder = once_per_run(tmp_path_factory, "tiny-llama-f16-gguf", build)
     return convert_stage(tiny_llama, folder / "gguf", "f16", gate=Gate(tokens=0))  # up to date: the artifact
+
+
+def shared_smollm2_f16(tmp_path_factory, smollm2_hf):
+    """SmolLM2 (``smollm2_hf``) as an f16 GGUF artifact through `tools convert`'s stage, fidelity gate on,
+    converted once per run and shared (test_release's quantization, the two lm-eval agreement checks)."""
+    from release.convert import convert_stage
+    from tests.conftest import once_per_run
+
+    folder = once_per_run(tmp_path_factory, "smollm2-f16-gguf", lambda d: convert_stage(smollm2_hf, d / "gguf", "f16"))
+    return convert_stage(smollm2_hf, folder / "gguf", "f16")  # up to date: the artifact

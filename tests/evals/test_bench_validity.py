@@ -11,17 +11,16 @@ N_ITEMS = 8
 
 @pytest.mark.slow
 @pytest.mark.native
-def test_loglik_agrees_with_lm_eval_hf(smollm2_hf, tmp_path):
+def test_loglik_agrees_with_lm_eval_hf(smollm2_hf, smollm2_f16, tmp_path):
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
     from evals.bench import run_bench
     from evals.items import load_items, question_block
     from evals.mmlu import task_manager
-    from release.convert import convert_hf_to_gguf
     from tools.io import sha256_bytes, write_jsonl
 
-    gguf = convert_hf_to_gguf(smollm2_hf, tmp_path / "smollm2-f16.gguf", "f16")
+    gguf = smollm2_f16.path / smollm2_f16.extra["file"]   # llama.cpp's converter on smollm2_hf
     # the N shortest test items (the test's run time), in file order, as a data file both sides read
     items = load_items("pubmedqa", split="test")[0]
     keep = {it.id for it in sorted(items, key=lambda it: (len(question_block("pubmedqa", it)), it.id))[:N_ITEMS]}

@@ -30,8 +30,10 @@ def test_compare_fails_on_a_disagreement():
 
 @pytest.mark.slow
 @pytest.mark.native
-def test_tiny_mode_agrees_on_every_task(smollm2_hf, tmp_path, repo):
+def test_tiny_mode_agrees_on_every_task(smollm2_hf, smollm2_f16, tmp_path, repo):
     dev = _medmcqa(tmp_path / "dev.json", 1)
+    (tmp_path / "v").mkdir()   # the script converts smollm2_hf itself unless its f16 is there: the shared one
+    (tmp_path / "v" / "model-f16.gguf").symlink_to(smollm2_f16.path / smollm2_f16.extra["file"])
     p = subprocess.run([sys.executable, str(repo / "bench" / "bench_suite_validity.py"), "--tiny", "--hf",
                         str(smollm2_hf), "--medmcqa", str(dev), "--threads", "1", "--out", str(tmp_path / "v")],
                        capture_output=True, text=True, timeout=900)

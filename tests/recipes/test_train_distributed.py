@@ -4,11 +4,8 @@ One SFT recipe on the tiny Llama (16 rows, global batch 4, 8 optimizer steps = 2
 checkpoint every 2 steps, LoRA without dropout, one thread per process) is trained:
 
 * once uninterrupted with 1 process (accumulation 2): the reference;
-* with 1 process, SIGKILLed (whole process group) once a checkpoint exists, then re-run: before it,
-  `tools train --dry-run --json`, `tools run --dry-run` and `tools status` (the reference was trained
-  through a pipeline) name the step it then really resumes from; it says "resuming from step N",
-  skips a checkpoint cut off mid-write, and ends with log-history steps 1..8 and the reference's
-  adapter, byte for byte;
+* (a 1-process run killed and resumed is tests/tools/test_demo.py's: through the pipeline, with
+  `tools status` and the dry runs asked before the resume);
 * with 2 processes (DDP over gloo, accumulation 1: the same global batch), killed and resumed
   the same way: same samples at every step as the reference, every sample once per epoch, and the
   reference's losses and adapter within 1e-6 (measured: identical bytes);
@@ -33,8 +30,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import VENV_BIN, cut_off_checkpoint, make_dataset
-from tools.artifact import is_artifact, read_artifact
+from tests.helpers import VENV_BIN, assert_gone_after_kill, cut_off_checkpoint, make_dataset
+from tools.artifact import read_artifact
 
 RECIPE = ["--device", "cpu", "--lora", "--max-steps", "8", "--micro-batch", "2", "--no-packing", "--warmup-steps", "0",
           "--lr", "1e-2", "--lora-dropout", "0", "--set", "optimizer=adamw_torch", "--set", "save_steps=2"]
@@ -56,21 +53,6 @@ def _tools(*args, **extra) -> subprocess.CompletedProcess:
                           env=_env(**extra), timeout=600)
 
 
-def _procs_on(path: Path) -> list[int]:
-    """Processes whose command line names ``path`` (Axolotl workers of that stage)."""
-    pids = []
-    for p in Path("/proc").iterdir():
-        if not p.name.isdigit() or int(p.name) == os.getpid():
-            continue
-        try:
-            cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ")
-        except OSError:
-            continue
-        if str(path).encode() in cmd:
-            pids.append(int(p.name))
-    return pids
-
-
 def _train_and_kill(stage: Path, **extra) -> None:
     """`tools train STAGE` in its own process group, SIGKILLed (the group) once a checkpoint with
     trainer_state.json exists; then nothing of it may go on running."""
@@ -86,10 +68,7 @@ def _train_and_kill(stage: Path, **extra) -> None:
         os.killpg(p.pid, signal.SIGKILL)
         p.wait()
         p.stderr.close()
-    deadline = time.time() + 30  # DataLoader workers notice their parent is gone within ~5 s
-    while _procs_on(stage) and time.time() < deadline:
-        time.sleep(0.5)
-    assert not _procs_on(stage), "processes of the killed run are still running"
+    assert_gone_after_kill(stage)
 
 
 def _adapter(path: Path) -> dict:
@@ -153,14 +132,8 @@ def reference(tmp_path_factory, tiny_llama):
                *RECIPE)
     assert r.returncode == 0, r.stderr
     trace = root / "trace-one"
-    # trained through a pipeline (the step names no `out:`/`out_flag:`/`after:`), so that the kill test can ask
-    # `tools status` and `tools run --dry-run` about this run afterwards
-    pipe = root / "p.yaml"
-    pipe.write_text(f"steps:\n  - name: train\n    run: train {stage}\n  - name: merged\n    run: merge {stage}\n")
-    r = _tools("run", pipe, "--run-dir", root / "run", "--until", "train", MEDILORA_TRACE_SAMPLES=trace)
+    r = _tools("train", stage, MEDILORA_TRACE_SAMPLES=trace)
     assert r.returncode == 0, r.stderr[-3000:]
-    state = json.loads((root / "run" / "run.json").read_text())
-    assert state["steps"]["train"]["argv"][-2:] == ["--out", str((stage / "output").resolve())]
     out = read_artifact(stage / "output", stage="train")
     import hashlib
 
@@ -173,53 +146,10 @@ def reference(tmp_path_factory, tiny_llama):
     assert len(rows) == len(all_rows) == ROWS
     steps = _trace(trace)
     _check_epochs(steps, all_rows)
-    return {"root": root, "data": data, "stage": stage, "pipe": pipe, "adapter": _adapter(stage / "output"),
+    return {"root": root, "data": data, "stage": stage, "adapter": _adapter(stage / "output"),
             "adapter_bytes": (stage / "output" / "adapter_model.safetensors").read_bytes(),
             "losses": _losses(out.extra["log_history"]), "history": out.extra["log_history"], "steps": steps,
             "all_rows": all_rows, "extra": out.extra}
-
-
-@pytest.mark.slow
-def test_killed_run_resumes_from_its_last_whole_checkpoint(reference):
-    stage = reference["stage"]
-    assert reference["extra"]["world_size"] == 1 and reference["extra"]["resumed_from_step"] is None
-    assert not (stage / "checkpoints").exists()  # recorded: the checkpoints have served
-    shutil.rmtree(stage / "output")  # the same stage, trained again from scratch and killed
-    _train_and_kill(stage)
-    ck = stage / "checkpoints"
-    assert not is_artifact(stage / "output") and ck.stat().st_mode & 0o777 == 0o700
-    k, bad = cut_off_checkpoint(stage, "adapter_model.safetensors", 1)  # newer, cut off: a rule that only
-    # looks for trainer_state.json would name its step
-
-    # the ground floor asks the stage: the dry run, `tools run --dry-run` and `tools status` name step k
-    asked = json.loads(_tools("train", stage, "--dry-run", "--json").stdout)["results"]["resume_from_step"]
-    dry = _tools("run", reference["pipe"], "--run-dir", reference["root"] / "run", "--dry-run", COLUMNS=250)
-    status = _tools("status", reference["root"] / "run", COLUMNS=250)
-    note = f"resumes from its checkpoint at step {k}"
-    assert asked == k
-    assert note in dry.stdout and "merge" in dry.stdout, dry.stdout + dry.stderr
-    assert note in " ".join(status.stdout.split()), status.stdout
-    assert f"step {k + 1}" not in dry.stdout + status.stdout
-
-    r = _tools("train", stage)  # what it really does
-    assert r.returncode == 0, r.stderr[-3000:]
-    err = " ".join(r.stderr.split())
-    assert f"skipping {bad}: cut off mid-write" in err and f"resuming from step {k} " in err
-    out = read_artifact(stage / "output", stage="train")
-    assert out.extra["resumed_from_step"] == k and out.extra["world_size"] == 1
-    assert [h["step"] for h in out.extra["log_history"] if "loss" in h] == list(range(1, 9))
-    assert out.extra["log_history"] == reference["history"]  # continuous, and the same numbers
-    assert (stage / "output" / "adapter_model.safetensors").read_bytes() == reference["adapter_bytes"]
-    assert not ck.exists() and not list(stage.glob(".output.partial-*"))
-    assert not any(p.name.startswith("checkpoint-") for p in (stage / "output").iterdir())
-
-    # --restart starts over (and needs no second preprocess: the data was prepared for this stage)
-    r = _tools("train", stage, "--restart")
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "resuming" not in r.stderr and "preprocess: skipped" in r.stderr
-    again = read_artifact(stage / "output", stage="train")
-    assert again.extra["resumed_from_step"] is None
-    assert (stage / "output" / "adapter_model.safetensors").read_bytes() == reference["adapter_bytes"]
 
 
 @pytest.mark.slow

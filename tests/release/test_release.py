@@ -247,14 +247,11 @@ def test_axolotl_merge_of_a_stage_folder_matches_peft(tiny_llama, tmp_path, tool
 # -- SmolLM2 (real model, HF form) -----------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def smol_ggufs(smollm2_hf, tmp_path_factory):
-    from release.convert import convert_stage
+def smol_ggufs(smollm2_f16, tmp_path_factory):
     from release.quantize import quantize_stage
 
-    root = tmp_path_factory.mktemp("smol")
-    f16 = convert_stage(smollm2_hf, root / "f16", "f16")
-    q3 = quantize_stage(f16.path, "Q3_K_L", root / "q3")
-    return f16, q3
+    q3 = quantize_stage(smollm2_f16.path, "Q3_K_L", tmp_path_factory.mktemp("smol") / "q3")
+    return smollm2_f16, q3
 
 
 @pytest.mark.slow

@@ -1,9 +1,12 @@
-"""A reduced demo pipeline end to end on the tiny Llama, then a run SIGKILLed in the middle
-of a training step, resumed by the next `tools run`, finishing with outputs identical to the
-uninterrupted run (same seed). The pipeline is content-addressed: once the resumed training has
-been merged into the very same bytes, the steps after the merge are not run again."""
+"""A reduced demo pipeline end to end on the tiny Llama, then a run SIGKILLed once training has
+written a checkpoint (and a newer one is left cut off mid-write): the stage's dry run, `tools run
+--dry-run` and `tools status` name the step the next `tools run` then really resumes from, and it
+finishes with outputs identical to the uninterrupted run (same seed). The pipeline is
+content-addressed: once the resumed training has been merged into the very same bytes, the steps
+after the merge are not run again. `tools train --restart` starts over to the same bytes."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -15,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import assert_gone_after_kill, cut_off_checkpoint
 from tools.artifact import read_artifact
 from tools.io import sha256_file
 
@@ -85,33 +89,51 @@ def test_demo_pipeline_resumes_after_sigkill_with_identical_outputs(tmp_path):
     trained = read_artifact(run / "sft" / "output")
     assert trained.extra["adapter"] and trained.extra.get("log_history")
 
-    # second run: drop the training output, then SIGKILL mid-training
-    shutil.rmtree(run / "sft" / "output")
-    log = run / "sft" / "train.log"
-    log.unlink(missing_ok=True)
+    # second run: drop the training output, then SIGKILL the pipeline once training has written a checkpoint
+    stage = run / "sft"
+    assert not (stage / "checkpoints").exists()  # recorded: the checkpoints have served
+    shutil.rmtree(stage / "output")
     p = subprocess.Popen(_tools() + ["run", str(pipe), "--run-dir", str(run)], env=env, stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 600
-    while time.time() < deadline:
-        if log.exists() and "'loss'" in log.read_text(errors="replace"):
-            break  # at least one optimizer step logged: training is under way
+    while not list((stage / "checkpoints").glob("checkpoint-*/trainer_state.json")):
         if p.poll() is not None:
-            pytest.fail(f"run ended before training started: {p.stderr.read()[-2000:]}")
-        time.sleep(0.2)
-    else:
-        pytest.fail("training never started")
+            pytest.fail(f"run ended before a checkpoint: {p.stderr.read()[-2000:]}")
+        assert time.time() < deadline, "no checkpoint after 600 s"
+        time.sleep(0.1)
     os.killpg(p.pid, signal.SIGKILL)
     p.wait()
-    assert not (run / "sft" / "output" / "manifest.json").exists(), "a killed training run must leave no manifest"
+    assert_gone_after_kill(stage)
+    assert not (stage / "output" / "manifest.json").exists(), "a killed training run must leave no manifest"
+    assert (stage / "checkpoints").stat().st_mode & 0o777 == 0o700
+    k, bad = cut_off_checkpoint(stage, "adapter_model.safetensors")  # newer, cut off: a rule that only looks for
+    # trainer_state.json would name its step
 
-    # third run: earlier steps are skipped, training resumes and re-runs, outputs match the uninterrupted run
+    # the ground floor asks the stage: the stage's dry run, `tools run --dry-run` and `tools status` name step k
+    cols = dict(env, COLUMNS="250")
+    asked = subprocess.run(_tools() + ["train", str(stage), "--dry-run", "--json"], env=env, capture_output=True,
+                           text=True)
+    dry = subprocess.run(_tools() + ["run", str(pipe), "--run-dir", str(run), "--dry-run"], env=cols,
+                         capture_output=True, text=True)
+    status = subprocess.run(_tools() + ["status", str(run)], env=cols, capture_output=True, text=True)
+    note = f"resumes from its checkpoint at step {k}"
+    assert json.loads(asked.stdout)["results"]["resume_from_step"] == k
+    assert note in dry.stdout and "merge" in dry.stdout, dry.stdout + dry.stderr
+    assert note in " ".join(status.stdout.split()), status.stdout
+    assert f"step {k + 1}" not in dry.stdout + status.stdout
+
+    # third run: earlier steps are skipped, training resumes where the stage said, outputs match the first run
     r = subprocess.run(_tools() + ["run", str(pipe), "--run-dir", str(run)], env=env, capture_output=True,
                        text=True, timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
     for step in ("base", "pubmedqa", "sft"):
         assert f"[done] {step}" in r.stderr
-    assert "[run ] train" in r.stderr and "resuming from step" in r.stderr
-    assert read_artifact(run / "sft" / "output").extra["resumed_from_step"] >= 1
+    err = " ".join(r.stderr.split())
+    assert "[run ] train" in err and f"skipping {bad}: cut off mid-write" in err and f"resuming from step {k} " in err
+    resumed = read_artifact(stage / "output")
+    assert resumed.extra["resumed_from_step"] == k
+    assert [h["step"] for h in resumed.extra["log_history"] if "loss" in h] == list(range(1, 7))
+    assert not (stage / "checkpoints").exists() and not list(stage.glob(".output.partial-*"))
     # the trainer's own files (training_args.bin holds a time-stamped logging_dir) make the training
     # artifact new, so the merge runs again; it gives the same bytes, so nothing after it runs
     assert "[run ] merged" in r.stderr
@@ -120,3 +142,11 @@ def test_demo_pipeline_resumes_after_sigkill_with_identical_outputs(tmp_path):
     assert _fingerprints(run) == first
     st = subprocess.run(_tools() + ["status", str(run)], env=env, capture_output=True, text=True)
     assert st.returncode == 0 and st.stdout.count("done") >= 9
+
+    # --restart starts over (and needs no second preprocess: the data was prepared for this stage)
+    r = subprocess.run(_tools() + ["train", str(stage), "--restart"], env=env, capture_output=True, text=True,
+                       timeout=1200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming" not in r.stderr and "preprocess: skipped" in r.stderr
+    assert read_artifact(stage / "output").extra["resumed_from_step"] is None
+    assert _fingerprints(run) == first
