@@ -21,6 +21,7 @@ Other processes share the CPU here: make the sizes small (--limit 40 --gen-limit
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -59,17 +60,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_lm_eval_server(model: Path, items: int, threads: int, log_dir: Path) -> dict:
-    """lm-eval's gguf model against llama-cpp-python's server, on the same prompts (local task)."""
+@contextlib.contextmanager
+def llama_cpp_server(model: Path, threads: int, log_dir: Path):
+    """``python -m llama_cpp.server`` on 127.0.0.1 for lm-eval's gguf model: yields ``(url, failures)``.
+
+    The server gets ``--kv_overrides tokenizer.ggml.add_bos_token=bool:true`` (without it llama-cpp-python
+    0.3.36 echoes 0.0 log-likelihoods for models that add no BOS). lm-eval's gguf get_result walks the echoed
+    text offsets until they pass the context length; with ChatML special tokens in the prompt the server's
+    offsets never get there (special tokens are echoed as empty text) and it raises IndexError. Those
+    requests are counted in ``failures["n"]`` instead of aborting, so the route's speed can still be measured.
+    """
     import lm_eval.models.gguf as lm_gguf
-    from lm_eval import simple_evaluate
 
-    from evals.mmlu import task_manager
-
-    # lm-eval's gguf get_result walks the echoed text offsets until they pass the context length; with
-    # ChatML special tokens in the prompt the server's offsets never get there (special tokens are
-    # echoed as empty text) and it raises IndexError.  Count those requests instead of aborting, so
-    # the route's speed can still be measured; they are reported as unusable.
     failures = {"n": 0}
     orig = lm_gguf.get_result
 
@@ -80,7 +82,6 @@ def run_lm_eval_server(model: Path, items: int, threads: int, log_dir: Path) -> 
             failures["n"] += 1
             return float("nan"), False
     lm_gguf.get_result = tolerant
-
     port = _free_port()
     log_dir.mkdir(parents=True, exist_ok=True)
     log = open(log_dir / "llama_cpp_server.log", "w")
@@ -98,10 +99,7 @@ def run_lm_eval_server(model: Path, items: int, threads: int, log_dir: Path) -> 
                 break
             except OSError:
                 time.sleep(0.5)
-        t = time.perf_counter()
-        res = simple_evaluate(model="gguf", model_args={"base_url": url}, tasks=["medilora_pubmedqa"], limit=items,
-                              task_manager=task_manager(), log_samples=True, bootstrap_iters=0)
-        wall = time.perf_counter() - t
+        yield url, failures
     finally:
         lm_gguf.get_result = orig
         srv.terminate()
@@ -110,6 +108,19 @@ def run_lm_eval_server(model: Path, items: int, threads: int, log_dir: Path) -> 
         except subprocess.TimeoutExpired:
             srv.kill()
         log.close()
+
+
+def run_lm_eval_server(model: Path, items: int, threads: int, log_dir: Path) -> dict:
+    """lm-eval's gguf model against llama-cpp-python's server, on the same prompts (local task)."""
+    from lm_eval import simple_evaluate
+
+    from evals.mmlu import task_manager
+
+    with llama_cpp_server(model, threads, log_dir) as (url, failures):
+        t = time.perf_counter()
+        res = simple_evaluate(model="gguf", model_args={"base_url": url}, tasks=["medilora_pubmedqa"], limit=items,
+                              task_manager=task_manager(), log_samples=True, bootstrap_iters=0)
+        wall = time.perf_counter() - t
     samples = res["samples"]["medilora_pubmedqa"]
     lls = [float(r[0]) for s in samples for r in s["filtered_resps"]]
     return {"items": len(samples), "requests": len(lls), "wall_s": wall, "s_per_item": wall / len(samples),
