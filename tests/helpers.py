@@ -21,16 +21,100 @@ VENV_BIN = Path(sys.executable).parent
 
 
 def run_tools(*args, check: bool = False, env: dict | None = None, cwd=None, timeout: int = 1800):
-    """Run the installed console script, as a user would."""
-    e = dict(os.environ)
-    e["PATH"] = f"{VENV_BIN}:{e.get('PATH', '')}"
-    if env:
-        e.update(env)
-    p = subprocess.run([str(VENV_BIN / "tools"), *map(str, args)], capture_output=True, text=True,
-                       env=e, cwd=cwd, timeout=timeout)
+    """Run `tools ARGS` as a user would: the installed console script in a subprocess where the test changes the
+    environment, else the same entry point in a forked child of this worker (see `_run_forked`)."""
+    argv = list(map(str, args))
+    if env is None and os.environ.get("MEDILORA_TEST_SUBPROCESS") != "1":
+        p = _run_forked(argv, cwd, timeout)
+    else:
+        e = dict(os.environ)
+        e["PATH"] = f"{VENV_BIN}:{e.get('PATH', '')}"
+        e.update(env or {})
+        p = subprocess.run([str(VENV_BIN / "tools"), *argv], capture_output=True, text=True, env=e, cwd=cwd,
+                           timeout=timeout)
     if check and p.returncode != 0:
-        raise AssertionError(f"tools {' '.join(map(str, args))} exited {p.returncode}\n{p.stdout}\n{p.stderr}")
+        raise AssertionError(f"tools {' '.join(argv)} exited {p.returncode}\n{p.stdout}\n{p.stderr}")
     return p
+
+
+# Imported once per worker before the first fork, so that no forked `tools` pays for them again: most of a short
+# verb's time in a fresh interpreter is importing these (torch + transformers ~6 s, llama_cpp, datasets, lm_eval).
+_WARM = ("torch", "transformers", "peft", "datasets", "llama_cpp", "gguf", "safetensors", "lm_eval", "tools.cli")
+
+
+def _warm() -> None:
+    import importlib
+
+    for name in _WARM:
+        if name not in sys.modules:
+            importlib.import_module(name)
+
+
+def _child(argv: list[str], cwd, out: int, err: int) -> None:
+    """In the forked child: fds 1 and 2 to the capture files, fresh text streams, then `tools.cli:main`."""
+    import io
+    import logging
+    import signal
+
+    os.dup2(out, 1)
+    os.dup2(err, 2)
+    sys.stdout = io.TextIOWrapper(open(1, "wb", closefd=False), write_through=True)
+    sys.stderr = io.TextIOWrapper(open(2, "wb", closefd=False), write_through=True)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM):
+        signal.signal(sig, signal.SIG_DFL)   # pytest's and pytest-timeout's handlers stay in the worker
+    root = logging.getLogger()
+    for h in list(root.handlers):   # pytest's capture handlers: a script's root logger has none
+        root.removeHandler(h)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
+    if cwd is not None:
+        os.chdir(cwd)
+    sys.argv = ["tools", *argv]
+    from tools.cli import main
+    main()
+
+
+def _run_forked(argv: list[str], cwd, timeout: int) -> subprocess.CompletedProcess:
+    """`tools ARGV` in a forked child of this worker: the console script's entry point and exit code, its own
+    stdout and stderr (fds 1 and 2, so llama.cpp's and child processes' output too), without a new interpreter's
+    start-up. A test that sets environment variables gets a real subprocess (some are read at import)."""
+    import tempfile
+    import time
+    import traceback
+
+    _warm()
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                _child(argv, cwd, out.fileno(), err.fileno())
+                code = 0
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            except BaseException:  # noqa: BLE001 - a crash of the verb, as the console script would print it
+                traceback.print_exc()
+            finally:
+                for f in (sys.stdout, sys.stderr):
+                    try:
+                        f.flush()
+                    except Exception:  # noqa: BLE001
+                        pass
+                os._exit(code)
+        deadline = time.monotonic() + timeout
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+                raise subprocess.TimeoutExpired(["tools", *argv], timeout)
+            time.sleep(0.01)
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(["tools", *argv], os.waitstatus_to_exitcode(status),
+                                           out.read().decode(errors="replace"), err.read().decode(errors="replace"))
 
 
 def gguf_path(payload: dict) -> Path:
