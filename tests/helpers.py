@@ -67,6 +67,7 @@ def _child(argv: list[str], cwd, out: int, err: int) -> None:
         root.removeHandler(h)
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(1)
+    os.environ["PATH"] = f"{VENV_BIN}:{os.environ.get('PATH', '')}"   # as for the subprocess: the venv's programs
     if cwd is not None:
         os.chdir(cwd)
     sys.argv = ["tools", *argv]
@@ -78,6 +79,7 @@ def _run_forked(argv: list[str], cwd, timeout: int) -> subprocess.CompletedProce
     """`tools ARGV` in a forked child of this worker: the console script's entry point and exit code, its own
     stdout and stderr (fds 1 and 2, so llama.cpp's and child processes' output too), without a new interpreter's
     start-up. A test that sets environment variables gets a real subprocess (some are read at import)."""
+    import signal
     import tempfile
     import time
     import traceback
@@ -107,7 +109,7 @@ def _run_forked(argv: list[str], cwd, timeout: int) -> subprocess.CompletedProce
             if done:
                 break
             if time.monotonic() > deadline:
-                os.kill(pid, 9)
+                os.kill(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
                 raise subprocess.TimeoutExpired(["tools", *argv], timeout)
             time.sleep(0.01)
