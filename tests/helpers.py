@@ -22,10 +22,10 @@ VENV_BIN = Path(sys.executable).parent
 
 def run_tools(*args, check: bool = False, env: dict | None = None, cwd=None, timeout: int = 1800):
     """Run `tools ARGS` as a user would: the installed console script in a subprocess where the test changes the
-    environment, else the same entry point in a forked child of this worker (see `_run_forked`)."""
+    environment, else the same entry point in a forked child of this worker (see `run_forked`)."""
     argv = list(map(str, args))
     if env is None and os.environ.get("MEDILORA_TEST_SUBPROCESS") != "1":
-        p = _run_forked(argv, cwd, timeout)
+        p = run_forked(_tools_main(argv), ["tools", *argv], cwd, timeout)
     else:
         e = dict(os.environ)
         e["PATH"] = f"{VENV_BIN}:{e.get('PATH', '')}"
@@ -50,8 +50,19 @@ def _warm() -> None:
             importlib.import_module(name)
 
 
-def _child(argv: list[str], cwd, out: int, err: int) -> None:
-    """In the forked child: fds 1 and 2 to the capture files, fresh text streams, then `tools.cli:main`."""
+def _tools_main(argv: list[str]):
+    """The console script's entry point on ``argv`` (for `run_forked`)."""
+    def main() -> None:
+        from tools.cli import main as tools_main
+
+        sys.argv = ["tools", *argv]
+        tools_main()
+    return main
+
+
+def _child(main, cwd, out: int, err: int) -> None:
+    """In the forked child: fds 1 and 2 to the capture files, fresh text streams, the venv first on PATH, then
+    ``main()``."""
     import io
     import logging
     import signal
@@ -70,15 +81,14 @@ def _child(argv: list[str], cwd, out: int, err: int) -> None:
     os.environ["PATH"] = f"{VENV_BIN}:{os.environ.get('PATH', '')}"   # as for the subprocess: the venv's programs
     if cwd is not None:
         os.chdir(cwd)
-    sys.argv = ["tools", *argv]
-    from tools.cli import main
     main()
 
 
-def _run_forked(argv: list[str], cwd, timeout: int) -> subprocess.CompletedProcess:
-    """`tools ARGV` in a forked child of this worker: the console script's entry point and exit code, its own
-    stdout and stderr (fds 1 and 2, so llama.cpp's and child processes' output too), without a new interpreter's
-    start-up. A test that sets environment variables gets a real subprocess (some are read at import)."""
+def run_forked(main, cmd: list[str], cwd=None, timeout: int = 1800) -> subprocess.CompletedProcess:
+    """``main()`` (a program's entry point: `tools`, a bench/ script) in a forked child of this worker: its exit
+    code, its own stdout and stderr (fds 1 and 2, so llama.cpp's and child processes' output too), without a new
+    interpreter's start-up. ``cmd`` names the program in the result. Only for tests that set no environment
+    variables (some are read at import time)."""
     import signal
     import tempfile
     import time
@@ -90,11 +100,11 @@ def _run_forked(argv: list[str], cwd, timeout: int) -> subprocess.CompletedProce
         if pid == 0:
             code = 1
             try:
-                _child(argv, cwd, out.fileno(), err.fileno())
+                _child(main, cwd, out.fileno(), err.fileno())
                 code = 0
             except SystemExit as e:
                 code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-            except BaseException:  # noqa: BLE001 - a crash of the verb, as the console script would print it
+            except BaseException:  # noqa: BLE001 - a crash of the program, as its interpreter would print it
                 traceback.print_exc()
             finally:
                 for f in (sys.stdout, sys.stderr):
@@ -111,12 +121,12 @@ def _run_forked(argv: list[str], cwd, timeout: int) -> subprocess.CompletedProce
             if time.monotonic() > deadline:
                 os.kill(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
-                raise subprocess.TimeoutExpired(["tools", *argv], timeout)
+                raise subprocess.TimeoutExpired(cmd, timeout)
             time.sleep(0.01)
         out.seek(0)
         err.seek(0)
-        return subprocess.CompletedProcess(["tools", *argv], os.waitstatus_to_exitcode(status),
-                                           out.read().decode(errors="replace"), err.read().decode(errors="replace"))
+        return subprocess.CompletedProcess(cmd, os.waitstatus_to_exitcode(status), out.read().decode(errors="replace"),
+                                           err.read().decode(errors="replace"))
 
 
 def gguf_path(payload: dict) -> Path:
