@@ -176,13 +176,13 @@ def main(argv=None) -> int:
     ap.add_argument("--hf", type=Path, default=None, help="HF checkpoint (default: `tools base-model`'s SmolLM2)")
     ap.add_argument("--items", type=int, default=200, help="questions per task (all where a task has fewer)")
     ap.add_argument("--speed-items", type=int, default=200, help="questions per task for the speed part (0: skip)")
-    ap.add_argument("--route-items", type=int, default=2,
-                    help="questions per task through lm-eval's gguf route, llama_cpp.server (0: skip)")
     ap.add_argument("--medmcqa", type=Path, default=None, help="MedMCQA validation file (not shipped)")
     ap.add_argument("--tiny", action="store_true", help="1 question per task, no speed part (the test's mode)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=8, help="lm-eval hf batch size")
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "bench-suite-validity")
+    ap.add_argument("--route-items", type=int, default=2,
+                    help="questions per task through lm-eval's gguf route, llama_cpp.server (0: skip)")
     a = ap.parse_args(argv)
     if a.tiny:
         a.items, a.speed_items, a.route_items = 1, 0, 0
