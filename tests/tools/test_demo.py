@@ -88,6 +88,10 @@ def test_demo_pipeline_resumes_after_sigkill_with_identical_outputs(tmp_path):
     assert any(k.endswith(".gguf") for k in first) and "bench/items.jsonl" in first
     trained = read_artifact(run / "sft" / "output")
     assert trained.extra["adapter"] and trained.extra.get("log_history")
+    assert trained.extra["world_size"] == 1 and trained.extra["resumed_from_step"] is None
+    # the step names no `out:`/`out_flag:`/`after:`: the pipeline gives `tools train` its --out
+    state = json.loads((run / "run.json").read_text())
+    assert state["steps"]["train"]["argv"][-2:] == ["--out", str((run / "sft" / "output").resolve())]
 
     # second run: drop the training output, then SIGKILL the pipeline once training has written a checkpoint
     stage = run / "sft"
