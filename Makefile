@@ -87,7 +87,7 @@ smoke: install
 # TEST_JOBS=1 runs the suite in one process.
 TEST_JOBS ?= 2
 test: install lint
-	$(VENV)/bin/pytest -q -p no:cacheprovider --timeout=1800 --durations=15 $(if $(filter 1,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist loadscope)
+	$(VENV)/bin/pytest -q -p no:cacheprovider --timeout=1800 --durations=15 $(if $(filter 1,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist loadscope --no-loadscope-reorder)
 
 demo: install
 	@start=$$(date +%s); \

@@ -23,6 +23,10 @@ for _k, _v in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_
                "AXOLOTL_DO_NOT_TRACK": "1", "TOKENIZERS_PARALLELISM": "false", "DO_NOT_TRACK": "1"}.items():
     os.environ[_k] = _v
 
+# The workers pytest-xdist starts get hash seed 0, the one `tools train` gives Axolotl (peft's set order), so that
+# a one-process `axolotl train` can run as a fork of the worker (tests/warm_axolotl.py).
+os.environ.setdefault("PYTHONHASHSEED", "0")
+
 # Under pytest-xdist (`make test`: two workers on two cores) every worker and every program a test starts gets one
 # thread (torch in Axolotl and `tools`, llama.cpp's default): the other worker holds the other core, and a second
 # thread waiting for a busy core made tiny forwards and benches 2-36x slower (the `one_thread` fixture's figures).

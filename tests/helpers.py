@@ -45,9 +45,12 @@ _WARM = ("torch", "transformers", "peft", "datasets", "llama_cpp", "gguf", "safe
 def _warm() -> None:
     import importlib
 
+    from tests import warm_axolotl
+
     for name in _WARM:
         if name not in sys.modules:
             importlib.import_module(name)
+    warm_axolotl.warm()
 
 
 def _tools_main(argv: list[str]):
@@ -78,6 +81,8 @@ def _child(main, cwd, out: int, err: int) -> None:
         root.removeHandler(h)
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(1)
+    from tests import warm_axolotl
+    warm_axolotl.install()   # its one-process `axolotl train` forks too
     os.environ["PATH"] = f"{VENV_BIN}:{os.environ.get('PATH', '')}"   # as for the subprocess: the venv's programs
     if cwd is not None:
         os.chdir(cwd)

@@ -1,14 +1,13 @@
-"""A reduced demo pipeline end to end on the tiny Llama, then a run SIGKILLed once training has
-written a checkpoint (and a newer one is left cut off mid-write): the stage's dry run, `tools run
---dry-run` and `tools status` name the step the next `tools run` then really resumes from, and it
-finishes with outputs identical to the uninterrupted run (same seed). The pipeline is
-content-addressed: once the resumed training has been merged into the very same bytes, the steps
-after the merge are not run again. `tools train --restart` starts over to the same bytes."""
+"""A reduced demo pipeline on the tiny Llama, SIGKILLed once training has written a checkpoint (and a
+newer one is left cut off mid-write): the stage's dry run, `tools run --dry-run` and `tools status`
+name the step the next `tools run` then really resumes from, and that run finishes the pipeline.
+`tools train --restart` then trains uninterrupted (same seed) to the very bytes of the resumed run, and
+the pipeline is content-addressed: once the new training has been merged into the same bytes, the
+steps after the merge are not run again. Every program here is a real process, as `make demo` runs them."""
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -76,27 +75,14 @@ def _tools():
     return [str(Path(sys.executable).parent / "tools")]
 
 
-def test_demo_pipeline_resumes_after_sigkill_with_identical_outputs(tmp_path):
-    pipe = tmp_path / "demo.yaml"
-    pipe.write_text(textwrap.dedent(PIPELINE))
-    run = tmp_path / "run"
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    r = subprocess.run(_tools() + ["run", str(pipe), "--run-dir", str(run)], env=env, capture_output=True,
-                       text=True, timeout=1200)
-    assert r.returncode == 0, r.stderr[-3000:]
-    first = _fingerprints(run)
-    assert any(k.endswith(".gguf") for k in first) and "bench/items.jsonl" in first
-    trained = read_artifact(run / "sft" / "output")
-    assert trained.extra["adapter"] and trained.extra.get("log_history")
-    assert trained.extra["world_size"] == 1 and trained.extra["resumed_from_step"] is None
-    # the step names no `out:`/`out_flag:`/`after:`: the pipeline gives `tools train` its --out
-    state = json.loads((run / "run.json").read_text())
-    assert state["steps"]["train"]["argv"][-2:] == ["--out", str((run / "sft" / "output").resolve())]
+def _run(pipe: Path, run: Path, env: dict, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(_tools() + ["run", str(pipe), "--run-dir", str(run), *extra], env=env, capture_output=True,
+                          text=True, timeout=1200)
 
-    # second run: drop the training output, then SIGKILL the pipeline once training has written a checkpoint
+
+def _kill_at_first_checkpoint(pipe: Path, run: Path, env: dict) -> Path:
+    """`tools run` in its own process group, SIGKILLed (the group) once training has written a checkpoint."""
     stage = run / "sft"
-    assert not (stage / "checkpoints").exists()  # recorded: the checkpoints have served
-    shutil.rmtree(stage / "output")
     p = subprocess.Popen(_tools() + ["run", str(pipe), "--run-dir", str(run)], env=env, stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 600
@@ -107,7 +93,19 @@ def test_demo_pipeline_resumes_after_sigkill_with_identical_outputs(tmp_path):
         time.sleep(0.1)
     os.killpg(p.pid, signal.SIGKILL)
     p.wait()
+    p.stderr.close()
     assert_gone_after_kill(stage)
+    return stage
+
+
+def test_demo_pipeline_resumes_after_sigkill_with_identical_outputs(tmp_path):
+    pipe = tmp_path / "demo.yaml"
+    pipe.write_text(textwrap.dedent(PIPELINE))
+    run = tmp_path / "run"
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+
+    # first run: SIGKILLed (the whole pipeline) once training has written a checkpoint
+    stage = _kill_at_first_checkpoint(pipe, run, env)
     assert not (stage / "output" / "manifest.json").exists(), "a killed training run must leave no manifest"
     assert (stage / "checkpoints").stat().st_mode & 0o777 == 0o700
     k, bad = cut_off_checkpoint(stage, "adapter_model.safetensors")  # newer, cut off: a rule that only looks for
@@ -117,8 +115,7 @@ def test_demo_pipeline_resumes_after_sigkill_with_identical_outputs(tmp_path):
     cols = dict(env, COLUMNS="250")
     asked = subprocess.run(_tools() + ["train", str(stage), "--dry-run", "--json"], env=env, capture_output=True,
                            text=True)
-    dry = subprocess.run(_tools() + ["run", str(pipe), "--run-dir", str(run), "--dry-run"], env=cols,
-                         capture_output=True, text=True)
+    dry = _run(pipe, run, cols, "--dry-run")
     status = subprocess.run(_tools() + ["status", str(run)], env=cols, capture_output=True, text=True)
     note = f"resumes from its checkpoint at step {k}"
     assert json.loads(asked.stdout)["results"]["resume_from_step"] == k
@@ -126,31 +123,41 @@ def test_demo_pipeline_resumes_after_sigkill_with_identical_outputs(tmp_path):
     assert note in " ".join(status.stdout.split()), status.stdout
     assert f"step {k + 1}" not in dry.stdout + status.stdout
 
-    # third run: earlier steps are skipped, training resumes where the stage said, outputs match the first run
-    r = subprocess.run(_tools() + ["run", str(pipe), "--run-dir", str(run)], env=env, capture_output=True,
-                       text=True, timeout=1200)
+    # second run: earlier steps are skipped, training resumes where the stage said, the pipeline finishes
+    r = _run(pipe, run, env)
     assert r.returncode == 0, r.stderr[-3000:]
     for step in ("base", "pubmedqa", "sft"):
         assert f"[done] {step}" in r.stderr
     err = " ".join(r.stderr.split())
     assert "[run ] train" in err and f"skipping {bad}: cut off mid-write" in err and f"resuming from step {k} " in err
     resumed = read_artifact(stage / "output")
-    assert resumed.extra["resumed_from_step"] == k
+    assert resumed.extra["resumed_from_step"] == k and resumed.extra["world_size"] == 1
     assert [h["step"] for h in resumed.extra["log_history"] if "loss" in h] == list(range(1, 7))
     assert not (stage / "checkpoints").exists() and not list(stage.glob(".output.partial-*"))
-    # the trainer's own files (training_args.bin holds a time-stamped logging_dir) make the training
-    # artifact new, so the merge runs again; it gives the same bytes, so nothing after it runs
+    first = _fingerprints(run)
+    assert any(k.endswith(".gguf") for k in first) and "bench/items.jsonl" in first
+    # the step names no `out:`/`out_flag:`/`after:`: the pipeline gives `tools train` its --out
+    state = json.loads((run / "run.json").read_text())
+    assert state["steps"]["train"]["argv"][-2:] == ["--out", str((run / "sft" / "output").resolve())]
+
+    # --restart: the uninterrupted training (and no second preprocess: the data was prepared for this stage) gives
+    # the very bytes of the resumed one
+    r = subprocess.run(_tools() + ["train", str(stage), "--restart"], env=env, capture_output=True, text=True,
+                       timeout=1200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming" not in r.stderr and "preprocess: skipped" in r.stderr
+    whole = read_artifact(stage / "output")
+    assert whole.extra["resumed_from_step"] is None and whole.extra["log_history"] == resumed.extra["log_history"]
+    assert _fingerprints(run) == first
+
+    # third run: the pipeline is content-addressed. The trainer's own files (training_args.bin holds a time-stamped
+    # logging_dir) make the training artifact new, so the merge runs again; it gives the same bytes, so nothing
+    # after it runs
+    r = _run(pipe, run, env)
+    assert r.returncode == 0, r.stderr[-3000:]
     assert "[run ] merged" in r.stderr
     for step in DOWNSTREAM[1:]:
         assert f"[done] {step} (skipped: same command and inputs)" in r.stderr, r.stderr[-3000:]
     assert _fingerprints(run) == first
     st = subprocess.run(_tools() + ["status", str(run)], env=env, capture_output=True, text=True)
     assert st.returncode == 0 and st.stdout.count("done") >= 9
-
-    # --restart starts over (and needs no second preprocess: the data was prepared for this stage)
-    r = subprocess.run(_tools() + ["train", str(stage), "--restart"], env=env, capture_output=True, text=True,
-                       timeout=1200)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "resuming" not in r.stderr and "preprocess: skipped" in r.stderr
-    assert read_artifact(stage / "output").extra["resumed_from_step"] is None
-    assert _fingerprints(run) == first

@@ -1,0 +1,145 @@
+"""One-process Axolotl commands (`axolotl train --launcher python`, `preprocess`, `merge-lora`) as a fork of the
+warm test worker instead of a fresh interpreter.
+
+A one-process Axolotl run of the tiny Llama spends ~15 of its ~20 s importing torch, transformers, trl,
+wandb, numba... before it logs a line; the suite starts about fifteen of them from `tools` calls that
+`tests.helpers.run_forked` already runs in a fork of the worker. `install()` (in that forked `tools`)
+makes `subprocess.Popen` start exactly those commands as one more fork, which then runs Axolotl's own
+console entry point (`axolotl.cli.main:main`) on the same argv, in the same folder, with the same
+environment, the same pipes and the same start-up shim (recipes/seeding/sitecustomize.py: seeding, the
+hooks, dying with its parent): measured 20 s -> 5 s a run. The rest of `tools train` (the log, the
+progress, checkpoints, the artifact) is untouched, and every other command is a real process.
+
+A command is forked only when nothing it would read at import time differs: the worker's hash seed is
+0 (`PYTHONHASHSEED=0`, which `tools train` gives Axolotl: peft's set order), and the environment differs
+from the worker's only in variables read at run time (RUN_TIME_ENV). Several processes (torchrun,
+accelerate) and the demo and distributed tests' own subprocesses stay real, so the real launch path is
+still run end to end (tests/tools/test_demo.py, tests/recipes/test_train_distributed.py)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+AXOLOTL = str(Path(sys.executable).parent / "axolotl")
+# read by the shim or by Axolotl when they run, never at import time
+RUN_TIME_ENV = frozenset({"PATH", "PYTHONPATH", "PYTHONHASHSEED", "MEDILORA_SEED", "MEDILORA_DIE_WITH_PARENT",
+                          "MEDILORA_TRACE_SAMPLES"})
+# a new interpreter's warnings filters (`python -c "import warnings; print(warnings.filters)"`)
+DEFAULT_WARNINGS = (("default", DeprecationWarning, "__main__"), ("ignore", DeprecationWarning, ""),
+                    ("ignore", PendingDeprecationWarning, ""), ("ignore", ImportWarning, ""),
+                    ("ignore", ResourceWarning, ""))
+# what `axolotl train` imports beyond tests.helpers' _WARM (measured with -X importtime)
+WARM = ("transformers.trainer", "accelerate", "trl", "bitsandbytes", "wandb", "numba", "evaluate")
+
+
+def forkable(args, env) -> bool:
+    """Whether ``args`` is a one-process `axolotl train|preprocess|merge-lora` that a fork of this interpreter runs
+    as a new interpreter would."""
+    if not isinstance(args, (list, tuple)) or len(args) < 3 or str(args[0]) != AXOLOTL:
+        return False
+    args = [str(a) for a in args]
+    if args[1] == "train":   # its other launchers start several processes
+        if "--" in args or "--launcher" not in args or args[args.index("--launcher") + 1] != "python":
+            return False
+    elif args[1] not in ("merge-lora", "preprocess"):   # one process, always
+        return False
+    if env is None or sys.flags.hash_randomization or env.get("PYTHONHASHSEED") != "0":
+        return False
+    changed = {k for k in set(env) | set(os.environ) if env.get(k) != os.environ.get(k)}
+    return changed <= RUN_TIME_ENV
+
+
+class WarmPopen(subprocess.Popen):
+    """``subprocess.Popen`` that forks a `forkable` command (pipes, pid, wait and kill as for any child)."""
+
+    def _execute_child(self, args, executable, preexec_fn, close_fds, pass_fds, cwd, env, startupinfo,
+                       creationflags, shell, p2cread, p2cwrite, c2pread, c2pwrite, errread, errwrite, *rest):
+        if shell or not forkable(args, env):
+            return super()._execute_child(args, executable, preexec_fn, close_fds, pass_fds, cwd, env, startupinfo,
+                                          creationflags, shell, p2cread, p2cwrite, c2pread, c2pwrite, errread,
+                                          errwrite, *rest)
+        pid = os.fork()
+        if pid == 0:
+            _child([str(a) for a in args], cwd, env, (p2cread, c2pwrite, errwrite), (p2cwrite, c2pread, errread))
+        self.pid = pid
+        self._child_created = True
+        self._close_pipe_fds(p2cread, p2cwrite, c2pread, c2pwrite, errread, errwrite)
+
+
+def _child(argv: list[str], cwd, env: dict, ours: tuple, theirs: tuple) -> None:
+    """In the fork: the child's ends of the pipes on fds 0-2, then Axolotl's entry point; never returns."""
+    import io
+    import logging
+    import signal
+    import traceback
+    import warnings
+
+    code = 1
+    try:
+        for fd, std in zip(ours, (0, 1, 2)):
+            if fd != -1:
+                os.dup2(fd, std)
+        for fd in {*ours, *theirs} - {-1, 0, 1, 2}:
+            os.close(fd)
+        sys.stdout = io.TextIOWrapper(open(1, "wb", closefd=False), write_through=True)
+        sys.stderr = io.TextIOWrapper(open(2, "wb", closefd=False), write_through=True)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM):
+            signal.signal(sig, signal.SIG_DFL)
+        root = logging.getLogger()
+        for h in list(root.handlers):
+            root.removeHandler(h)
+        warnings.resetwarnings()   # a new interpreter's filters, not pytest's
+        for action, category, module in reversed(DEFAULT_WARNINGS):
+            warnings.filterwarnings(action, category=category, module=module)
+        if cwd is not None:
+            os.chdir(cwd)
+        os.environ.clear()
+        os.environ.update(env)
+        if "torch" in sys.modules and env.get("OMP_NUM_THREADS", "").isdigit():
+            sys.modules["torch"].set_num_threads(int(env["OMP_NUM_THREADS"]))
+        _shim(env)
+        sys.argv = argv
+        from axolotl.cli.main import main
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:  # noqa: BLE001 - a crash, as the interpreter would print it
+        traceback.print_exc()
+    finally:
+        for f in (sys.stdout, sys.stderr):
+            try:
+                f.flush()
+            except Exception:  # noqa: BLE001
+                pass
+        os._exit(code)
+
+
+def _shim(env: dict) -> None:
+    """The start-up shim where the command's PYTHONPATH names it, as a new interpreter would run it; its hooks patch
+    at once a module the worker already has."""
+    import runpy
+
+    from recipes.hardware import SHIM_DIR
+
+    if str(SHIM_DIR) not in env.get("PYTHONPATH", "").split(os.pathsep):
+        return
+    hooks = runpy.run_path(str(SHIM_DIR / "sitecustomize.py"), run_name="sitecustomize").get("_HOOKS", {})
+    for name in [n for n in hooks if n in sys.modules]:
+        hooks.pop(name)(sys.modules[name])
+
+
+def warm() -> None:
+    """Import WARM in this worker (once), so that no fork imports them again."""
+    import importlib
+
+    for name in WARM:
+        if name not in sys.modules:
+            importlib.import_module(name)
+
+
+def install() -> None:
+    """From now on this process starts a `forkable` command as a fork (call it in a forked `tools`)."""
+    subprocess.Popen = WarmPopen
