@@ -21,11 +21,14 @@ VENV_BIN = Path(sys.executable).parent
 
 
 def run_tools(*args, check: bool = False, env: dict | None = None, cwd=None, timeout: int = 1800):
-    """Run `tools ARGS` as a user would: the installed console script in a subprocess where the test changes the
-    environment, else the same entry point in a forked child of this worker (see `run_forked`)."""
+    """Run `tools ARGS` as a user would: the installed console script in a subprocess where the test sets an
+    environment variable read at import time, else the same entry point in a forked child of this worker (see
+    `run_forked`; ``env`` of variables read at run time only, tests.warm_axolotl.RUN_TIME_ENV, is set in the child)."""
+    from tests.warm_axolotl import RUN_TIME_ENV
+
     argv = list(map(str, args))
-    if env is None and os.environ.get("MEDILORA_TEST_SUBPROCESS") != "1":
-        p = run_forked(_tools_main(argv), ["tools", *argv], cwd, timeout)
+    if set(env or {}) <= RUN_TIME_ENV and os.environ.get("MEDILORA_TEST_SUBPROCESS") != "1":
+        p = run_forked(_tools_main(argv, env or {}), ["tools", *argv], cwd, timeout)
     else:
         e = dict(os.environ)
         e["PATH"] = f"{VENV_BIN}:{e.get('PATH', '')}"
@@ -53,11 +56,12 @@ def _warm() -> None:
     warm_axolotl.warm()
 
 
-def _tools_main(argv: list[str]):
-    """The console script's entry point on ``argv`` (for `run_forked`)."""
+def _tools_main(argv: list[str], env: dict):
+    """The console script's entry point on ``argv``, ``env`` added to the environment (for `run_forked`)."""
     def main() -> None:
         from tools.cli import main as tools_main
 
+        os.environ.update({k: str(v) for k, v in env.items()})
         sys.argv = ["tools", *argv]
         tools_main()
     return main

@@ -3,7 +3,8 @@
 One SFT recipe on the tiny Llama (16 rows, global batch 4, 8 optimizer steps = 2 epochs, a
 checkpoint every 2 steps, LoRA without dropout, one thread per process) is trained:
 
-* once uninterrupted with 1 process (accumulation 2): the reference;
+* once uninterrupted with 1 process (accumulation 2): the reference (a `tools train` forked from the
+  test worker, its Axolotl too: tests/warm_axolotl.py);
 * (a 1-process run killed and resumed is tests/tools/test_demo.py's: through the pipeline, with
   `tools status` and the dry runs asked before the resume);
 * with 2 processes (DDP over gloo, accumulation 1: the same global batch), killed and resumed
@@ -30,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import VENV_BIN, assert_gone_after_kill, cut_off_checkpoint, make_dataset
+from tests.helpers import VENV_BIN, assert_gone_after_kill, cut_off_checkpoint, make_dataset, run_tools
 from tools.artifact import read_artifact
 
 RECIPE = ["--device", "cpu", "--lora", "--max-steps", "8", "--micro-batch", "2", "--no-packing", "--warmup-steps", "0",
@@ -132,7 +133,9 @@ def reference(tmp_path_factory, tiny_llama):
                *RECIPE)
     assert r.returncode == 0, r.stderr
     trace = root / "trace-one"
-    r = _tools("train", stage, MEDILORA_TRACE_SAMPLES=trace)
+    # a forked `tools train` whose one-process Axolotl is a fork of this worker too (tests/warm_axolotl.py): the
+    # 2-process and 2-node runs below, all real processes, must match it bit for bit
+    r = run_tools("train", stage, env={"MEDILORA_TRACE_SAMPLES": str(trace)})
     assert r.returncode == 0, r.stderr[-3000:]
     out = read_artifact(stage / "output", stage="train")
     import hashlib

@@ -1,0 +1,38 @@
+"""The test harness's warm Axolotl (tests/warm_axolotl.py) forks exactly the one-process commands whose
+environment a fork reproduces; everything else stays a real process. (That a forked run trains the very
+bytes of real processes is tests/recipes/test_train_distributed.py's reference, compared bit for bit with
+real 2-process and 2-node runs.)"""
+from __future__ import annotations
+
+import sys
+
+from recipes.recipe import env_for_axolotl
+from recipes.stage import StageSpec, write_stage
+from recipes.train import plan
+from tests.helpers import make_dataset
+from tests.warm_axolotl import AXOLOTL, forkable
+
+
+def test_only_one_process_commands_with_run_time_env_fork(tmp_path, tiny_llama):
+    data = make_dataset(tmp_path / "data", n=4)
+    one = plan(write_stage(StageSpec("sft", tmp_path / "one", base_model=str(tiny_llama), data=[str(data)],
+                                     device="cpu", mode="lora", max_steps=1)).path)
+    two = plan(write_stage(StageSpec("sft", tmp_path / "two", base_model=str(tiny_llama), data=[str(data)],
+                                     device="cpu", mode="lora", max_steps=1, procs=2)).path)
+    env = dict(env_for_axolotl(seed=42), MEDILORA_DIE_WITH_PARENT="1")
+    [train] = one["commands"]
+    assert train[0] == AXOLOTL and train[1] == "train"
+    # a fork has this worker's hash seed: only where it is 0, the one every Axolotl process gets
+    assert forkable(train, env) is (sys.flags.hash_randomization == 0)
+    if sys.flags.hash_randomization == 0:
+        assert forkable(train, dict(env, MEDILORA_TRACE_SAMPLES=str(tmp_path / "t")))   # read when Axolotl runs
+        assert forkable([AXOLOTL, "merge-lora", "c.yaml", "--lora-model-dir", "x"], env)
+    assert not forkable(train, dict(env, PYTHONHASHSEED="1"))
+    assert not forkable(train, dict(env, HF_ENDPOINT="http://127.0.0.1:1"))   # read at import time
+    assert not forkable(["axolotl", *train[1:]], env) and not forkable(train, None)
+    assert not forkable([AXOLOTL, "inference", "c.yaml"], env)
+    # several processes: accelerate launches them, and their environment (CPU/DDP switches) is read at import
+    pre, train2 = two["commands"]
+    env2 = env_for_axolotl(seed=42, preset=None) | two["env"]
+    assert not forkable(train2, env2) and "--launcher" in train2
+    assert not forkable(pre, env2) and pre[1] == "preprocess"
