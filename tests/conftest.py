@@ -33,7 +33,10 @@ os.environ.setdefault("PYTHONHASHSEED", "0")
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"
 
-from tests.helpers import REPO, run_tools  # noqa: E402 - after the environment above
+from tests import warm_axolotl  # noqa: E402 - after the environment above
+from tests.helpers import REPO, run_tools  # noqa: E402
+
+warm_axolotl.install()   # a one-process Axolotl command or converter a test starts is a fork of the worker
 
 
 @pytest.fixture(scope="session")

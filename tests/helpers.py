@@ -62,6 +62,8 @@ def _tools_main(argv: list[str], env: dict):
         from tools.cli import main as tools_main
 
         os.environ.update({k: str(v) for k, v in env.items()})
+        if "OMP_NUM_THREADS" in env and "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(int(env["OMP_NUM_THREADS"]))
         sys.argv = ["tools", *argv]
         tools_main()
     return main
@@ -85,8 +87,6 @@ def _child(main, cwd, out: int, err: int) -> None:
         root.removeHandler(h)
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(1)
-    from tests import warm_axolotl
-    warm_axolotl.install()   # its one-process `axolotl train` forks too
     os.environ["PATH"] = f"{VENV_BIN}:{os.environ.get('PATH', '')}"   # as for the subprocess: the venv's programs
     if cwd is not None:
         os.chdir(cwd)
@@ -136,6 +136,19 @@ def run_forked(main, cmd: list[str], cwd=None, timeout: int = 1800) -> subproces
         err.seek(0)
         return subprocess.CompletedProcess(cmd, os.waitstatus_to_exitcode(status), out.read().decode(errors="replace"),
                                            err.read().decode(errors="replace"))
+
+
+def run_bench(name: str, *args, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python bench/NAME ARGS` from the repository root, as `make bench` runs it, in a forked child (`run_forked`)."""
+    import runpy
+
+    cmd = [str(REPO / "bench" / name), *map(str, args)]
+
+    def main() -> None:
+        sys.argv = cmd
+        sys.path.insert(0, str(REPO / "bench"))   # what `python bench/NAME` puts first
+        runpy.run_path(cmd[0], run_name="__main__")
+    return run_forked(main, [sys.executable, *cmd], cwd=REPO, timeout=timeout)
 
 
 def gguf_path(payload: dict) -> Path:

@@ -4,14 +4,12 @@ on its speed (the machine is shared): a crash anywhere leaves no figures file an
 from __future__ import annotations
 
 import json
-import runpy
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import run_forked
+from tests.helpers import run_bench
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = sorted(p.name for p in (REPO / "bench").glob("*.py"))
@@ -20,13 +18,7 @@ SCRIPTS = sorted(p.name for p in (REPO / "bench").glob("*.py"))
 def run_script(name: str, *args, ok_codes=(0,)) -> subprocess.CompletedProcess:
     """`python bench/NAME ARGS` from the repository root, as `make bench` runs it (in a forked child of the worker:
     tests.helpers.run_forked)."""
-    cmd = [str(REPO / "bench" / name), *map(str, args)]
-
-    def main() -> None:
-        sys.argv = cmd
-        sys.path.insert(0, str(REPO / "bench"))   # what `python bench/NAME` puts first
-        runpy.run_path(cmd[0], run_name="__main__")
-    p = run_forked(main, [sys.executable, *cmd], cwd=REPO, timeout=600)
+    p = run_bench(name, *args)
     assert p.returncode in ok_codes and "Traceback" not in p.stderr, (p.returncode, p.stdout[-2000:], p.stderr[-4000:])
     return p
 

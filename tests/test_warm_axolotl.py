@@ -1,9 +1,10 @@
-"""The test harness's warm Axolotl (tests/warm_axolotl.py) forks exactly the one-process commands whose
-environment a fork reproduces; everything else stays a real process. (That a forked run trains the very
+"""The test harness's warm Axolotl (tests/warm_axolotl.py) forks exactly the one-process Axolotl commands and
+llama.cpp converters whose environment a fork reproduces; everything else stays a real process. (That a forked run trains the very
 bytes of real processes is tests/recipes/test_train_distributed.py's reference, compared bit for bit with
 real 2-process and 2-node runs.)"""
 from __future__ import annotations
 
+import os
 import sys
 
 from recipes.recipe import env_for_axolotl
@@ -31,8 +32,32 @@ def test_only_one_process_commands_with_run_time_env_fork(tmp_path, tiny_llama):
     assert not forkable(train, dict(env, HF_ENDPOINT="http://127.0.0.1:1"))   # read at import time
     assert not forkable(["axolotl", *train[1:]], env) and not forkable(train, None)
     assert not forkable([AXOLOTL, "inference", "c.yaml"], env)
+    # llama.cpp's converters, with the environment release.llamasrc.run_script gives them
+    from release.llamasrc import llama_cpp_dir
+    conv = [sys.executable, str(llama_cpp_dir() / "convert_hf_to_gguf.py"), str(tiny_llama), "--outtype", "f16"]
+    conv_env = dict(os.environ, PYTHONPATH=f"{llama_cpp_dir() / 'gguf-py'}{os.pathsep}{llama_cpp_dir()}")
+    assert forkable(conv, conv_env) is (sys.flags.hash_randomization == 0)
+    assert not forkable([sys.executable, str(tmp_path / "convert_hf_to_gguf.py")], conv_env)
+    assert not forkable([sys.executable, "-m", "recipes.train"], conv_env)
     # several processes: accelerate launches them, and their environment (CPU/DDP switches) is read at import
     pre, train2 = two["commands"]
     env2 = env_for_axolotl(seed=42, preset=None) | two["env"]
     assert not forkable(train2, env2) and "--launcher" in train2
     assert not forkable(pre, env2) and pre[1] == "preprocess"
+
+
+def test_a_forked_converter_writes_the_bytes_of_a_real_one(tmp_path, tiny_llama, monkeypatch):
+    """llama.cpp's converter on the tiny Llama, once forked from this worker, once as a real process."""
+    import hashlib
+    import subprocess
+
+    from release.convert import convert_hf_to_gguf
+    from tests.warm_axolotl import WarmPopen
+
+    assert subprocess.Popen is WarmPopen   # tests/conftest.py installed it
+    forked = convert_hf_to_gguf(tiny_llama, tmp_path / "forked.gguf", "f16", model_name="tiny")
+    # (without xdist this process has a random hash seed: the first run was real too, `forkable` refused it)
+    monkeypatch.setattr(subprocess, "Popen", WarmPopen.__mro__[1])
+    real = convert_hf_to_gguf(tiny_llama, tmp_path / "real.gguf", "f16", model_name="tiny")
+    digest = [hashlib.sha256(p.read_bytes()).hexdigest() for p in (forked, real)]
+    assert digest[0] == digest[1]

@@ -1,20 +1,22 @@
-"""One-process Axolotl commands (`axolotl train --launcher python`, `preprocess`, `merge-lora`) as a fork of the
-warm test worker instead of a fresh interpreter.
+"""One-process Axolotl commands (`axolotl train --launcher python`, `preprocess`, `merge-lora`) and llama.cpp's
+converters as a fork of the warm test worker instead of a fresh interpreter.
 
 A one-process Axolotl run of the tiny Llama spends ~15 of its ~20 s importing torch, transformers, trl,
-wandb, numba... before it logs a line; the suite starts about fifteen of them from `tools` calls that
-`tests.helpers.run_forked` already runs in a fork of the worker. `install()` (in that forked `tools`)
-makes `subprocess.Popen` start exactly those commands as one more fork, which then runs Axolotl's own
-console entry point (`axolotl.cli.main:main`) on the same argv, in the same folder, with the same
-environment, the same pipes and the same start-up shim (recipes/seeding/sitecustomize.py: seeding, the
-hooks, dying with its parent): measured 20 s -> 5 s a run. The rest of `tools train` (the log, the
-progress, checkpoints, the artifact) is untouched, and every other command is a real process.
+wandb, numba... before it logs a line, a converter ~6 s; the suite starts dozens of them, most from
+`tools` calls that `tests.helpers.run_forked` already runs in a fork of the worker. `install()`
+(tests/conftest.py, in every worker and so in every forked `tools`) makes `subprocess.Popen` start
+exactly those commands as one more fork, which runs the program's own entry point (Axolotl's console
+script `axolotl.cli.main:main`, the converter script as ``__main__``) on the same argv, in the same
+folder, with the same environment and pipes, PYTHONPATH's folders first on sys.path with their modules
+imported afresh (the converters' own gguf-py), and for Axolotl the same start-up shim
+(recipes/seeding/sitecustomize.py: seeding, the hooks, dying with its parent): a tiny run 20 s -> 5 s.
+The rest of the verb (its log, progress, checkpoints, artifact) is untouched.
 
 A command is forked only when nothing it would read at import time differs: the worker's hash seed is
 0 (`PYTHONHASHSEED=0`, which `tools train` gives Axolotl: peft's set order), and the environment differs
 from the worker's only in variables read at run time (RUN_TIME_ENV). Several processes (torchrun,
-accelerate) and the demo and distributed tests' own subprocesses stay real, so the real launch path is
-still run end to end (tests/tools/test_demo.py, tests/recipes/test_train_distributed.py)."""
+accelerate) stay real, and so does everything the demo test starts (`tools run` and its steps, as
+`make demo` runs them), so the real launch path is still run end to end (tests/tools/test_demo.py)."""
 from __future__ import annotations
 
 import os
@@ -23,9 +25,10 @@ import sys
 from pathlib import Path
 
 AXOLOTL = str(Path(sys.executable).parent / "axolotl")
-# read by the shim or by Axolotl when they run, never at import time
+# read by the shim, `tools` or Axolotl when they run, never at import time (OMP_NUM_THREADS is, by torch: a fork
+# applies it with torch.set_num_threads)
 RUN_TIME_ENV = frozenset({"PATH", "PYTHONPATH", "PYTHONHASHSEED", "MEDILORA_SEED", "MEDILORA_DIE_WITH_PARENT",
-                          "MEDILORA_TRACE_SAMPLES"})
+                          "MEDILORA_TRACE_SAMPLES", "OMP_NUM_THREADS"})
 # a new interpreter's warnings filters (`python -c "import warnings; print(warnings.filters)"`)
 DEFAULT_WARNINGS = (("default", DeprecationWarning, "__main__"), ("ignore", DeprecationWarning, ""),
                     ("ignore", PendingDeprecationWarning, ""), ("ignore", ImportWarning, ""),
@@ -34,16 +37,30 @@ DEFAULT_WARNINGS = (("default", DeprecationWarning, "__main__"), ("ignore", Depr
 WARM = ("transformers.trainer", "accelerate", "trl", "bitsandbytes", "wandb", "numba", "evaluate")
 
 
+def _converter(args: list[str]) -> bool:
+    """``python SCRIPT ...`` for one of llama.cpp's converters (release.llamasrc.run_script)."""
+    from release.llamasrc import llama_cpp_dir
+
+    return (len(args) >= 2 and args[0] == sys.executable and args[1].endswith(".py")
+            and Path(args[1]).parent == llama_cpp_dir(download=False))
+
+
+def _axolotl(args: list[str]) -> bool:
+    """``axolotl train --launcher python|preprocess|merge-lora ...``: one process (other launchers start several)."""
+    if len(args) < 3 or args[0] != AXOLOTL:
+        return False
+    if args[1] == "train":
+        return "--" not in args and "--launcher" in args and args[args.index("--launcher") + 1] == "python"
+    return args[1] in ("merge-lora", "preprocess")
+
+
 def forkable(args, env) -> bool:
-    """Whether ``args`` is a one-process `axolotl train|preprocess|merge-lora` that a fork of this interpreter runs
+    """Whether ``args`` is a one-process Axolotl command or llama.cpp converter that a fork of this interpreter runs
     as a new interpreter would."""
-    if not isinstance(args, (list, tuple)) or len(args) < 3 or str(args[0]) != AXOLOTL:
+    if not isinstance(args, (list, tuple)):
         return False
     args = [str(a) for a in args]
-    if args[1] == "train":   # its other launchers start several processes
-        if "--" in args or "--launcher" not in args or args[args.index("--launcher") + 1] != "python":
-            return False
-    elif args[1] not in ("merge-lora", "preprocess"):   # one process, always
+    if not (_axolotl(args) or _converter(args)):
         return False
     if env is None or sys.flags.hash_randomization or env.get("PYTHONHASHSEED") != "0":
         return False
@@ -99,10 +116,18 @@ def _child(argv: list[str], cwd, env: dict, ours: tuple, theirs: tuple) -> None:
         os.environ.update(env)
         if "torch" in sys.modules and env.get("OMP_NUM_THREADS", "").isdigit():
             sys.modules["torch"].set_num_threads(int(env["OMP_NUM_THREADS"]))
-        _shim(env)
-        sys.argv = argv
-        from axolotl.cli.main import main
-        main()
+        _python_path(env)
+        if argv[0] == AXOLOTL:
+            _shim(env)
+            sys.argv = argv
+            from axolotl.cli.main import main
+            main()
+        else:   # python SCRIPT ARGS
+            import runpy
+
+            sys.argv = argv[1:]
+            sys.path.insert(0, str(Path(argv[1]).parent))
+            runpy.run_path(argv[1], run_name="__main__")
         code = 0
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
@@ -115,6 +140,16 @@ def _child(argv: list[str], cwd, env: dict, ours: tuple, theirs: tuple) -> None:
             except Exception:  # noqa: BLE001
                 pass
         os._exit(code)
+
+
+def _python_path(env: dict) -> None:
+    """PYTHONPATH's folders first on sys.path, as a new interpreter has them, and the modules they hold imported
+    afresh from there (the converters bring llama.cpp's own gguf-py, not the worker's)."""
+    folders = [f for f in env.get("PYTHONPATH", "").split(os.pathsep) if f]
+    sys.path[:0] = folders
+    mine = {p.stem if p.suffix == ".py" else p.name for f in folders if os.path.isdir(f) for p in Path(f).iterdir()}
+    for name in [n for n in sys.modules if n.split(".")[0] in mine]:
+        del sys.modules[name]
 
 
 def _shim(env: dict) -> None:

@@ -50,8 +50,8 @@ def _env(**extra) -> dict:
 
 
 def _tools(*args, **extra) -> subprocess.CompletedProcess:
-    return subprocess.run([str(VENV_BIN / "tools"), *map(str, args)], capture_output=True, text=True,
-                          env=_env(**extra), timeout=600)
+    """`tools ARGS` with one thread (forked from the worker: tests.helpers.run_tools; its several processes are real)."""
+    return run_tools(*args, env={"OMP_NUM_THREADS": "1", **{k: str(v) for k, v in extra.items()}}, timeout=600)
 
 
 def _train_and_kill(stage: Path, **extra) -> None:
@@ -135,7 +135,7 @@ def reference(tmp_path_factory, tiny_llama):
     trace = root / "trace-one"
     # a forked `tools train` whose one-process Axolotl is a fork of this worker too (tests/warm_axolotl.py): the
     # 2-process and 2-node runs below, all real processes, must match it bit for bit
-    r = run_tools("train", stage, env={"MEDILORA_TRACE_SAMPLES": str(trace)})
+    r = _tools("train", stage, MEDILORA_TRACE_SAMPLES=trace)
     assert r.returncode == 0, r.stderr[-3000:]
     out = read_artifact(stage / "output", stage="train")
     import hashlib

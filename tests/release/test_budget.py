@@ -140,14 +140,10 @@ def test_size_and_memory_limits_pick_the_best_that_fits(everything, f16, tools_c
 def test_bench_quant_budget_tiny(f16, tmp_path):
     """bench/bench_quant_budget.py --tiny: the report's dominance and search accounting agree with its table and
     with a real search."""
-    import subprocess
-    import sys
+    from tests.helpers import run_bench
 
-    from tests.helpers import REPO
-
-    p = subprocess.run([sys.executable, str(REPO / "bench" / "bench_quant_budget.py"), "--tiny", "--f16", str(f16),
-                        "--out", str(tmp_path / "b")], capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-2000:]
+    p = run_bench("bench_quant_budget.py", "--tiny", "--f16", f16, "--out", tmp_path / "b")
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-2000:]
     r = json.loads((tmp_path / "b" / "bench_quant_budget.json").read_text())
     rows = json.loads((tmp_path / "b" / "all" / "candidates.json").read_text())["candidates"]
     assert r["candidates"] == len(rows) >= 6 and r["stock"] == 3 and r["tokens_scored"] == 511
