@@ -60,6 +60,37 @@ def test_run_skips_done_steps_and_reruns_stale(tmp_path, tools_cli):
     assert second["steps"]["split"] == first["steps"]["split"]
 
 
+def test_a_step_rerun_to_the_same_bytes_skips_what_follows(tmp_path, tools_cli):
+    """Content-addressed: blank lines added to the source make the corpus step run again, its corpus comes out
+    byte for byte the same, so the step that reads it is not run again (as a resumed training merged into the
+    same weights skips the conversion, quantization and bench after the merge)."""
+    books = _books(tmp_path, TEXT)
+    p = tmp_path / "p.yaml"
+    p.write_text(textwrap.dedent(f"""
+        name: addressed
+        steps:
+          - name: books
+            run: build-corpus textbooks --src {books} --doc-words 40 --min-chars 10
+          - name: clean
+            run: decontaminate --train {{steps.books.out}} --against pubmedqa
+    """))
+    run = tmp_path / "run"
+    assert tools_cli("run", p, "--run-dir", run).returncode == 0
+    first = json.loads((run / "run.json").read_text())["steps"]
+    with open(books / "a.txt", "a") as f:
+        f.write("\n\n\n")
+    r = tools_cli("run", p, "--run-dir", run)
+    assert r.returncode == 0 and "[run ] books" in r.stderr, r.stderr
+    assert "[done] clean (skipped: same command and inputs)" in r.stderr, r.stderr
+    again = json.loads((run / "run.json").read_text())["steps"]
+    assert again["books"]["digest"] == first["books"]["digest"] and again["clean"] == first["clean"]
+    assert again["books"]["files"] != first["books"]["files"]   # it did read the changed source
+    # a source that changes the corpus runs the next step again
+    (books / "a.txt").write_text(TEXT.replace("Dyspnea", "Dyspnoea"))
+    r = tools_cli("run", p, "--run-dir", run)
+    assert "[run ] books" in r.stderr and "[run ] clean" in r.stderr, r.stderr
+
+
 def test_status_judges_steps_with_the_runs_var_values(tmp_path, tools_cli):
     """A run made with --var (make demo passes the notes source that way) reads as done, not stale."""
     default = _books(tmp_path, TEXT)
