@@ -93,35 +93,44 @@ def _child(main, cwd, out: int, err: int) -> None:
     main()
 
 
+def _fork(main, cwd, out: int, err: int, new_session: bool = False) -> int:
+    """Fork; the child runs ``main()`` (see `_child`), in a session of its own if asked, and exits with its code."""
+    import traceback
+
+    _warm()
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:
+        if new_session:
+            os.setsid()
+        _child(main, cwd, out, err)
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:  # noqa: BLE001 - a crash of the program, as its interpreter would print it
+        traceback.print_exc()
+    finally:
+        for f in (sys.stdout, sys.stderr):
+            try:
+                f.flush()
+            except Exception:  # noqa: BLE001
+                pass
+        os._exit(code)
+
+
 def run_forked(main, cmd: list[str], cwd=None, timeout: int = 1800) -> subprocess.CompletedProcess:
     """``main()`` (a program's entry point: `tools`, a bench/ script) in a forked child of this worker: its exit
     code, its own stdout and stderr (fds 1 and 2, so llama.cpp's and child processes' output too), without a new
     interpreter's start-up. ``cmd`` names the program in the result. Only for tests that set no environment
-    variables (some are read at import time)."""
+    variables read at import time."""
     import signal
     import tempfile
     import time
-    import traceback
 
-    _warm()
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                _child(main, cwd, out.fileno(), err.fileno())
-                code = 0
-            except SystemExit as e:
-                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-            except BaseException:  # noqa: BLE001 - a crash of the program, as its interpreter would print it
-                traceback.print_exc()
-            finally:
-                for f in (sys.stdout, sys.stderr):
-                    try:
-                        f.flush()
-                    except Exception:  # noqa: BLE001
-                        pass
-                os._exit(code)
+        pid = _fork(main, cwd, out.fileno(), err.fileno())
         deadline = time.monotonic() + timeout
         while True:
             done, status = os.waitpid(pid, os.WNOHANG)
@@ -136,6 +145,46 @@ def run_forked(main, cmd: list[str], cwd=None, timeout: int = 1800) -> subproces
         err.seek(0)
         return subprocess.CompletedProcess(cmd, os.waitstatus_to_exitcode(status), out.read().decode(errors="replace"),
                                            err.read().decode(errors="replace"))
+
+
+class Spawned:
+    """`tools ARGS` running in a forked child in a session of its own (`spawn_tools`): killable as a group, as a
+    real `tools` started with ``start_new_session=True``."""
+
+    def __init__(self, argv: list[str], env: dict):
+        import tempfile
+
+        self._err = tempfile.TemporaryFile()
+        with open(os.devnull, "wb") as null:
+            self.pid = _fork(_tools_main(argv, env), None, null.fileno(), self._err.fileno(), new_session=True)
+        self.returncode = None
+
+    def poll(self):
+        if self.returncode is None:
+            done, status = os.waitpid(self.pid, os.WNOHANG)
+            if done:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self):
+        if self.returncode is None:
+            self.returncode = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
+        return self.returncode
+
+    def stderr_text(self) -> str:
+        self._err.seek(0)
+        return self._err.read().decode(errors="replace")
+
+    def close(self) -> None:
+        self._err.close()
+
+
+def spawn_tools(*args, env: dict | None = None) -> Spawned:
+    """Start `tools ARGS` (forked, in its own session) and return at once; ``env`` of run-time variables only."""
+    from tests.warm_axolotl import RUN_TIME_ENV
+
+    assert set(env or {}) <= RUN_TIME_ENV, f"read at import time: {set(env or {}) - RUN_TIME_ENV}"
+    return Spawned(list(map(str, args)), env or {})
 
 
 def run_bench(name: str, *args, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -39,11 +39,13 @@ def test_only_one_process_commands_with_run_time_env_fork(tmp_path, tiny_llama):
     assert forkable(conv, conv_env) is (sys.flags.hash_randomization == 0)
     assert not forkable([sys.executable, str(tmp_path / "convert_hf_to_gguf.py")], conv_env)
     assert not forkable([sys.executable, "-m", "recipes.train"], conv_env)
-    # several processes: accelerate launches them, and their environment (CPU/DDP switches) is read at import
+    # several processes: accelerate launches them (real processes); their one preprocess forks, its CPU/DDP switches
+    # are read when it runs
     pre, train2 = two["commands"]
     env2 = env_for_axolotl(seed=42, preset=None) | two["env"]
-    assert not forkable(train2, env2) and "--launcher" in train2
-    assert not forkable(pre, env2) and pre[1] == "preprocess"
+    assert "ACCELERATE_USE_CPU" in env2 and "--launcher" in train2 and pre[1] == "preprocess"
+    assert not forkable(train2, env2)
+    assert forkable(pre, env2) is (sys.flags.hash_randomization == 0)
 
 
 def test_a_forked_converter_writes_the_bytes_of_a_real_one(tmp_path, tiny_llama, monkeypatch):

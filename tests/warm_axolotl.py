@@ -28,7 +28,8 @@ AXOLOTL = str(Path(sys.executable).parent / "axolotl")
 # read by the shim, `tools` or Axolotl when they run, never at import time (OMP_NUM_THREADS is, by torch: a fork
 # applies it with torch.set_num_threads)
 RUN_TIME_ENV = frozenset({"PATH", "PYTHONPATH", "PYTHONHASHSEED", "MEDILORA_SEED", "MEDILORA_DIE_WITH_PARENT",
-                          "MEDILORA_TRACE_SAMPLES", "OMP_NUM_THREADS"})
+                          "MEDILORA_TRACE_SAMPLES", "OMP_NUM_THREADS",
+                          "MEDILORA_DEVICE", "ACCELERATE_USE_CPU"})   # the shim's; accelerate's PartialState
 # a new interpreter's warnings filters (`python -c "import warnings; print(warnings.filters)"`)
 DEFAULT_WARNINGS = (("default", DeprecationWarning, "__main__"), ("ignore", DeprecationWarning, ""),
                     ("ignore", PendingDeprecationWarning, ""), ("ignore", ImportWarning, ""),

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import VENV_BIN, assert_gone_after_kill, cut_off_checkpoint, make_dataset, run_tools
+from tests.helpers import VENV_BIN, assert_gone_after_kill, cut_off_checkpoint, make_dataset, run_tools, spawn_tools
 from tools.artifact import read_artifact
 
 RECIPE = ["--device", "cpu", "--lora", "--max-steps", "8", "--micro-batch", "2", "--no-packing", "--warmup-steps", "0",
@@ -57,18 +57,17 @@ def _tools(*args, **extra) -> subprocess.CompletedProcess:
 def _train_and_kill(stage: Path, **extra) -> None:
     """`tools train STAGE` in its own process group, SIGKILLed (the group) once a checkpoint with
     trainer_state.json exists; then nothing of it may go on running."""
-    p = subprocess.Popen([str(VENV_BIN / "tools"), "train", str(stage)], env=_env(**extra), start_new_session=True,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    p = spawn_tools("train", stage, env={"OMP_NUM_THREADS": "1", **{k: str(v) for k, v in extra.items()}})
     t0 = time.time()
     try:
         while not list((stage / "checkpoints").glob("checkpoint-*/trainer_state.json")):
-            assert p.poll() is None, f"tools train ended before its first checkpoint:\n{p.stderr.read().decode()[-3000:]}"
+            assert p.poll() is None, f"tools train ended before its first checkpoint:\n{p.stderr_text()[-3000:]}"
             assert time.time() - t0 < 400, "no checkpoint after 400 s"
             time.sleep(0.1)
     finally:
         os.killpg(p.pid, signal.SIGKILL)
         p.wait()
-        p.stderr.close()
+        p.close()
     assert_gone_after_kill(stage)
 
 
