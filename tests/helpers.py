@@ -95,29 +95,18 @@ def _child(main, cwd, out: int, err: int) -> None:
 
 def _fork(main, cwd, out: int, err: int, new_session: bool = False) -> int:
     """Fork; the child runs ``main()`` (see `_child`), in a session of its own if asked, and exits with its code."""
-    import traceback
+    from tests.warm_axolotl import run_then_exit
 
     _warm()
     pid = os.fork()
     if pid:
         return pid
-    code = 1
-    try:
+
+    def body() -> None:
         if new_session:
             os.setsid()
         _child(main, cwd, out, err)
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    except BaseException:  # noqa: BLE001 - a crash of the program, as its interpreter would print it
-        traceback.print_exc()
-    finally:
-        for f in (sys.stdout, sys.stderr):
-            try:
-                f.flush()
-            except Exception:  # noqa: BLE001
-                pass
-        os._exit(code)
+    run_then_exit(body)
 
 
 def run_forked(main, cmd: list[str], cwd=None, timeout: int = 1800) -> subprocess.CompletedProcess:

@@ -86,49 +86,14 @@ class WarmPopen(subprocess.Popen):
         self._close_pipe_fds(p2cread, p2cwrite, c2pread, c2pwrite, errread, errwrite)
 
 
-def _child(argv: list[str], cwd, env: dict, ours: tuple, theirs: tuple) -> None:
-    """In the fork: the child's ends of the pipes on fds 0-2, then Axolotl's entry point; never returns."""
-    import io
-    import logging
-    import signal
+def run_then_exit(body) -> None:
+    """In a forked child: ``body()``, then exit with the code its interpreter would give (SystemExit's code; 1 and
+    the traceback on a crash), the streams flushed; never returns (tests.helpers' forked `tools` too)."""
     import traceback
-    import warnings
 
     code = 1
     try:
-        for fd, std in zip(ours, (0, 1, 2)):
-            if fd != -1:
-                os.dup2(fd, std)
-        for fd in {*ours, *theirs} - {-1, 0, 1, 2}:
-            os.close(fd)
-        sys.stdout = io.TextIOWrapper(open(1, "wb", closefd=False), write_through=True)
-        sys.stderr = io.TextIOWrapper(open(2, "wb", closefd=False), write_through=True)
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM):
-            signal.signal(sig, signal.SIG_DFL)
-        root = logging.getLogger()
-        for h in list(root.handlers):
-            root.removeHandler(h)
-        warnings.resetwarnings()   # a new interpreter's filters, not pytest's
-        for action, category, module in reversed(DEFAULT_WARNINGS):
-            warnings.filterwarnings(action, category=category, module=module)
-        if cwd is not None:
-            os.chdir(cwd)
-        os.environ.clear()
-        os.environ.update(env)
-        if "torch" in sys.modules and env.get("OMP_NUM_THREADS", "").isdigit():
-            sys.modules["torch"].set_num_threads(int(env["OMP_NUM_THREADS"]))
-        _python_path(env)
-        if argv[0] == AXOLOTL:
-            _shim(env)
-            sys.argv = argv
-            from axolotl.cli.main import main
-            main()
-        else:   # python SCRIPT ARGS
-            import runpy
-
-            sys.argv = argv[1:]
-            sys.path.insert(0, str(Path(argv[1]).parent))
-            runpy.run_path(argv[1], run_name="__main__")
+        body()
         code = 0
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
@@ -141,6 +106,52 @@ def _child(argv: list[str], cwd, env: dict, ours: tuple, theirs: tuple) -> None:
             except Exception:  # noqa: BLE001
                 pass
         os._exit(code)
+
+
+def _child(argv: list[str], cwd, env: dict, ours: tuple, theirs: tuple) -> None:
+    """In the fork: the child's ends of the pipes on fds 0-2, then the program's entry point; never returns."""
+    run_then_exit(lambda: _run(argv, cwd, env, ours, theirs))
+
+
+def _run(argv: list[str], cwd, env: dict, ours: tuple, theirs: tuple) -> None:
+    import io
+    import logging
+    import signal
+    import warnings
+
+    for fd, std in zip(ours, (0, 1, 2)):
+        if fd != -1:
+            os.dup2(fd, std)
+    for fd in {*ours, *theirs} - {-1, 0, 1, 2}:
+        os.close(fd)
+    sys.stdout = io.TextIOWrapper(open(1, "wb", closefd=False), write_through=True)
+    sys.stderr = io.TextIOWrapper(open(2, "wb", closefd=False), write_through=True)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM):
+        signal.signal(sig, signal.SIG_DFL)
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    warnings.resetwarnings()   # a new interpreter's filters, not pytest's
+    for action, category, module in reversed(DEFAULT_WARNINGS):
+        warnings.filterwarnings(action, category=category, module=module)
+    if cwd is not None:
+        os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(env)
+    if "torch" in sys.modules and env.get("OMP_NUM_THREADS", "").isdigit():
+        sys.modules["torch"].set_num_threads(int(env["OMP_NUM_THREADS"]))
+    _python_path(env)
+    if argv[0] == AXOLOTL:
+        _shim(env)
+        sys.argv = argv
+        from axolotl.cli.main import main
+        main()
+    else:   # python SCRIPT ARGS
+        import runpy
+
+        sys.argv = argv[1:]
+        sys.path.insert(0, str(Path(argv[1]).parent))
+        runpy.run_path(argv[1], run_name="__main__")
 
 
 def _python_path(env: dict) -> None:

@@ -1,6 +1,8 @@
 """Turn a GGUF into a plain HF checkpoint (no Hub): transformers dequantizes it into torch."""
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 from pathlib import Path
@@ -24,14 +26,33 @@ def gguf_to_hf(gguf: str | os.PathLike | None, out: str | os.PathLike, *, force:
             kw["quantization_config"] = GgufConfig(dequantize=True)
         except ImportError:
             pass
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
-        model.save_pretrained(st.work, safe_serialization=True)
-        tok.save_pretrained(st.work)
-        _repair_byte_level_bpe(st.work, gguf)
+        with _gguf_read_once():
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
+            model.save_pretrained(st.work, safe_serialization=True)
+            tok.save_pretrained(st.work)
+            _repair_byte_level_bpe(st.work, gguf)
         st.lineage.licenses.add("Apache-2.0")
         st.lineage.sources.add(f"SmolLM2 GGUF {gguf.name}")
     return st.result
+
+
+@contextlib.contextmanager
+def _gguf_read_once():
+    """transformers 5 parses the GGUF with gguf-py's reader once for the config, twice for the tokenizer and once
+    for the weights, and builds gguf's tensor-name map once per module: for SmolLM2 five parses of its 49k-token
+    vocabulary and ~400 maps, over half of the conversion (docs/CPU_FACTS.md). Both are pure functions of their
+    arguments (the reader maps the file read-only), so within this block each is computed once."""
+    import gguf
+
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    read = functools.lru_cache(maxsize=4)(lambda path, mode="r": reader(path, mode))
+    gguf.GGUFReader = lambda path, mode="r": read(str(path), mode)
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=16)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
 
 
 # Digits-then-ByteLevel pre-tokenizers, as llama.cpp names them (tokenizer.ggml.pre)
