@@ -3,7 +3,9 @@ newer one is left cut off mid-write): the stage's dry run, `tools run --dry-run`
 name the step the next `tools run` then really resumes from, and that run finishes the pipeline.
 `tools train --restart` then trains uninterrupted (same seed) to the very bytes of the resumed run (that
 a re-run step with the same bytes skips what follows is tests/tools/test_pipeline.py's). Every program
-here is a real process, as `make demo` runs them."""
+of the pipeline is a real process, as `make demo` runs them; the --restart training is the test harness's
+fork of the worker (tests/warm_axolotl.py), so the identical bytes also show the fork trains as a real
+process does."""
 from __future__ import annotations
 
 import json
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import assert_gone_after_kill, cut_off_checkpoint
+from tests.helpers import assert_gone_after_kill, cut_off_checkpoint, run_tools
 from tools.artifact import read_artifact
 from tools.io import sha256_file
 
@@ -142,9 +144,9 @@ def test_demo_pipeline_resumes_after_sigkill_with_identical_outputs(tmp_path, ti
     assert st.returncode == 0 and st.stdout.count("done") >= 8, st.stdout
 
     # --restart: the uninterrupted training (and no second preprocess: the data was prepared for this stage) gives
-    # the very bytes of the resumed one
-    r = subprocess.run(_tools() + ["train", str(stage), "--restart"], env=env, capture_output=True, text=True,
-                       timeout=1200)
+    # the very bytes of the resumed one. This one `tools train` is forked from the worker, its Axolotl too
+    # (tests/warm_axolotl.py): the harness's fork must train what real processes train
+    r = run_tools("train", stage, "--restart", timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming" not in r.stderr and "preprocess: skipped" in r.stderr
     whole = read_artifact(stage / "output")
