@@ -70,21 +70,11 @@ def _tools_main(argv: list[str], env: dict):
 
 
 def _child(main, cwd, out: int, err: int) -> None:
-    """In the forked child: fds 1 and 2 to the capture files, fresh text streams, the venv first on PATH, then
-    ``main()``."""
-    import io
-    import logging
-    import signal
+    """In the forked child: fds 1 and 2 to the capture files (tests.warm_axolotl.leave_the_worker), the venv first on
+    PATH, then ``main()``."""
+    from tests.warm_axolotl import leave_the_worker
 
-    os.dup2(out, 1)
-    os.dup2(err, 2)
-    sys.stdout = io.TextIOWrapper(open(1, "wb", closefd=False), write_through=True)
-    sys.stderr = io.TextIOWrapper(open(2, "wb", closefd=False), write_through=True)
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM):
-        signal.signal(sig, signal.SIG_DFL)   # pytest's and pytest-timeout's handlers stay in the worker
-    root = logging.getLogger()
-    for h in list(root.handlers):   # pytest's capture handlers: a script's root logger has none
-        root.removeHandler(h)
+    leave_the_worker((-1, out, err))
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(1)
     os.environ["PATH"] = f"{VENV_BIN}:{os.environ.get('PATH', '')}"   # as for the subprocess: the venv's programs

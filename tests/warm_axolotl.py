@@ -117,17 +117,17 @@ def _child(argv: list[str], cwd, env: dict, ours: tuple, theirs: tuple) -> None:
     run_then_exit(lambda: _run(argv, cwd, env, ours, theirs))
 
 
-def _run(argv: list[str], cwd, env: dict, ours: tuple, theirs: tuple) -> None:
+def leave_the_worker(fds: tuple) -> None:
+    """In a forked child: ``fds`` (stdin, stdout, stderr; -1 keeps one) on fds 0-2 with fresh text streams over
+    1 and 2, default signal handlers (pytest's and pytest-timeout's stay in the worker), no root logging handler
+    (pytest's capture handlers: a program's root logger has none)."""
     import io
     import logging
     import signal
-    import warnings
 
-    for fd, std in zip(ours, (0, 1, 2)):
+    for fd, std in zip(fds, (0, 1, 2)):
         if fd != -1:
             os.dup2(fd, std)
-    for fd in {*ours, *theirs} - {-1, 0, 1, 2}:
-        os.close(fd)
     sys.stdout = io.TextIOWrapper(open(1, "wb", closefd=False), write_through=True)
     sys.stderr = io.TextIOWrapper(open(2, "wb", closefd=False), write_through=True)
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM):
@@ -135,6 +135,14 @@ def _run(argv: list[str], cwd, env: dict, ours: tuple, theirs: tuple) -> None:
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
+
+
+def _run(argv: list[str], cwd, env: dict, ours: tuple, theirs: tuple) -> None:
+    import warnings
+
+    leave_the_worker(ours)
+    for fd in {*ours, *theirs} - {-1, 0, 1, 2}:
+        os.close(fd)
     warnings.resetwarnings()   # a new interpreter's filters, not pytest's
     for action, category, module in reversed(DEFAULT_WARNINGS):
         warnings.filterwarnings(action, category=category, module=module)
@@ -192,5 +200,6 @@ def warm() -> None:
 
 
 def install() -> None:
-    """From now on this process starts a `forkable` command as a fork (call it in a forked `tools`)."""
+    """From now on this process (and every child it forks) starts a `forkable` command as a fork (tests/conftest.py
+    calls it in every worker)."""
     subprocess.Popen = WarmPopen
